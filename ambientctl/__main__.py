@@ -1,0 +1,5 @@
+import sys
+
+from ambientctl.main import main
+
+sys.exit(main())

@@ -1,0 +1,34 @@
+"""``ambientctl``: the user CLI."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ambientctl import demo, hbone
+from mesh import log
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ambientctl", description="Manage and debug the Python ambient mesh.")
+    p.add_argument("--log-level", default="info", choices=log.LEVELS, help="log verbosity (default: info)")
+    p.add_argument("--log-json", action="store_true", default=None, help="log JSON lines even on a terminal")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    hbone.add_parser(sub)
+    demo.add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    log.configure(args.log_level, json=args.log_json)
+    try:
+        rc: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,808 @@
+"""Kubernetes objects (plain dicts, as the API or a YAML file gives them) -> model objects.
+
+Both sources use this module: the local YAML file today, the Kubernetes API watch later, so
+a manifest means the same thing in both modes. This is the edge where input is validated:
+every problem raises :class:`ConfigError` naming the field path (``spec.ports[0].port``) and
+the reason, and whatever comes out is a fully defaulted model object the rest of the mesh
+trusts. Fields we do not use are ignored, as Kubernetes clients do; fields we use are
+checked as strictly as the API server (or Istio's validating webhook) would check them,
+because a value the API would have refused should not quietly mean something here.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from mesh.model import (
+    ANNOTATION_REDIRECTION,
+    DEFAULT_CLUSTER_DOMAIN,
+    DEFAULT_SERVICE_ACCOUNT,
+    DEFAULT_TRUST_DOMAIN,
+    LABEL_USE_WAYPOINT,
+    LABEL_USE_WAYPOINT_NAMESPACE,
+    AuthorizationAction,
+    AuthorizationPolicy,
+    ClaimToHeader,
+    Condition,
+    Gateway,
+    GatewayListener,
+    JwtHeader,
+    JwtRule,
+    MeshObject,
+    MtlsMode,
+    Namespace,
+    Node,
+    Operation,
+    PeerAuthentication,
+    PolicyTargetRef,
+    RequestAuthentication,
+    Rule,
+    RuleFrom,
+    RuleTo,
+    Service,
+    ServiceAccount,
+    ServicePort,
+    Source,
+    TunnelProtocol,
+    WaypointRef,
+    Workload,
+    WorkloadSelector,
+    WorkloadStatus,
+)
+
+DEFAULT_NAMESPACE = "default"
+# Pods without metadata.uid (hand-written local files) get uuid5(this, "<ns>/<name>"): stable
+# across reloads and restarts, so ztunnel does not see a "new" pod every time the file changes.
+POD_UID_NAMESPACE = uuid.UUID("0d1e5b5e-8a8e-5c0a-9a51-6d0c1f3a7b21")
+
+_DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_IANA_SVC_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_SERVICE_PROTOCOLS = ("TCP", "UDP", "SCTP")
+_CLUSTER_SCOPED = ("Node", "Namespace")
+
+_E = TypeVar("_E", bound=enum.Enum)
+
+
+class ConfigError(ValueError):
+    """Refusal of a configuration object, saying where and why.
+
+    ``document_index`` (0-based position in a multi-document file) and ``source`` are filled
+    in by the file loader; ``kind``/``name`` when the object got far enough to have them;
+    ``field`` is the path inside the object ("" for the object as a whole).
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        field: str = "",
+        kind: str | None = None,
+        name: str | None = None,
+        document_index: int | None = None,
+        source: str | None = None,
+    ) -> None:
+        self.reason = reason
+        self.field = field
+        self.kind = kind
+        self.name = name
+        self.document_index = document_index
+        self.source = source
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        where = []
+        if self.source:
+            where.append(self.source)
+        doc = f"document[{self.document_index}]" if self.document_index is not None else ""
+        what = " ".join(x for x in (self.kind, self.name) if x)
+        if doc and what:
+            where.append(f"{doc} ({what})")
+        elif doc or what:
+            where.append(doc or what)
+        if self.field:
+            where.append(self.field)
+        return ": ".join([*where, self.reason])
+
+    def with_context(
+        self,
+        *,
+        kind: str | None = None,
+        name: str | None = None,
+        document_index: int | None = None,
+        source: str | None = None,
+        field_prefix: str = "",
+    ) -> ConfigError:
+        """A copy with the context an outer layer knows added (never overriding inner)."""
+        field = self.field
+        if field_prefix:
+            field = f"{field_prefix}.{field}" if field else field_prefix
+        return ConfigError(
+            self.reason,
+            field=field,
+            kind=self.kind or kind,
+            name=self.name or name,
+            document_index=self.document_index if self.document_index is not None else document_index,
+            source=self.source or source,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ConvertOptions:
+    """Mesh-wide settings that shape model objects but are not in the Kubernetes objects."""
+
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    cluster_domain: str = DEFAULT_CLUSTER_DOMAIN
+    network: str = ""
+
+
+# --- field access with paths ---------------------------------------------------------------
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, Mapping):
+        return "mapping"
+    return type(value).__name__
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+class _Fields:
+    """A mapping plus the path it sits at, so every accessor can say where a problem is."""
+
+    __slots__ = ("data", "path")
+
+    def __init__(self, data: Mapping[str, Any], path: str = "") -> None:
+        self.data = data
+        self.path = path
+
+    def at(self, key: str) -> str:
+        return _join(self.path, key)
+
+    def error(self, key: str, reason: str) -> ConfigError:
+        return ConfigError(reason, field=self.at(key) if key else self.path)
+
+    def has(self, key: str) -> bool:
+        return self.data.get(key) is not None
+
+    def text(self, key: str, default: str = "", *, required: bool = False) -> str:
+        value = self.data.get(key)
+        if value is None:
+            if required:
+                raise self.error(key, "required")
+            return default
+        if not isinstance(value, str):
+            raise self.error(key, f"must be a string, got {_type_name(value)} {value!r}")
+        if required and not value:
+            raise self.error(key, "must not be empty")
+        return value
+
+    def opt_text(self, key: str) -> str | None:
+        return self.text(key) if self.has(key) else None
+
+    def flag(self, key: str, default: bool = False) -> bool:
+        value = self.data.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.error(key, f"must be true or false, got {_type_name(value)} {value!r}")
+        return value
+
+    def port(self, key: str, *, required: bool = False, default: int = 0) -> int:
+        value = self.data.get(key)
+        if value is None:
+            if required:
+                raise self.error(key, "required")
+            return default
+        return _port_value(value, self.at(key))
+
+    def obj(self, key: str, *, required: bool = False) -> _Fields | None:
+        value = self.data.get(key)
+        if value is None:
+            if required:
+                raise self.error(key, "required")
+            return None
+        if not isinstance(value, Mapping):
+            raise self.error(key, f"must be a mapping, got {_type_name(value)}")
+        return _Fields(value, self.at(key))
+
+    def required_obj(self, key: str) -> _Fields:
+        fields = self.obj(key, required=True)
+        assert fields is not None  # obj() raised otherwise
+        return fields
+
+    def obj_or_empty(self, key: str) -> _Fields:
+        return self.obj(key) or _Fields({}, self.at(key))
+
+    def items(self, key: str) -> Iterator[tuple[str, Any]]:
+        """(path, item) for each element of a list field; an absent field is empty."""
+        value = self.data.get(key)
+        if value is None:
+            return
+        if not isinstance(value, list):
+            raise self.error(key, f"must be a list, got {_type_name(value)}")
+        for i, item in enumerate(value):
+            yield f"{self.at(key)}[{i}]", item
+
+    def objs(self, key: str) -> Iterator[_Fields]:
+        for path, item in self.items(key):
+            if not isinstance(item, Mapping):
+                raise ConfigError(f"must be a mapping, got {_type_name(item)}", field=path)
+            yield _Fields(item, path)
+
+    def str_list(self, key: str) -> tuple[str, ...]:
+        out = []
+        for path, item in self.items(key):
+            if not isinstance(item, str):
+                raise ConfigError(f"must be a string, got {_type_name(item)} {item!r}", field=path)
+            if not item:
+                raise ConfigError("must not be empty", field=path)
+            out.append(item)
+        return tuple(out)
+
+    def str_map(self, key: str) -> dict[str, str]:
+        value = self.data.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise self.error(key, f"must be a mapping, got {_type_name(value)}")
+        out: dict[str, str] = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise self.error(key, f"keys must be strings, got {_type_name(k)} {k!r}")
+            if not isinstance(v, str):
+                raise ConfigError(
+                    f"must be a string, got {_type_name(v)} {v!r} (quote it in YAML)",
+                    field=f"{self.at(key)}[{k}]",
+                )
+            out[k] = v
+        return out
+
+
+def _port_value(value: object, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"must be a port number 1-65535, got {_type_name(value)} {value!r}", field=path)
+    if not 1 <= value <= 65535:
+        raise ConfigError(f"must be a port number 1-65535, got {value}", field=path)
+    return value
+
+
+def _numeric_port(value: object, path: str) -> int:
+    """Istio writes ports as strings ("8080"); YAML users often write numbers. Take both."""
+    if isinstance(value, str) and value.isdigit():
+        return _port_value(int(value), path)
+    return _port_value(value, path)
+
+
+def _ip(value: str, path: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ConfigError(f"{value!r} is not an IP address", field=path) from None
+
+
+def _cidr(value: str, path: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value, strict=False))
+    except ValueError:
+        raise ConfigError(f"{value!r} is not an IP address or CIDR block", field=path) from None
+
+
+def _timestamp(value: object, path: str) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):  # YAML turns unquoted timestamps into datetimes
+        ts = value
+    elif isinstance(value, str):
+        try:
+            ts = datetime.fromisoformat(value)
+        except ValueError:
+            raise ConfigError(
+                f"{value!r} is not an RFC 3339 time like 2024-05-01T12:00:00Z", field=path
+            ) from None
+    else:
+        raise ConfigError(f"must be an RFC 3339 time, got {_type_name(value)}", field=path)
+    return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class _Meta:
+    name: str
+    namespace: str
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    uid: str
+    creation_timestamp: datetime | None
+
+
+def _meta(obj: _Fields, *, namespaced: bool, dns_label_name: bool = False) -> _Meta:
+    md = obj.required_obj("metadata")
+    name = md.text("name", required=True)
+    pattern, limit, what = (
+        (_DNS1123_LABEL, 63, "a DNS-1123 label")
+        if dns_label_name
+        else (_DNS1123_SUBDOMAIN, 253, "a DNS-1123 subdomain")
+    )
+    if len(name) > limit or not pattern.fullmatch(name):
+        raise md.error(
+            "name",
+            f"{name!r} is not {what} (lowercase letters, digits, '-'"
+            f"{'' if dns_label_name else ', ' + repr('.')}; at most {limit} characters)",
+        )
+    namespace = ""
+    if namespaced:
+        namespace = md.text("namespace", DEFAULT_NAMESPACE)
+        if len(namespace) > 63 or not _DNS1123_LABEL.fullmatch(namespace):
+            raise md.error("namespace", f"{namespace!r} is not a valid namespace name")
+    return _Meta(
+        name=name,
+        namespace=namespace,
+        labels=md.str_map("labels"),
+        annotations=md.str_map("annotations"),
+        uid=md.text("uid"),
+        creation_timestamp=_timestamp(md.data.get("creationTimestamp"), md.at("creationTimestamp")),
+    )
+
+
+def _waypoint(labels: Mapping[str, str], own_namespace: str) -> WaypointRef | None:
+    name = labels.get(LABEL_USE_WAYPOINT)
+    if not name:
+        return None
+    return WaypointRef(name=name, namespace=labels.get(LABEL_USE_WAYPOINT_NAMESPACE) or own_namespace)
+
+
+def pod_uid(namespace: str, name: str) -> str:
+    """The UID a pod gets when its manifest has none."""
+    return str(uuid.uuid5(POD_UID_NAMESPACE, f"{namespace}/{name}"))
+
+
+# --- core kinds --------------------------------------------------------------------------------
+
+
+def node_from_k8s(obj: _Fields, options: ConvertOptions) -> Node:
+    meta = _meta(obj, namespaced=False)
+    return Node(name=meta.name, labels=meta.labels)
+
+
+def namespace_from_k8s(obj: _Fields, options: ConvertOptions) -> Namespace:
+    meta = _meta(obj, namespaced=False, dns_label_name=True)
+    return Namespace(
+        name=meta.name,
+        labels=meta.labels,
+        annotations=meta.annotations,
+        waypoint=_waypoint(meta.labels, meta.name),
+    )
+
+
+def service_account_from_k8s(obj: _Fields, options: ConvertOptions) -> ServiceAccount:
+    meta = _meta(obj, namespaced=True)
+    return ServiceAccount(namespace=meta.namespace, name=meta.name)
+
+
+def _pod_status(status: _Fields) -> WorkloadStatus:
+    if status.text("phase") in ("Failed", "Succeeded"):
+        return WorkloadStatus.UNHEALTHY
+    for cond in status.objs("conditions"):
+        if cond.text("type") == "Ready" and cond.text("status") == "False":
+            return WorkloadStatus.UNHEALTHY
+    return WorkloadStatus.HEALTHY
+
+
+def workload_from_pod(obj: _Fields, options: ConvertOptions) -> Workload:
+    meta = _meta(obj, namespaced=True)
+    spec = obj.obj_or_empty("spec")
+    status = obj.obj_or_empty("status")
+
+    sa = spec.text("serviceAccountName") or spec.text("serviceAccount") or DEFAULT_SERVICE_ACCOUNT
+    if not _DNS1123_SUBDOMAIN.fullmatch(sa):
+        raise spec.error("serviceAccountName", f"{sa!r} is not a valid service account name")
+
+    ips: list[str] = []
+    if status.has("podIP"):
+        ips.append(_ip(status.text("podIP"), status.at("podIP")))
+    for entry in status.objs("podIPs"):
+        ip = _ip(entry.text("ip", required=True), entry.at("ip"))
+        if ip not in ips:
+            ips.append(ip)
+
+    named_ports: dict[str, int] = {}
+    for container in spec.objs("containers"):
+        for port in container.objs("ports"):
+            number = port.port("containerPort", required=True)
+            pname = port.text("name")
+            if pname:
+                named_ports.setdefault(pname, number)
+
+    redirected = meta.annotations.get(ANNOTATION_REDIRECTION) == "enabled"
+    return Workload(
+        uid=meta.uid or pod_uid(meta.namespace, meta.name),
+        name=meta.name,
+        namespace=meta.namespace,
+        node=spec.text("nodeName"),
+        service_account=sa,
+        ips=tuple(ips),
+        labels=meta.labels,
+        annotations=meta.annotations,
+        network=options.network,
+        # As istiod does: a pod is reached over HBONE once the node agent has redirected it.
+        tunnel_protocol=TunnelProtocol.HBONE if redirected else TunnelProtocol.NONE,
+        waypoint=_waypoint(meta.labels, meta.namespace),
+        trust_domain=options.trust_domain,
+        host_network=spec.flag("hostNetwork"),
+        status=_pod_status(status),
+        named_ports=named_ports,
+        creation_timestamp=meta.creation_timestamp,
+    )
+
+
+def _service_port(port: _Fields) -> ServicePort:
+    number = port.port("port", required=True)
+    target: int | str = number
+    raw = port.data.get("targetPort")
+    if isinstance(raw, str):
+        if not (len(raw) <= 15 and _IANA_SVC_NAME.fullmatch(raw) and re.search("[a-z]", raw)):
+            hint = " (write a number without quotes)" if raw.isdigit() else ""
+            raise port.error("targetPort", f"{raw!r} is neither a port number nor a port name{hint}")
+        target = raw
+    elif raw is not None:
+        target = port.port("targetPort")
+    protocol = port.text("protocol", "TCP")
+    if protocol not in _SERVICE_PROTOCOLS:
+        raise port.error("protocol", f"must be one of {', '.join(_SERVICE_PROTOCOLS)}")
+    return ServicePort(
+        port=number,
+        target_port=target,
+        name=port.text("name"),
+        app_protocol=port.opt_text("appProtocol"),
+        protocol=protocol,
+    )
+
+
+def service_from_k8s(obj: _Fields, options: ConvertOptions) -> Service:
+    meta = _meta(obj, namespaced=True, dns_label_name=True)
+    spec = obj.obj_or_empty("spec")
+
+    vips: list[str] = []
+    cluster_ip = spec.text("clusterIP")
+    if cluster_ip and cluster_ip != "None":
+        vips.append(_ip(cluster_ip, spec.at("clusterIP")))
+    for path, item in spec.items("clusterIPs"):
+        if not isinstance(item, str):
+            raise ConfigError(f"must be a string, got {_type_name(item)}", field=path)
+        if item != "None":
+            ip = _ip(item, path)
+            if ip not in vips:
+                vips.append(ip)
+
+    ports: list[ServicePort] = []
+    seen: dict[tuple[int, str], str] = {}
+    names: dict[str, str] = {}
+    port_fields = list(spec.objs("ports"))
+    for pf in port_fields:
+        p = _service_port(pf)
+        if (p.port, p.protocol) in seen:
+            raise pf.error("port", f"{p.protocol} port {p.port} is already in {seen[p.port, p.protocol]}")
+        seen[p.port, p.protocol] = pf.path
+        if len(port_fields) > 1:
+            if not p.name:
+                raise pf.error("name", "required when a Service has more than one port")
+            if p.name in names:
+                raise pf.error("name", f"{p.name!r} is already used by {names[p.name]}")
+            names[p.name] = pf.path
+        ports.append(p)
+
+    selector = spec.str_map("selector")
+    return Service(
+        namespace=meta.namespace,
+        name=meta.name,
+        vips=tuple(vips),
+        ports=tuple(ports),
+        # Kubernetes drops an empty selector on the way in: both mean "no selector".
+        selector=selector or None,
+        labels=meta.labels,
+        annotations=meta.annotations,
+        waypoint=_waypoint(meta.labels, meta.namespace),
+        cluster_domain=options.cluster_domain,
+        creation_timestamp=meta.creation_timestamp,
+    )
+
+
+def gateway_from_k8s(obj: _Fields, options: ConvertOptions) -> Gateway:
+    meta = _meta(obj, namespaced=True)
+    spec = obj.required_obj("spec")
+    listeners = []
+    seen: dict[str, str] = {}
+    for lf in spec.objs("listeners"):
+        name = lf.text("name", required=True)
+        if name in seen:
+            raise lf.error("name", f"{name!r} is already used by {seen[name]}")
+        seen[name] = lf.path
+        listeners.append(
+            GatewayListener(
+                name=name,
+                port=lf.port("port", required=True),
+                protocol=lf.text("protocol", required=True),
+                hostname=lf.opt_text("hostname"),
+            )
+        )
+    return Gateway(
+        namespace=meta.namespace,
+        name=meta.name,
+        gateway_class=spec.text("gatewayClassName", required=True),
+        listeners=tuple(listeners),
+        labels=meta.labels,
+        annotations=meta.annotations,
+        creation_timestamp=meta.creation_timestamp,
+    )
+
+
+# --- security.istio.io ---------------------------------------------------------------------------
+
+
+def _selector(spec: _Fields) -> WorkloadSelector | None:
+    sel = spec.obj("selector")
+    if sel is None:
+        return None
+    return WorkloadSelector(match_labels=sel.str_map("matchLabels"))
+
+
+def _target_refs(spec: _Fields) -> tuple[PolicyTargetRef, ...]:
+    refs = []
+    singular = spec.obj("targetRef")
+    if singular is not None and spec.has("targetRefs"):
+        raise spec.error("targetRef", "use either targetRef or targetRefs, not both")
+    for ref in [singular] if singular is not None else spec.objs("targetRefs"):
+        refs.append(
+            PolicyTargetRef(
+                kind=ref.text("kind", required=True),
+                name=ref.text("name", required=True),
+                group=ref.text("group"),
+                namespace=ref.text("namespace"),
+            )
+        )
+    if refs and spec.has("selector"):
+        raise spec.error("selector", "a policy may have a selector or targetRefs, not both")
+    return tuple(refs)
+
+
+def _enum(fields: _Fields, key: str, enum_type: type[_E], default: _E) -> _E:
+    value = fields.text(key)
+    if not value:
+        return default
+    try:
+        return enum_type(value)
+    except ValueError:
+        allowed = ", ".join(str(m.value) for m in enum_type)
+        raise fields.error(key, f"{value!r} is not one of {allowed}") from None
+
+
+def peer_authentication_from_k8s(obj: _Fields, options: ConvertOptions) -> PeerAuthentication:
+    meta = _meta(obj, namespaced=True)
+    spec = obj.obj_or_empty("spec")
+    selector = _selector(spec)
+    mtls = spec.obj_or_empty("mtls")
+    mode = _enum(mtls, "mode", MtlsMode, MtlsMode.UNSET)
+    port_level: dict[int, MtlsMode] = {}
+    plm = spec.obj("portLevelMtls")
+    if plm is not None:
+        if selector is None or not selector.match_labels:
+            raise spec.error("portLevelMtls", "requires a selector (ports are per workload)")
+        for raw_port, setting in plm.data.items():
+            path = plm.at(str(raw_port))
+            port = _numeric_port(raw_port, path)
+            if not isinstance(setting, Mapping):
+                raise ConfigError(f"must be a mapping, got {_type_name(setting)}", field=path)
+            port_level[port] = _enum(_Fields(setting, path), "mode", MtlsMode, MtlsMode.UNSET)
+    return PeerAuthentication(
+        namespace=meta.namespace,
+        name=meta.name,
+        selector=selector,
+        mtls_mode=mode,
+        port_level_mtls=port_level,
+        creation_timestamp=meta.creation_timestamp,
+    )
+
+
+_SOURCE_FIELDS = {
+    "principals": "principals",
+    "notPrincipals": "not_principals",
+    "requestPrincipals": "request_principals",
+    "notRequestPrincipals": "not_request_principals",
+    "namespaces": "namespaces",
+    "notNamespaces": "not_namespaces",
+    "ipBlocks": "ip_blocks",
+    "notIpBlocks": "not_ip_blocks",
+    "remoteIpBlocks": "remote_ip_blocks",
+    "notRemoteIpBlocks": "not_remote_ip_blocks",
+}
+_IP_FIELDS = {"ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks"}
+_OPERATION_STR_FIELDS = {
+    "hosts": "hosts",
+    "notHosts": "not_hosts",
+    "methods": "methods",
+    "notMethods": "not_methods",
+    "paths": "paths",
+    "notPaths": "not_paths",
+}
+
+
+def _source(fields: _Fields) -> Source:
+    values: dict[str, tuple[str, ...]] = {}
+    for yaml_key, attr in _SOURCE_FIELDS.items():
+        items = fields.str_list(yaml_key)
+        if yaml_key in _IP_FIELDS:
+            items = tuple(_cidr(v, f"{fields.at(yaml_key)}[{i}]") for i, v in enumerate(items))
+        values[attr] = items
+    if not any(values.values()):
+        raise fields.error("", "must not be empty (Istio refuses an empty source)")
+    return Source(**values)
+
+
+def _operation(fields: _Fields) -> Operation:
+    values: dict[str, Any] = {attr: fields.str_list(key) for key, attr in _OPERATION_STR_FIELDS.items()}
+    for key, attr in (("ports", "ports"), ("notPorts", "not_ports")):
+        values[attr] = tuple(_numeric_port(item, path) for path, item in fields.items(key))
+    if not any(values.values()):
+        raise fields.error("", "must not be empty (Istio refuses an empty operation)")
+    return Operation(**values)
+
+
+def _rule(rule: _Fields) -> Rule:
+    froms = []
+    for f in rule.objs("from"):
+        froms.append(RuleFrom(source=_source(f.required_obj("source"))))
+    tos = []
+    for t in rule.objs("to"):
+        tos.append(RuleTo(operation=_operation(t.required_obj("operation"))))
+    whens = []
+    for w in rule.objs("when"):
+        cond = Condition(
+            key=w.text("key", required=True),
+            values=w.str_list("values"),
+            not_values=w.str_list("notValues"),
+        )
+        if not cond.values and not cond.not_values:
+            raise w.error("", "needs values or notValues")
+        whens.append(cond)
+    return Rule(from_=tuple(froms), to=tuple(tos), when=tuple(whens))
+
+
+def authorization_policy_from_k8s(obj: _Fields, options: ConvertOptions) -> AuthorizationPolicy:
+    meta = _meta(obj, namespaced=True)
+    spec = obj.obj_or_empty("spec")
+    action = _enum(spec, "action", AuthorizationAction, AuthorizationAction.ALLOW)
+    provider = spec.obj("provider")
+    provider_name = provider.text("name", required=True) if provider is not None else None
+    if action is AuthorizationAction.CUSTOM and provider_name is None:
+        raise spec.error("provider", "required when action is CUSTOM")
+    if action is not AuthorizationAction.CUSTOM and provider_name is not None:
+        raise spec.error("provider", f"only allowed with action CUSTOM, not {action.value}")
+    return AuthorizationPolicy(
+        namespace=meta.namespace,
+        name=meta.name,
+        selector=_selector(spec),
+        target_refs=_target_refs(spec),
+        action=action,
+        provider=provider_name,
+        rules=tuple(_rule(r) for r in spec.objs("rules")),
+        creation_timestamp=meta.creation_timestamp,
+    )
+
+
+def _jwt_rule(rule: _Fields) -> JwtRule:
+    return JwtRule(
+        issuer=rule.text("issuer", required=True),
+        audiences=rule.str_list("audiences"),
+        jwks_uri=rule.text("jwksUri"),
+        jwks=rule.text("jwks"),
+        from_headers=tuple(
+            JwtHeader(name=h.text("name", required=True), prefix=h.text("prefix"))
+            for h in rule.objs("fromHeaders")
+        ),
+        from_params=rule.str_list("fromParams"),
+        forward_original_token=rule.flag("forwardOriginalToken"),
+        output_payload_to_header=rule.text("outputPayloadToHeader"),
+        output_claim_to_headers=tuple(
+            ClaimToHeader(header=c.text("header", required=True), claim=c.text("claim", required=True))
+            for c in rule.objs("outputClaimToHeaders")
+        ),
+    )
+
+
+def request_authentication_from_k8s(obj: _Fields, options: ConvertOptions) -> RequestAuthentication:
+    meta = _meta(obj, namespaced=True)
+    spec = obj.obj_or_empty("spec")
+    return RequestAuthentication(
+        namespace=meta.namespace,
+        name=meta.name,
+        selector=_selector(spec),
+        target_refs=_target_refs(spec),
+        jwt_rules=tuple(_jwt_rule(r) for r in spec.objs("jwtRules")),
+        creation_timestamp=meta.creation_timestamp,
+    )
+
+
+# --- dispatch ------------------------------------------------------------------------------------
+
+Converter = Callable[[_Fields, ConvertOptions], MeshObject]
+
+_SECURITY: Mapping[str, Converter] = {
+    "AuthorizationPolicy": authorization_policy_from_k8s,
+    "PeerAuthentication": peer_authentication_from_k8s,
+    "RequestAuthentication": request_authentication_from_k8s,
+}
+
+# (apiVersion, kind) -> converter. Gateway v1beta1 is accepted too: same shape, and older
+# manifests still say it.
+CONVERTERS: Mapping[tuple[str, str], Converter] = {
+    ("v1", "Node"): node_from_k8s,
+    ("v1", "Namespace"): namespace_from_k8s,
+    ("v1", "ServiceAccount"): service_account_from_k8s,
+    ("v1", "Pod"): workload_from_pod,
+    ("v1", "Service"): service_from_k8s,
+    ("gateway.networking.k8s.io/v1", "Gateway"): gateway_from_k8s,
+    ("gateway.networking.k8s.io/v1beta1", "Gateway"): gateway_from_k8s,
+    **{(f"security.istio.io/{v}", k): f for v in ("v1", "v1beta1") for k, f in _SECURITY.items()},
+}
+
+
+def type_of(obj: Mapping[str, Any]) -> tuple[str, str]:
+    """(apiVersion, kind), validated as present strings."""
+    fields = _Fields(obj)
+    return fields.text("apiVersion", required=True), fields.text("kind", required=True)
+
+
+def is_supported(obj: Mapping[str, Any]) -> bool:
+    """Whether :func:`convert` turns this object into something (else the caller ignores it)."""
+    return type_of(obj) in CONVERTERS
+
+
+def describe(obj: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """Best-effort (kind, "namespace/name" or "name") for error messages; never raises."""
+    kind = obj.get("kind") if isinstance(obj.get("kind"), str) else None
+    md = obj.get("metadata")
+    if not isinstance(md, Mapping) or not isinstance(md.get("name"), str):
+        return kind, None
+    ns = md.get("namespace")
+    name: str = md["name"]
+    if isinstance(ns, str) and ns:
+        name = f"{ns}/{name}"
+    elif kind not in _CLUSTER_SCOPED:
+        name = f"{DEFAULT_NAMESPACE}/{name}"
+    return kind, name
+
+
+def convert(obj: Mapping[str, Any], options: ConvertOptions | None = None) -> MeshObject | None:
+    """Convert one Kubernetes object; None for kinds the mesh does not use.
+
+    Raises :class:`ConfigError` (with kind and name filled in when known) for a bad object.
+    """
+    if not isinstance(obj, Mapping):
+        raise ConfigError(f"must be a mapping (a Kubernetes object), got {_type_name(obj)}")
+    kind, name = describe(obj)
+    try:
+        converter = CONVERTERS.get(type_of(obj))
+        if converter is None:
+            return None
+        return converter(_Fields(obj), options or ConvertOptions())
+    except ConfigError as e:
+        raise e.with_context(kind=kind, name=name) from None

@@ -1,0 +1,248 @@
+"""Transcript tests of the sans-IO HBONE layer: two connections wired back to back in memory."""
+
+from __future__ import annotations
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mesh.hbone import (
+    ClientConnection,
+    ConnectRequest,
+    Data,
+    Event,
+    LocalProtocolError,
+    ProtocolError,
+    RequestRejected,
+    Response,
+    ServerConnection,
+    StreamEnded,
+    StreamReset,
+    WindowOpened,
+    parse_authority,
+)
+from mesh.hbone.protocol import CONNECTION_WINDOW, STREAM_WINDOW
+
+
+class Pair:
+    def __init__(self) -> None:
+        self.client = ClientConnection()
+        self.server = ServerConnection()
+        self.pump()
+
+    def pump(self) -> tuple[list[Event], list[Event]]:
+        """Move bytes both ways until quiet; returns (events at client, events at server)."""
+        at_client: list[Event] = []
+        at_server: list[Event] = []
+        while True:
+            c2s = self.client.data_to_send()
+            s2c = self.server.data_to_send()
+            if not c2s and not s2c:
+                return at_client, at_server
+            if c2s:
+                at_server += self.server.receive_data(c2s)
+            if s2c:
+                at_client += self.client.receive_data(s2c)
+
+    def open(self, authority: str = "10.0.0.2:8080") -> int:
+        sid = self.client.connect(authority, [("forwarded", 'for="10.0.0.1:4000"'), ("baggage", "k=v")])
+        _, evs = self.pump()
+        req = [e for e in evs if isinstance(e, ConnectRequest)]
+        assert len(req) == 1
+        self.server.respond(sid, 200)
+        evs, _ = self.pump()
+        assert Response(sid, 200, ((":status", "200"),)) in evs
+        return sid
+
+
+def only(events: list[Event], kind: type) -> list[Event]:
+    return [e for e in events if isinstance(e, kind)]
+
+
+def test_connect_carries_authority_and_headers() -> None:
+    p = Pair()
+    sid = p.client.connect("10.0.0.2:8080", [("forwarded", 'for="10.0.0.1:4000"'), ("baggage", "k=v")])
+    _, evs = p.pump()
+    (req,) = only(evs, ConnectRequest)
+    assert isinstance(req, ConnectRequest)
+    assert (req.stream_id, req.authority, req.host, req.port) == (sid, "10.0.0.2:8080", "10.0.0.2", 8080)
+    assert req.header("forwarded") == 'for="10.0.0.1:4000"'
+    assert req.header("baggage") == "k=v"
+
+
+def test_data_both_ways_and_half_close() -> None:
+    p = Pair()
+    sid = p.open()
+    p.client.send_data(sid, b"hello")
+    _, evs = p.pump()
+    assert Data(sid, b"hello") in evs
+    p.server.send_data(sid, b"world")
+    p.client.end_stream(sid)  # client half-closes: server sees END_STREAM, may still send
+    c_evs, s_evs = p.pump()
+    assert Data(sid, b"world") in c_evs
+    assert StreamEnded(sid) in s_evs
+    p.server.send_data(sid, b"after half-close", end_stream=True)
+    c_evs, _ = p.pump()
+    assert only(c_evs, Data) == [Data(sid, b"after half-close")]
+    assert StreamEnded(sid) in c_evs
+    assert p.client.open_streams == 0 and p.server.open_streams == 0
+
+
+@pytest.mark.parametrize("status", [400, 401, 503])
+def test_refusal_statuses_close_the_stream(status: int) -> None:
+    p = Pair()
+    sid = p.client.connect("10.0.0.2:8080")
+    p.pump()
+    p.server.respond(sid, status)
+    c_evs, _ = p.pump()
+    assert only(c_evs, Response)[0] == Response(sid, status, ((":status", str(status)),))
+    assert p.client.open_streams == 0 and p.server.open_streams == 0
+    with pytest.raises(LocalProtocolError):
+        p.client.send_data(sid, b"x")
+
+
+def test_reset_maps_to_abort() -> None:
+    p = Pair()
+    sid = p.open()
+    p.client.reset(sid)
+    _, s_evs = p.pump()
+    (ev,) = only(s_evs, StreamReset)
+    assert isinstance(ev, StreamReset) and ev.remote and ev.error_code == 0xA  # CONNECT_ERROR
+    assert p.server.open_streams == 0
+
+
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [
+        ([(":method", "GET"), (":scheme", "https"), (":path", "/"), (":authority", "a:1")], "is not CONNECT"),
+        ([(":method", "CONNECT"), (":authority", "10.0.0.2")], "is not host:port"),
+        ([(":method", "CONNECT"), (":authority", "10.0.0.2:0")], "invalid port"),
+        ([(":method", "CONNECT"), (":authority", "10.0.0.2:99999")], "invalid port"),
+        ([(":method", "CONNECT"), (":authority", "bad_host!:80")], "invalid host"),
+        ([(":method", "CONNECT"), (":authority", "[zz::1]:80")], "invalid IPv6"),
+    ],
+)
+def test_malformed_requests_get_400(headers: list[tuple[str, str]], reason: str) -> None:
+    server = ServerConnection()
+    raw = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, validate_outbound_headers=False)
+    )
+    raw.initiate_connection()
+    raw.send_headers(1, headers, end_stream=False)
+    evs = server.receive_data(raw.data_to_send())
+    (rej,) = only(evs, RequestRejected)
+    assert isinstance(rej, RequestRejected) and reason in rej.reason
+    answers = raw.receive_data(server.data_to_send())
+    resp = [e for e in answers if isinstance(e, h2.events.ResponseReceived)]
+    assert resp and dict(resp[0].headers or [])[b":status"] == b"400"
+
+
+def test_settings_windows_and_frame_size() -> None:
+    p = Pair()
+    sid = p.open()
+    assert p.client.send_window(sid) == STREAM_WINDOW
+    assert p.server.send_window(sid) == STREAM_WINDOW
+    assert p.client._h2.max_outbound_frame_size == 1024 * 1024
+    assert p.client._h2.remote_settings.max_concurrent_streams == 100
+    assert p.client._h2.outbound_flow_control_window == CONNECTION_WINDOW
+
+
+def test_unacknowledged_data_stops_the_sender() -> None:
+    """A reader that does not consume closes the window: the writer's data queues, bounded."""
+    p = Pair()
+    sid = p.open()
+    payload = b"x" * (STREAM_WINDOW + 100_000)
+    p.client.send_data(sid, payload)
+    _, s_evs = p.pump()
+    got = sum(len(e.data) for e in only(s_evs, Data))  # type: ignore[attr-defined]
+    assert got == STREAM_WINDOW
+    assert p.client.pending(sid) == 100_000
+    # Consuming half of it reopens the window and the rest flows.
+    p.server.acknowledge(sid, STREAM_WINDOW // 2)
+    c_evs, s_evs = p.pump()
+    assert WindowOpened(sid) in c_evs
+    assert sum(len(e.data) for e in only(s_evs, Data)) == 100_000  # type: ignore[attr-defined]
+    assert p.client.pending(sid) == 0
+
+
+def test_connection_window_returned_for_reset_streams() -> None:
+    """Bytes never consumed because the stream died must not shrink the connection window."""
+    p = Pair()
+    for _ in range(6):  # 6 x 4 MiB > 16 MiB connection window
+        sid = p.open()
+        p.client.send_data(sid, b"y" * STREAM_WINDOW)
+        p.pump()
+        p.server.reset(sid)
+        p.pump()
+    sid = p.open()
+    p.client.send_data(sid, b"z" * 1000)
+    _, s_evs = p.pump()
+    assert Data(sid, b"z" * 1000) in s_evs
+
+
+def test_many_streams_and_limit() -> None:
+    p = Pair()
+    sids = [p.client.connect(f"10.0.0.2:{8000 + i}") for i in range(100)]
+    assert not p.client.has_capacity
+    _, s_evs = p.pump()
+    assert len(only(s_evs, ConnectRequest)) == 100
+    for sid in sids:
+        p.server.respond(sid, 200)
+        p.client.end_stream(sid)
+        p.server.end_stream(sid)
+    p.pump()
+    assert p.client.has_capacity and p.client.open_streams == 0
+
+
+def test_garbage_is_a_protocol_error() -> None:
+    server = ServerConnection()
+    with pytest.raises(ProtocolError):
+        server.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\0" * 64)
+    assert server.terminated
+    assert server.receive_data(b"more") == []
+
+
+def test_parse_authority() -> None:
+    assert parse_authority("[fd00::1]:15008") == ("fd00::1", 15008)
+    assert parse_authority("web.shop.svc.cluster.local:80") == ("web.shop.svc.cluster.local", 80)
+
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=4096), st.booleans())
+def test_fuzz_server_only_protocol_errors(blob: bytes, with_preface: bool) -> None:
+    server = ServerConnection()
+    data = (PREFACE + blob) if with_preface else blob
+    try:
+        for i in range(0, len(data), 97):
+            server.receive_data(data[i : i + 97])
+    except ProtocolError:
+        return
+    assert len(server.data_to_send()) < 1_000_000
+
+
+frame = st.tuples(
+    st.integers(0, 10),  # type
+    st.integers(0, 255),  # flags
+    st.integers(0, 7),  # stream id
+    st.binary(max_size=64),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(frame, max_size=20))
+def test_fuzz_server_with_framed_garbage(frames: list[tuple[int, int, int, bytes]]) -> None:
+    """Structurally valid frames with random contents get deeper into the state machine."""
+    server = ServerConnection()
+    out = bytearray(PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+    for ftype, flags, sid, payload in frames:
+        out += len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + sid.to_bytes(4, "big") + payload
+    try:
+        server.receive_data(bytes(out))
+    except ProtocolError:
+        return
