@@ -78,7 +78,7 @@ class ConnectRefused(Exception):
 class Sink(Protocol):
     """Where a stream delivers what it receives (a TCP leg, or a buffer for ``read()``)."""
 
-    def on_data(self, data: bytes) -> None: ...
+    def on_data(self, data: bytes | memoryview) -> None: ...
     def on_eof(self) -> None: ...
     def on_reset(self, error: StreamError) -> None: ...
 
@@ -90,7 +90,7 @@ class Stream:
         self._owner = owner
         self.stream_id = stream_id
         self._sink: Sink | None = None
-        self._early: list[bytes] = []
+        self._early: list[bytes | memoryview] = []
         self._early_eof = False
         self._error: StreamError | None = None
         self._writable_cb: Callable[[], None] | None = None
@@ -123,7 +123,7 @@ class Stream:
             self._owner.conn.acknowledge(self.stream_id, n)
             self._owner.flush()
 
-    def _on_data(self, data: bytes) -> None:
+    def _on_data(self, data: bytes | memoryview) -> None:
         self.bytes_received += len(data)
         if self._sink is None:
             self._early.append(data)
@@ -220,13 +220,13 @@ class BufferedSink:
 
     def __init__(self, stream: Stream) -> None:
         self._stream = stream
-        self._chunks: list[bytes] = []
+        self._chunks: list[bytes | memoryview] = []
         self._eof = False
         self._error: StreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
         stream.attach(self)
 
-    def on_data(self, data: bytes) -> None:
+    def on_data(self, data: bytes | memoryview) -> None:
         self._chunks.append(data)
         self._wake()
 
@@ -253,7 +253,7 @@ class BufferedSink:
             await self._waiter
         chunk = self._chunks.pop(0)
         self._stream.ack(len(chunk))
-        return chunk
+        return bytes(chunk)
 
     async def read_all(self) -> bytes:
         out = bytearray()
@@ -843,7 +843,7 @@ class TcpLeg(asyncio.Protocol):
             self.closed.set_result(None)
 
     # Stream side (Sink)
-    def on_data(self, data: bytes) -> None:
+    def on_data(self, data: bytes | memoryview) -> None:
         if self.transport is None or self.transport.is_closing():
             if self.stream is not None:
                 self.stream.ack(len(data))

@@ -41,10 +41,14 @@ class Response:
 
 @dataclass(frozen=True, slots=True)
 class Data:
-    """Payload for a stream. Call ``acknowledge(stream_id, len(data))`` once it has been consumed."""
+    """Payload for a stream. Call ``acknowledge(stream_id, len(data))`` once it has been consumed.
+
+    On the fast path ``data`` is a zero-copy view into the received bytes (immutable, so it may be
+    kept); compare it with ``==`` or convert with ``bytes()``.
+    """
 
     stream_id: int
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections import deque
 from collections.abc import Iterable
 
 import h2.config
@@ -101,22 +102,70 @@ def format_authority(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class _StreamState:
-    __slots__ = ("end_queued", "ended_local", "outbound", "unacked")
+# Frame layout facts the DATA fast path needs (RFC 9113 §4.1, §6.1, §6.9).
+_FRAME_HEADER = 9
+_DATA = 0x0
+_WINDOW_UPDATE = 0x8
+_FLAG_END_STREAM = 0x1
+_FLAG_PADDED = 0x8
+_MAX_WINDOW = 2**31 - 1
+_PREFACE_LEN = 24
+# Window credit is returned in batches of a quarter window: few WINDOW_UPDATE frames, no stalls.
+_STREAM_CREDIT_BATCH = STREAM_WINDOW // 4
+_CONN_CREDIT_BATCH = CONNECTION_WINDOW // 4
 
-    def __init__(self) -> None:
-        self.outbound = bytearray()
+# Parser states of the fast path.
+_HEADER, _FAST, _PADLEN, _PADDING, _H2, _WINUPD = range(6)
+
+
+def _window_update(stream_id: int, increment: int) -> bytes:
+    return b"\x00\x00\x04\x08\x00" + stream_id.to_bytes(4, "big") + increment.to_bytes(4, "big")
+
+
+def _data_header(stream_id: int, length: int) -> bytes:
+    return length.to_bytes(3, "big") + b"\x00\x00" + stream_id.to_bytes(4, "big")
+
+
+class _StreamState:
+    __slots__ = (
+        "end_queued",
+        "ended_local",
+        "outbound",
+        "queued",
+        "recv_window",
+        "remote_ended",
+        "send_window",
+        "to_credit",
+        "unacked",
+    )
+
+    def __init__(self, send_window: int) -> None:
+        self.outbound: deque[memoryview] = deque()
+        self.queued = 0  # bytes in ``outbound``
         self.end_queued = False  # END_STREAM once the queue drains
         self.ended_local = False
+        self.remote_ended = False
         self.unacked = 0  # received bytes the application has not acknowledged yet
+        # Fast path only: our own flow-control bookkeeping for this stream.
+        self.send_window = send_window
+        self.recv_window = STREAM_WINDOW
+        self.to_credit = 0
 
 
 class HboneConnection:
-    """One HTTP/2 connection carrying HBONE CONNECT streams; see the module docstring."""
+    """One HTTP/2 connection carrying HBONE CONNECT streams; see the module docstring.
+
+    With ``fast=True`` (the default) DATA and WINDOW_UPDATE frames bypass ``h2``: the frame
+    headers are parsed here, payloads are handed on as zero-copy slices, and both directions'
+    flow-control windows are kept here. Everything else (SETTINGS, HEADERS, RST_STREAM, PING,
+    GOAWAY, and frames for streams we do not track) still goes through ``h2``, which also keeps
+    the stream state machine: END_STREAM is fed to it as an empty DATA frame. ``fast=False``
+    uses ``h2`` for everything; both paths pass the same transcript and fuzz tests.
+    """
 
     client_side: bool
 
-    def __init__(self) -> None:
+    def __init__(self, *, fast: bool = True) -> None:
         config = h2.config.H2Configuration(
             client_side=self.client_side,
             header_encoding="utf-8",
@@ -124,9 +173,24 @@ class HboneConnection:
             normalize_inbound_headers=True,
         )
         self._h2 = h2.connection.H2Connection(config)
+        self._fast = fast
         self._streams: dict[int, _StreamState] = {}
         self._events: list[Event] = []
         self._terminated = False
+        self._out: list[bytes | memoryview] = []
+        # Fast-path state: parser and connection-level windows.
+        self._preface_left = 0 if self.client_side else _PREFACE_LEN
+        self._state = _HEADER
+        self._hdr = bytearray()
+        self._remaining = 0
+        self._pad = 0
+        self._cur: _StreamState | None = None
+        self._cur_sid = 0
+        self._cur_end = False
+        self._wu = bytearray()
+        self._conn_send_window = DEFAULT_WINDOW
+        self._conn_recv_window = CONNECTION_WINDOW
+        self._conn_to_credit = 0
         self._h2.initiate_connection()
         settings: dict[h2.settings.SettingCodes | int, int] = {
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
@@ -150,9 +214,13 @@ class HboneConnection:
     def pending(self, stream_id: int) -> int:
         """Bytes queued on a stream that flow control has not let out yet."""
         st = self._streams.get(stream_id)
-        return len(st.outbound) if st else 0
+        return st.queued if st else 0
 
     def send_window(self, stream_id: int) -> int:
+        """How many bytes flow control lets us send on a stream right now."""
+        if self._fast:
+            st = self._streams.get(stream_id)
+            return max(0, min(st.send_window, self._conn_send_window)) if st else 0
         try:
             return self._h2.local_flow_control_window(stream_id)
         except (h2.exceptions.StreamClosedError, h2.exceptions.NoSuchStreamError, KeyError):
@@ -164,6 +232,15 @@ class HboneConnection:
         """Feed bytes from the peer; returns the events they produced."""
         if self._terminated:
             return []
+        out = self._events
+        self._events = []
+        if self._fast:
+            self._receive_fast(data, out)
+        else:
+            self._feed_h2(data, out)
+        return out
+
+    def _feed_h2(self, data: bytes | bytearray | memoryview, out: list[Event]) -> None:
         try:
             h2_events = self._h2.receive_data(data)
         except (h2.exceptions.ProtocolError, HyperframeError) as e:
@@ -172,14 +249,144 @@ class HboneConnection:
         except (ValueError, KeyError, IndexError, UnicodeError) as e:  # malformed header blocks
             self._terminated = True
             raise ProtocolError(f"malformed frame: {type(e).__name__}: {e}") from None
-        out = self._events
-        self._events = []
         for ev in h2_events:
             self._handle(ev, out)
-        return out
+
+    def _protocol_error(self, reason: str) -> ProtocolError:
+        self._terminated = True
+        try:
+            self._h2.close_connection(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        except h2.exceptions.ProtocolError:
+            pass
+        return ProtocolError(reason)
+
+    def _receive_fast(self, data: bytes, out: list[Event]) -> None:
+        """Split the byte stream into frames; DATA / WINDOW_UPDATE here, the rest to h2."""
+        mv = memoryview(data)
+        i, n = 0, len(data)
+        while i < n and not self._terminated:
+            state = self._state
+            if self._preface_left:
+                k = min(self._preface_left, n - i)
+                self._feed_h2(mv[i : i + k], out)
+                self._preface_left -= k
+                i += k
+            elif state == _HEADER:
+                k = min(_FRAME_HEADER - len(self._hdr), n - i)
+                self._hdr += mv[i : i + k]
+                i += k
+                if len(self._hdr) == _FRAME_HEADER:
+                    self._frame_header(out)
+            elif state == _FAST:
+                k = min(self._remaining, n - i)
+                self._deliver(mv[i : i + k], out)
+                i += k
+                self._remaining -= k
+                if not self._remaining:
+                    self._end_fast_frame(out)
+            elif state == _H2:
+                k = min(self._remaining, n - i)
+                self._feed_h2(mv[i : i + k], out)
+                i += k
+                self._remaining -= k
+                if not self._remaining:
+                    self._state = _HEADER
+            elif state == _PADLEN:
+                self._pad = data[i]
+                i += 1
+                self._remaining -= 1
+                if self._pad > self._remaining:
+                    raise self._protocol_error("DATA padding longer than the frame")
+                self._remaining -= self._pad
+                self._credit_padding(1)
+                self._state = _FAST if self._remaining else _PADDING
+                if not self._remaining and not self._pad:
+                    self._end_fast_frame(out)
+            elif state == _PADDING:
+                k = min(self._pad, n - i)
+                i += k
+                self._pad -= k
+                self._credit_padding(k)
+                if not self._pad:
+                    self._end_fast_frame(out)
+            else:  # _WINUPD
+                k = min(4 - len(self._wu), n - i)
+                self._wu += mv[i : i + k]
+                i += k
+                if len(self._wu) == 4:
+                    self._state = _HEADER
+                    self._window_update(self._cur_sid, int.from_bytes(self._wu, "big") & _MAX_WINDOW, out)
+
+    def _frame_header(self, out: list[Event]) -> None:
+        hdr = self._hdr
+        length = int.from_bytes(hdr[0:3], "big")
+        ftype, flags = hdr[3], hdr[4]
+        sid = int.from_bytes(hdr[5:9], "big") & _MAX_WINDOW
+        st = self._streams.get(sid) if ftype == _DATA else None
+        if st is not None and not st.remote_ended and length > 0:
+            if length > MAX_FRAME_SIZE:
+                raise self._protocol_error(f"DATA frame of {length} bytes exceeds our maximum frame size")
+            if length > st.recv_window or length > self._conn_recv_window:
+                raise self._protocol_error(f"peer overran the flow-control window on stream {sid}")
+            st.recv_window -= length
+            self._conn_recv_window -= length
+            self._cur, self._cur_sid, self._remaining = st, sid, length
+            self._cur_end = bool(flags & _FLAG_END_STREAM)
+            self._state = _PADLEN if flags & _FLAG_PADDED else _FAST
+        elif ftype == _WINDOW_UPDATE and length == 4:
+            self._cur_sid = sid
+            self._wu.clear()
+            self._state = _WINUPD
+        else:
+            self._feed_h2(bytes(hdr), out)
+            self._remaining = length
+            self._state = _H2 if length else _HEADER
+        hdr.clear()
+
+    def _deliver(self, payload: memoryview, out: list[Event]) -> None:
+        st = self._cur
+        assert st is not None
+        st.unacked += len(payload)
+        out.append(Data(self._cur_sid, payload))
+
+    def _credit_padding(self, n: int) -> None:
+        st = self._cur
+        assert st is not None
+        st.to_credit += n
+        self._conn_to_credit += n
+        self._send_credit(self._cur_sid, st)
+
+    def _end_fast_frame(self, out: list[Event]) -> None:
+        self._state = _HEADER
+        if self._cur_end:
+            # Let h2 run the stream state machine: an empty DATA frame with END_STREAM.
+            self._feed_h2(b"\x00\x00\x00\x00\x01" + self._cur_sid.to_bytes(4, "big"), out)
+        self._cur = None
+
+    def _window_update(self, sid: int, inc: int, out: list[Event]) -> None:
+        if sid == 0:
+            if inc == 0:
+                raise self._protocol_error("WINDOW_UPDATE with a zero increment on the connection")
+            self._conn_send_window += inc
+            if self._conn_send_window > _MAX_WINDOW:
+                raise self._protocol_error("connection flow-control window overflow")
+            self._flush_opened(0, out)
+            return
+        st = self._streams.get(sid)
+        if st is None:
+            return  # allowed for streams that are already closed
+        if inc == 0 or st.send_window + inc > _MAX_WINDOW:
+            self._reset(
+                sid, h2.errors.ErrorCodes.FLOW_CONTROL_ERROR if inc else h2.errors.ErrorCodes.PROTOCOL_ERROR
+            )
+            out.append(StreamReset(sid, int(h2.errors.ErrorCodes.FLOW_CONTROL_ERROR), remote=False))
+            return
+        st.send_window += inc
+        self._flush_opened(sid, out)
 
     def _handle(self, ev: h2.events.Event, out: list[Event]) -> None:
         if isinstance(ev, h2.events.DataReceived):
+            # Only the h2-only path (or DATA for streams the fast path does not track) lands here.
             sid = ev.stream_id
             assert sid is not None
             data = ev.data or b""
@@ -210,7 +417,11 @@ class HboneConnection:
         elif isinstance(ev, h2.events.WindowUpdated):
             self._flush_opened(ev.stream_id or 0, out)
         elif isinstance(ev, h2.events.RemoteSettingsChanged):
-            if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings:
+            changed = ev.changed_settings.get(h2.settings.SettingCodes.INITIAL_WINDOW_SIZE)
+            if changed is not None:
+                delta = changed.new_value - (changed.original_value or DEFAULT_WINDOW)
+                for st in self._streams.values():
+                    st.send_window += delta
                 self._flush_opened(0, out)
         elif isinstance(ev, h2.events.PingAckReceived):
             out.append(PingAcked(ev.ping_data or b""))
@@ -228,9 +439,16 @@ class HboneConnection:
         # Other events (settings acks, priority, unknown frames) need no action.
 
     def _remote_ended(self, sid: int, out: list[Event]) -> None:
-        if sid in self._streams:
+        st = self._streams.get(sid)
+        if st is not None:
+            st.remote_ended = True
             out.append(StreamEnded(sid))
             self._maybe_forget(sid)
+
+    def _new_stream(self, sid: int) -> _StreamState:
+        st = _StreamState(self._h2.remote_settings.initial_window_size)
+        self._streams[sid] = st
+        return st
 
     def _on_request(self, ev: h2.events.RequestReceived, out: list[Event]) -> None:
         sid = ev.stream_id or 0
@@ -253,7 +471,9 @@ class HboneConnection:
             self._reset_rejected(sid)
             out.append(RequestRejected(sid, reason))
             return
-        self._streams[sid] = _StreamState()
+        st = self._new_stream(sid)
+        if ev.stream_ended is not None:
+            st.remote_ended = True
         out.append(ConnectRequest(sid, h[":authority"], host, port, headers))
 
     def _reset_rejected(self, sid: int) -> None:
@@ -277,14 +497,25 @@ class HboneConnection:
         targets: Iterable[int] = list(self._streams) if sid == 0 else [sid]
         for s in targets:
             st = self._streams.get(s)
-            if st is not None and (st.outbound or st.end_queued):
+            if st is not None and (st.queued or st.end_queued):
                 self._flush(s, st)
         out.append(WindowOpened(sid))
 
     # -- output -----------------------------------------------------------------------------------
 
+    def _drain_h2(self) -> None:
+        """Move h2's pending output into ours, so raw frames we add later keep their order."""
+        pending = self._h2.data_to_send()
+        if pending:
+            self._out.append(pending)
+
     def data_to_send(self) -> bytes:
-        return self._h2.data_to_send()
+        self._drain_h2()
+        if not self._out:
+            return b""
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
 
     def send_data(
         self, stream_id: int, data: bytes | bytearray | memoryview, end_stream: bool = False
@@ -293,7 +524,10 @@ class HboneConnection:
         st = self._streams.get(stream_id)
         if st is None or st.end_queued:
             raise LocalProtocolError(f"stream {stream_id} is not open for sending")
-        st.outbound += data
+        if data:
+            # The queue keeps a reference: callers must not mutate ``data`` afterwards.
+            st.outbound.append(data if isinstance(data, memoryview) else memoryview(data))
+            st.queued += len(data)
         st.end_queued = end_stream
         self._flush(stream_id, st)
 
@@ -322,8 +556,29 @@ class HboneConnection:
         if st is not None:
             n = min(n, st.unacked)
             st.unacked -= n
-        if n > 0:
+        if n <= 0:
+            return
+        if not self._fast:
             self._h2.acknowledge_received_data(n, stream_id)
+            return
+        self._conn_to_credit += n
+        if st is not None:
+            st.to_credit += n
+        self._send_credit(stream_id, st)
+
+    def _send_credit(self, sid: int, st: _StreamState | None) -> None:
+        frames = []
+        if st is not None and st.to_credit >= _STREAM_CREDIT_BATCH and not st.remote_ended:
+            frames.append(_window_update(sid, st.to_credit))
+            st.recv_window += st.to_credit
+            st.to_credit = 0
+        if self._conn_to_credit >= _CONN_CREDIT_BATCH:
+            frames.append(_window_update(0, self._conn_to_credit))
+            self._conn_recv_window += self._conn_to_credit
+            self._conn_to_credit = 0
+        if frames and not self._terminated:
+            self._drain_h2()
+            self._out.extend(frames)
 
     def ping(self, payload: bytes = b"\0" * 8) -> None:
         self._h2.ping(payload)
@@ -335,22 +590,53 @@ class HboneConnection:
             self._h2.close_connection(error_code)
 
     def _flush(self, sid: int, st: _StreamState) -> None:
-        h = self._h2
-        while st.outbound:
-            window = h.local_flow_control_window(sid)
-            n = min(window, h.max_outbound_frame_size, len(st.outbound))
-            if n <= 0:
-                return
-            chunk = bytes(st.outbound[:n])
-            del st.outbound[:n]
-            last = st.end_queued and not st.outbound
-            h.send_data(sid, chunk, end_stream=last)
-            st.ended_local = last
-        if st.end_queued and not st.ended_local:
+        if self._fast:
+            self._flush_fast(sid, st)
+        else:
+            self._flush_h2(sid, st)
+        if st.end_queued and not st.queued and not st.ended_local:
             st.ended_local = True
-            h.end_stream(sid)
+            self._h2.end_stream(sid)
         if st.ended_local:
             self._maybe_forget(sid)
+
+    def _flush_h2(self, sid: int, st: _StreamState) -> None:
+        h = self._h2
+        while st.outbound:
+            n = min(h.local_flow_control_window(sid), h.max_outbound_frame_size)
+            if n <= 0:
+                return
+            chunk = st.outbound[0]
+            if len(chunk) <= n:
+                st.outbound.popleft()
+            else:
+                chunk, st.outbound[0] = chunk[:n], chunk[n:]
+            st.queued -= len(chunk)
+            h.send_data(sid, bytes(chunk))
+
+    def _flush_fast(self, sid: int, st: _StreamState) -> None:
+        if not st.outbound:
+            return
+        max_frame = self._h2.max_outbound_frame_size
+        first = True
+        while st.outbound:
+            n = min(st.send_window, self._conn_send_window, max_frame)
+            if n <= 0:
+                return
+            if first:
+                self._drain_h2()  # HEADERS etc. queued in h2 must go out before this DATA
+                first = False
+            chunk = st.outbound[0]
+            if len(chunk) <= n:
+                st.outbound.popleft()
+            else:
+                chunk, st.outbound[0] = chunk[:n], chunk[n:]
+            size = len(chunk)
+            st.queued -= size
+            st.send_window -= size
+            self._conn_send_window -= size
+            self._out.append(_data_header(sid, size))
+            self._out.append(chunk)
 
     def _maybe_forget(self, sid: int) -> None:
         stream = self._h2.streams.get(sid)
@@ -363,7 +649,11 @@ class HboneConnection:
             return False
         if st.unacked:
             # Give the connection window back for bytes the application will never consume.
-            self._h2.acknowledge_received_data(st.unacked, sid)
+            if self._fast:
+                self._conn_to_credit += st.unacked
+                self._send_credit(sid, None)
+            else:
+                self._h2.acknowledge_received_data(st.unacked, sid)
         return True
 
 
@@ -379,7 +669,7 @@ class ClientConnection(HboneConnection):
             raise LocalProtocolError("connection is closed")
         sid = self._h2.get_next_available_stream_id()
         self._h2.send_headers(sid, [(":method", "CONNECT"), (":authority", authority), *headers])
-        self._streams[sid] = _StreamState()
+        self._new_stream(sid)
         return sid
 
     @property

@@ -69,7 +69,9 @@ class Backend:
             self.stalled.append(w)  # never reads: the kernel buffers fill up
 
         for fn in (echo, hasher, stall):
-            srv = await asyncio.start_server(fn, "127.0.0.1", 0)
+            # A deep accept queue: the 1,000-connection test opens them all at once, and an
+            # overflowing queue makes the kernel fall back to SYN cookies and resets.
+            srv = await asyncio.start_server(fn, "127.0.0.1", 0, backlog=4096)
             self._servers.append(srv)
         self.echo_port, self.hash_port, self.stall_port = (
             s.sockets[0].getsockname()[1] for s in self._servers

@@ -27,10 +27,16 @@ from mesh.hbone import (
 from mesh.hbone.protocol import CONNECTION_WINDOW, STREAM_WINDOW
 
 
+@pytest.fixture(params=[True, False], ids=["fast-path", "h2-only"])
+def fast(request: pytest.FixtureRequest) -> bool:
+    """Every transcript runs against both DATA paths: the hand-written one and pure h2."""
+    return bool(request.param)
+
+
 class Pair:
-    def __init__(self) -> None:
-        self.client = ClientConnection()
-        self.server = ServerConnection()
+    def __init__(self, fast: bool = True) -> None:
+        self.client = ClientConnection(fast=fast)
+        self.server = ServerConnection(fast=fast)
         self.pump()
 
     def pump(self) -> tuple[list[Event], list[Event]]:
@@ -62,8 +68,8 @@ def only(events: list[Event], kind: type) -> list[Event]:
     return [e for e in events if isinstance(e, kind)]
 
 
-def test_connect_carries_authority_and_headers() -> None:
-    p = Pair()
+def test_connect_carries_authority_and_headers(fast: bool) -> None:
+    p = Pair(fast)
     sid = p.client.connect("10.0.0.2:8080", [("forwarded", 'for="10.0.0.1:4000"'), ("baggage", "k=v")])
     _, evs = p.pump()
     (req,) = only(evs, ConnectRequest)
@@ -73,8 +79,8 @@ def test_connect_carries_authority_and_headers() -> None:
     assert req.header("baggage") == "k=v"
 
 
-def test_data_both_ways_and_half_close() -> None:
-    p = Pair()
+def test_data_both_ways_and_half_close(fast: bool) -> None:
+    p = Pair(fast)
     sid = p.open()
     p.client.send_data(sid, b"hello")
     _, evs = p.pump()
@@ -92,8 +98,8 @@ def test_data_both_ways_and_half_close() -> None:
 
 
 @pytest.mark.parametrize("status", [400, 401, 503])
-def test_refusal_statuses_close_the_stream(status: int) -> None:
-    p = Pair()
+def test_refusal_statuses_close_the_stream(fast: bool, status: int) -> None:
+    p = Pair(fast)
     sid = p.client.connect("10.0.0.2:8080")
     p.pump()
     p.server.respond(sid, status)
@@ -104,8 +110,8 @@ def test_refusal_statuses_close_the_stream(status: int) -> None:
         p.client.send_data(sid, b"x")
 
 
-def test_reset_maps_to_abort() -> None:
-    p = Pair()
+def test_reset_maps_to_abort(fast: bool) -> None:
+    p = Pair(fast)
     sid = p.open()
     p.client.reset(sid)
     _, s_evs = p.pump()
@@ -125,8 +131,8 @@ def test_reset_maps_to_abort() -> None:
         ([(":method", "CONNECT"), (":authority", "[zz::1]:80")], "invalid IPv6"),
     ],
 )
-def test_malformed_requests_get_400(headers: list[tuple[str, str]], reason: str) -> None:
-    server = ServerConnection()
+def test_malformed_requests_get_400(fast: bool, headers: list[tuple[str, str]], reason: str) -> None:
+    server = ServerConnection(fast=fast)
     raw = h2.connection.H2Connection(
         h2.config.H2Configuration(client_side=True, validate_outbound_headers=False)
     )
@@ -140,19 +146,24 @@ def test_malformed_requests_get_400(headers: list[tuple[str, str]], reason: str)
     assert resp and dict(resp[0].headers or [])[b":status"] == b"400"
 
 
-def test_settings_windows_and_frame_size() -> None:
-    p = Pair()
+def test_settings_windows_and_frame_size(fast: bool) -> None:
+    p = Pair(fast)
     sid = p.open()
     assert p.client.send_window(sid) == STREAM_WINDOW
     assert p.server.send_window(sid) == STREAM_WINDOW
     assert p.client._h2.max_outbound_frame_size == 1024 * 1024
     assert p.client._h2.remote_settings.max_concurrent_streams == 100
-    assert p.client._h2.outbound_flow_control_window == CONNECTION_WINDOW
+    # The connection window (16 MiB) is what lets several 4 MiB streams run at once.
+    sids = [sid] + [p.open() for _ in range(3)]
+    for s in sids:
+        p.client.send_data(s, b"w" * STREAM_WINDOW)
+    _, s_evs = p.pump()
+    assert sum(len(e.data) for e in only(s_evs, Data)) == CONNECTION_WINDOW  # type: ignore[attr-defined]
 
 
-def test_unacknowledged_data_stops_the_sender() -> None:
+def test_unacknowledged_data_stops_the_sender(fast: bool) -> None:
     """A reader that does not consume closes the window: the writer's data queues, bounded."""
-    p = Pair()
+    p = Pair(fast)
     sid = p.open()
     payload = b"x" * (STREAM_WINDOW + 100_000)
     p.client.send_data(sid, payload)
@@ -168,9 +179,9 @@ def test_unacknowledged_data_stops_the_sender() -> None:
     assert p.client.pending(sid) == 0
 
 
-def test_connection_window_returned_for_reset_streams() -> None:
+def test_connection_window_returned_for_reset_streams(fast: bool) -> None:
     """Bytes never consumed because the stream died must not shrink the connection window."""
-    p = Pair()
+    p = Pair(fast)
     for _ in range(6):  # 6 x 4 MiB > 16 MiB connection window
         sid = p.open()
         p.client.send_data(sid, b"y" * STREAM_WINDOW)
@@ -183,8 +194,8 @@ def test_connection_window_returned_for_reset_streams() -> None:
     assert Data(sid, b"z" * 1000) in s_evs
 
 
-def test_many_streams_and_limit() -> None:
-    p = Pair()
+def test_many_streams_and_limit(fast: bool) -> None:
+    p = Pair(fast)
     sids = [p.client.connect(f"10.0.0.2:{8000 + i}") for i in range(100)]
     assert not p.client.has_capacity
     _, s_evs = p.pump()
@@ -197,8 +208,8 @@ def test_many_streams_and_limit() -> None:
     assert p.client.has_capacity and p.client.open_streams == 0
 
 
-def test_garbage_is_a_protocol_error() -> None:
-    server = ServerConnection()
+def test_garbage_is_a_protocol_error(fast: bool) -> None:
+    server = ServerConnection(fast=fast)
     with pytest.raises(ProtocolError):
         server.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\0" * 64)
     assert server.terminated
@@ -213,10 +224,11 @@ def test_parse_authority() -> None:
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "h2-only"])
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=4096), st.booleans())
-def test_fuzz_server_only_protocol_errors(blob: bytes, with_preface: bool) -> None:
-    server = ServerConnection()
+def test_fuzz_server_only_protocol_errors(fast: bool, blob: bytes, with_preface: bool) -> None:
+    server = ServerConnection(fast=fast)
     data = (PREFACE + blob) if with_preface else blob
     try:
         for i in range(0, len(data), 97):
@@ -234,11 +246,12 @@ frame = st.tuples(
 )
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "h2-only"])
 @settings(max_examples=300, deadline=None)
 @given(st.lists(frame, max_size=20))
-def test_fuzz_server_with_framed_garbage(frames: list[tuple[int, int, int, bytes]]) -> None:
+def test_fuzz_server_with_framed_garbage(fast: bool, frames: list[tuple[int, int, int, bytes]]) -> None:
     """Structurally valid frames with random contents get deeper into the state machine."""
-    server = ServerConnection()
+    server = ServerConnection(fast=fast)
     out = bytearray(PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
     for ftype, flags, sid, payload in frames:
         out += len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + sid.to_bytes(4, "big") + payload
@@ -246,3 +259,26 @@ def test_fuzz_server_with_framed_garbage(frames: list[tuple[int, int, int, bytes
         server.receive_data(bytes(out))
     except ProtocolError:
         return
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "h2-only"])
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([0, 0, 0, 3, 8]), st.integers(0, 255), st.binary(max_size=300)), max_size=12
+    )
+)
+def test_fuzz_frames_on_an_open_stream(fast: bool, frames: list[tuple[int, int, bytes]]) -> None:
+    """Random DATA / RST_STREAM / WINDOW_UPDATE frames (any flags, padding) on a live stream."""
+    p = Pair(fast)
+    sid = p.open()
+    out = bytearray()
+    for ftype, flags, payload in frames:
+        out += len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + sid.to_bytes(4, "big") + payload
+    try:
+        evs = p.server.receive_data(bytes(out))
+    except ProtocolError:
+        return
+    got = sum(len(e.data) for e in evs if isinstance(e, Data))
+    assert got <= len(out)
+    assert len(p.server.data_to_send()) < 1_000_000

@@ -1,0 +1,3 @@
+module hboneinterop
+
+go 1.19
