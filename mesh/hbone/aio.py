@@ -387,7 +387,7 @@ class HboneProtocol(asyncio.Protocol):
     def _maybe_idle(self) -> None:
         if not self.streams:
             self.idle_since = time.monotonic()
-            if self.goaway_received or self.conn.terminated:
+            if self.conn.closing:
                 self.close()
             elif self.on_idle is not None:
                 self.on_idle(self)
@@ -410,9 +410,8 @@ class HboneProtocol(asyncio.Protocol):
         """GOAWAY and hang up once the last stream is done (now, if there is none)."""
         if self.dead:
             return
-        if not self.conn.terminated:
-            self.conn.close()
-            self.flush()
+        self.conn.close()  # GOAWAY, once
+        self.flush()
         if not self.streams and self.transport is not None:
             try:
                 self.transport.close()

@@ -105,7 +105,9 @@ def format_authority(host: str, port: int) -> str:
 # Frame layout facts the DATA fast path needs (RFC 9113 §4.1, §6.1, §6.9).
 _FRAME_HEADER = 9
 _DATA = 0x0
+_GOAWAY = 0x7
 _WINDOW_UPDATE = 0x8
+_MAX_GOAWAY_DEBUG = 16 * 1024  # debug data kept from a peer's GOAWAY; the rest is skipped
 _FLAG_END_STREAM = 0x1
 _FLAG_PADDED = 0x8
 _MAX_WINDOW = 2**31 - 1
@@ -115,7 +117,7 @@ _STREAM_CREDIT_BATCH = STREAM_WINDOW // 4
 _CONN_CREDIT_BATCH = CONNECTION_WINDOW // 4
 
 # Parser states of the fast path.
-_HEADER, _FAST, _PADLEN, _PADDING, _H2, _WINUPD = range(6)
+_HEADER, _FAST, _PADLEN, _PADDING, _H2, _WINUPD, _GOAWAY_BODY = range(7)
 
 
 def _window_update(stream_id: int, increment: int) -> bytes:
@@ -176,7 +178,11 @@ class HboneConnection:
         self._fast = fast
         self._streams: dict[int, _StreamState] = {}
         self._events: list[Event] = []
-        self._terminated = False
+        self._terminated = False  # fatal: nothing more is read or written
+        self.goaway_sent = False  # graceful: no new streams, open ones finish
+        self.goaway_received = False
+        self._last_stream_id = 0  # the last peer stream we accept, once GOAWAY is sent
+        self._goaway = bytearray()
         self._out: list[bytes | memoryview] = []
         # Fast-path state: parser and connection-level windows.
         self._preface_left = 0 if self.client_side else _PREFACE_LEN
@@ -211,6 +217,11 @@ class HboneConnection:
     def terminated(self) -> bool:
         return self._terminated
 
+    @property
+    def closing(self) -> bool:
+        """No new streams: GOAWAY was sent or received, or the connection failed."""
+        return self._terminated or self.goaway_sent or self.goaway_received
+
     def pending(self, stream_id: int) -> int:
         """Bytes queued on a stream that flow control has not let out yet."""
         st = self._streams.get(stream_id)
@@ -234,10 +245,7 @@ class HboneConnection:
             return []
         out = self._events
         self._events = []
-        if self._fast:
-            self._receive_fast(data, out)
-        else:
-            self._feed_h2(data, out)
+        self._receive_frames(data, out)
         return out
 
     def _feed_h2(self, data: bytes | bytearray | memoryview, out: list[Event]) -> None:
@@ -260,8 +268,9 @@ class HboneConnection:
             pass
         return ProtocolError(reason)
 
-    def _receive_fast(self, data: bytes, out: list[Event]) -> None:
-        """Split the byte stream into frames; DATA / WINDOW_UPDATE here, the rest to h2."""
+    def _receive_frames(self, data: bytes, out: list[Event]) -> None:
+        """Split the byte stream into frames: GOAWAY (and on the fast path DATA / WINDOW_UPDATE)
+        are handled here, everything else goes to h2."""
         mv = memoryview(data)
         i, n = 0, len(data)
         while i < n and not self._terminated:
@@ -309,6 +318,15 @@ class HboneConnection:
                 self._credit_padding(k)
                 if not self._pad:
                     self._end_fast_frame(out)
+            elif state == _GOAWAY_BODY:
+                k = min(self._remaining, n - i)
+                room = _MAX_GOAWAY_DEBUG + 8 - len(self._goaway)
+                self._goaway += mv[i : i + min(k, max(room, 0))]
+                i += k
+                self._remaining -= k
+                if not self._remaining:
+                    self._state = _HEADER
+                    self._on_goaway(out)
             else:  # _WINUPD
                 k = min(4 - len(self._wu), n - i)
                 self._wu += mv[i : i + k]
@@ -322,8 +340,14 @@ class HboneConnection:
         length = int.from_bytes(hdr[0:3], "big")
         ftype, flags = hdr[3], hdr[4]
         sid = int.from_bytes(hdr[5:9], "big") & _MAX_WINDOW
-        st = self._streams.get(sid) if ftype == _DATA else None
-        if st is not None and not st.remote_ended and length > 0:
+        st = self._streams.get(sid) if ftype == _DATA and self._fast else None
+        if ftype == _GOAWAY and sid == 0 and length >= 8:
+            # Handled here, not by h2: h2 closes its state machine on GOAWAY, which would stop
+            # the streams that GOAWAY lets finish.
+            self._goaway.clear()
+            self._remaining = length
+            self._state = _GOAWAY_BODY
+        elif st is not None and not st.remote_ended and length > 0:
             if length > MAX_FRAME_SIZE:
                 raise self._protocol_error(f"DATA frame of {length} bytes exceeds our maximum frame size")
             if length > st.recv_window or length > self._conn_recv_window:
@@ -333,7 +357,7 @@ class HboneConnection:
             self._cur, self._cur_sid, self._remaining = st, sid, length
             self._cur_end = bool(flags & _FLAG_END_STREAM)
             self._state = _PADLEN if flags & _FLAG_PADDED else _FAST
-        elif ftype == _WINDOW_UPDATE and length == 4:
+        elif ftype == _WINDOW_UPDATE and length == 4 and self._fast:
             self._cur_sid = sid
             self._wu.clear()
             self._state = _WINUPD
@@ -362,6 +386,15 @@ class HboneConnection:
             # Let h2 run the stream state machine: an empty DATA frame with END_STREAM.
             self._feed_h2(b"\x00\x00\x00\x00\x01" + self._cur_sid.to_bytes(4, "big"), out)
         self._cur = None
+
+    def _on_goaway(self, out: list[Event]) -> None:
+        body = self._goaway
+        last = int.from_bytes(body[0:4], "big") & _MAX_WINDOW
+        code = int.from_bytes(body[4:8], "big")
+        self.goaway_received = True
+        out.append(ConnectionTerminated(code, last, bytes(body[8:]).decode("utf-8", "replace")))
+        if code != NO_ERROR:
+            self._terminated = True
 
     def _window_update(self, sid: int, inc: int, out: list[Event]) -> None:
         if sid == 0:
@@ -425,8 +458,9 @@ class HboneConnection:
                 self._flush_opened(0, out)
         elif isinstance(ev, h2.events.PingAckReceived):
             out.append(PingAcked(ev.ping_data or b""))
-        elif isinstance(ev, h2.events.ConnectionTerminated):
+        elif isinstance(ev, h2.events.ConnectionTerminated):  # only for malformed GOAWAY frames
             self._terminated = True
+            self.goaway_received = True
             out.append(
                 ConnectionTerminated(
                     int(ev.error_code or 0),
@@ -455,6 +489,9 @@ class HboneConnection:
         headers = tuple((str(k), str(v)) for k, v in (ev.headers or []))
         h = dict(headers)
         reason = None
+        if self.goaway_sent and sid > self._last_stream_id:
+            self._reset_rejected(sid, REFUSED_STREAM)
+            return
         if self.client_side:
             reason = "request received on a client connection"
         elif h.get(":method") != "CONNECT":
@@ -476,10 +513,10 @@ class HboneConnection:
             st.remote_ended = True
         out.append(ConnectRequest(sid, h[":authority"], host, port, headers))
 
-    def _reset_rejected(self, sid: int) -> None:
+    def _reset_rejected(self, sid: int, code: int = NO_ERROR) -> None:
         # The client may still be sending on a rejected stream; reset it so it stops.
         try:
-            self._h2.reset_stream(sid, NO_ERROR)
+            self._h2.reset_stream(sid, code)
         except h2.exceptions.StreamClosedError:
             pass
 
@@ -584,10 +621,23 @@ class HboneConnection:
         self._h2.ping(payload)
 
     def close(self, error_code: int = NO_ERROR) -> None:
-        """Send GOAWAY; existing streams may finish (the adapter decides when to hang up)."""
-        if not self._terminated:
+        """Send GOAWAY: no new streams; open streams may finish (the adapter decides when to hang up).
+
+        The frame is written here rather than by h2, whose ``close_connection`` moves its state
+        machine to CLOSED and so would stop the very streams a graceful GOAWAY lets finish.
+        """
+        if self._terminated or self.goaway_sent:
+            return
+        self.goaway_sent = True
+        self._last_stream_id = self._h2.highest_inbound_stream_id
+        self._drain_h2()
+        self._out.append(
+            b"\x00\x00\x08\x07\x00\x00\x00\x00\x00"
+            + self._last_stream_id.to_bytes(4, "big")
+            + int(error_code).to_bytes(4, "big")
+        )
+        if error_code != NO_ERROR:
             self._terminated = True
-            self._h2.close_connection(error_code)
 
     def _flush(self, sid: int, st: _StreamState) -> None:
         if self._fast:
@@ -665,8 +715,8 @@ class ClientConnection(HboneConnection):
     def connect(self, authority: str, headers: Iterable[tuple[str, str]] = ()) -> int:
         """Open a CONNECT stream to ``authority``; returns the stream id. Answered by a ``Response``."""
         parse_authority(authority)
-        if self._terminated:
-            raise LocalProtocolError("connection is closed")
+        if self.closing:
+            raise LocalProtocolError("connection is closing (GOAWAY) or closed")
         sid = self._h2.get_next_available_stream_id()
         self._h2.send_headers(sid, [(":method", "CONNECT"), (":authority", authority), *headers])
         self._new_stream(sid)
@@ -678,7 +728,7 @@ class ClientConnection(HboneConnection):
 
     @property
     def has_capacity(self) -> bool:
-        return not self._terminated and len(self._streams) < self.max_streams
+        return not self.closing and len(self._streams) < self.max_streams
 
 
 class ServerConnection(HboneConnection):

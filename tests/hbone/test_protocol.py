@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from mesh.hbone import (
     ClientConnection,
+    ConnectionTerminated,
     ConnectRequest,
     Data,
     Event,
@@ -282,3 +283,34 @@ def test_fuzz_frames_on_an_open_stream(fast: bool, frames: list[tuple[int, int, 
     got = sum(len(e.data) for e in evs if isinstance(e, Data))
     assert got <= len(out)
     assert len(p.server.data_to_send()) < 1_000_000
+
+
+def test_goaway_lets_open_streams_finish(fast: bool) -> None:
+    """A graceful GOAWAY refuses new streams but open ones still carry data and END_STREAM."""
+    p = Pair(fast)
+    sid = p.open()
+    p.server.close()
+    c_evs, _ = p.pump()
+    (term,) = only(c_evs, ConnectionTerminated)
+    assert isinstance(term, ConnectionTerminated) and term.error_code == 0 and term.last_stream_id == sid
+    assert p.client.closing and not p.client.has_capacity
+    with pytest.raises(LocalProtocolError):
+        p.client.connect("10.0.0.2:8080")
+    p.client.send_data(sid, b"still flowing", end_stream=True)
+    p.server.send_data(sid, b"reply", end_stream=True)
+    c_evs, s_evs = p.pump()
+    assert Data(sid, b"still flowing") in s_evs and StreamEnded(sid) in s_evs
+    assert Data(sid, b"reply") in c_evs and StreamEnded(sid) in c_evs
+    assert p.client.open_streams == 0 and p.server.open_streams == 0
+
+
+def test_streams_opened_after_goaway_are_refused(fast: bool) -> None:
+    p = Pair(fast)
+    p.open()
+    p.server.close()
+    # The client has not seen the GOAWAY yet and opens another stream.
+    late = p.client.connect("10.0.0.2:9090")
+    c_evs, s_evs = p.pump()
+    assert not only(s_evs, ConnectRequest)
+    resets = only(c_evs, StreamReset)
+    assert resets and resets[0].stream_id == late and resets[0].error_code == 7  # type: ignore[attr-defined]
