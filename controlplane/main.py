@@ -1,8 +1,217 @@
-"""Entry point of the `ambient-controlplane` process."""
+"""Entry point of the ``ambient-controlplane`` process (local mode).
 
+Start-up is ordered so that anything a user got wrong (flags, the CA directory, the YAML file,
+the listen address) stops the process with exit status 2 and one clear line on stderr before
+anything is served, and so that the files other processes wait for (``root-cert.pem``, the node
+tokens, the ready file) exist only once the control plane can actually answer.
+
+State directory layout::
+
+    DIR/ca/                    the generated root (Istio's cacerts layout), unless --cacerts
+    DIR/root-cert.pem          the mesh root clients trust
+    DIR/token-signing-key.pem  ES256 key of the node tokens (0600)
+    DIR/tokens/<node>.token    one per Node of the file (0600)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import functools
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from controlplane.auth import LocalTokenAuthenticator
+from controlplane.convert import ConfigError, ConvertOptions
+from controlplane.localsource import DEFAULT_POLL_INTERVAL, LocalSource
+from controlplane.server import DEFAULT_PORT, ServerError, parse_listen, start_server
+from controlplane.tokens import DEFAULT_TOKEN_TTL, TokenError, TokenIssuer, write_atomic
+from mesh import log as meshlog
+from mesh import runtime
+from mesh.identity import Identity, IdentityError
+from mesh.model import Delta, Kind, Store
+from mesh.pki import ROOT_CERT_FILE, CertificateAuthority, PkiError
+
+log = structlog.get_logger(__name__)
+
+PROG = "ambient-controlplane"
+CA_SUBDIR = "ca"
+EXIT_USAGE = 2
 
 
-def main(argv: list[str] | None = None) -> int:
-    print("controlplane: not built yet; see the project's open issues", file=sys.stderr)
-    return 2
+class StartupError(Exception):
+    """A problem the user must fix before the control plane can start; printed as is."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="The mesh control plane: node-bound CA and discovery on one TLS gRPC port.",
+    )
+    p.add_argument("--local-config", metavar="FILE", help="YAML file of Kubernetes objects (local mode)")
+    p.add_argument("--state-dir", metavar="DIR", help="where the CA, root cert and node tokens live")
+    p.add_argument(
+        "--listen", metavar="ADDR", default=f"127.0.0.1:{DEFAULT_PORT}", help="HOST:PORT to serve on"
+    )
+    p.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain of the mesh")
+    p.add_argument("--cacerts", metavar="DIR", help="plugged-in CA in Istio's cacerts layout")
+    p.add_argument("--ready-file", metavar="PATH", help="write the bound address here once serving")
+    p.add_argument(
+        "--token-ttl",
+        metavar="SECONDS",
+        type=float,
+        default=DEFAULT_TOKEN_TTL.total_seconds(),
+        help="lifetime of the node tokens written at start (default: one year)",
+    )
+    p.add_argument(
+        "--poll-interval",
+        metavar="SECONDS",
+        type=float,
+        default=DEFAULT_POLL_INTERVAL,
+        help="how often to check the local config file for changes",
+    )
+    p.add_argument("--log-level", default="info", choices=meshlog.LEVELS)
+    return p
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Flag checks argparse cannot express; each error names the flag."""
+    if not args.local_config:
+        raise StartupError("--local-config FILE is required (only local mode is available)")
+    if not args.state_dir:
+        raise StartupError("--state-dir DIR is required")
+    if not Path(args.local_config).is_file():
+        raise StartupError(f"--local-config: {args.local_config} is not a readable file")
+    state = Path(args.state_dir)
+    if state.exists() and not state.is_dir():
+        raise StartupError(f"--state-dir: {state} exists and is not a directory")
+    if args.cacerts and not Path(args.cacerts).is_dir():
+        raise StartupError(f"--cacerts: {args.cacerts} is not a directory")
+    try:
+        parse_listen(args.listen)
+    except ServerError as e:
+        raise StartupError(f"--listen: {e}") from None
+    try:
+        Identity(args.trust_domain, "default", "default")
+    except IdentityError as e:
+        raise StartupError(f"--trust-domain: {e}") from None
+    if not args.token_ttl > 0:
+        raise StartupError(f"--token-ttl must be positive, not {args.token_ttl}")
+    if not args.poll_interval > 0:
+        raise StartupError(f"--poll-interval must be positive, not {args.poll_interval}")
+
+
+def load_ca(args: argparse.Namespace) -> CertificateAuthority:
+    state = Path(args.state_dir)
+    try:
+        if args.cacerts:
+            ca = CertificateAuthority.load_cacerts(args.cacerts, args.trust_domain)
+        else:
+            ca = CertificateAuthority.load_or_generate(state / CA_SUBDIR, args.trust_domain)
+    except PkiError as e:
+        raise StartupError(f"CA: {e}") from None
+    write_atomic(state / ROOT_CERT_FILE, ca.roots_pem.encode(), 0o644)
+    return ca
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """Everything made before serving: built synchronously, so start-up errors come first."""
+
+    ca: CertificateAuthority
+    store: Store
+    source: LocalSource
+    issuer: TokenIssuer
+    token_ttl: dt.timedelta
+
+
+def prepare(args: argparse.Namespace) -> Prepared:
+    # The file first: a typo in it should not leave a fresh CA behind in a new state directory.
+    store = Store()
+    source = LocalSource(
+        args.local_config,
+        store,
+        poll_interval=args.poll_interval,
+        options=ConvertOptions(trust_domain=args.trust_domain),
+    )
+    try:
+        source.load()
+    except ConfigError as e:
+        raise StartupError(f"--local-config: {e}") from None
+    state = Path(args.state_dir)
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ca = load_ca(args)
+    try:
+        issuer = TokenIssuer.load_or_create(state)
+    except TokenError as e:
+        raise StartupError(str(e)) from None
+    ttl = dt.timedelta(seconds=args.token_ttl)
+    issuer.write_node_tokens(state, sorted(store.snapshot().nodes), ttl=ttl)
+    return Prepared(ca, store, source, issuer, ttl)
+
+
+async def serve(args: argparse.Namespace, p: Prepared) -> int:
+    stop = runtime.stop_on_signals()
+    state = Path(args.state_dir)
+
+    def new_node_tokens(delta: Delta) -> None:
+        # A node added to the file by a reload gets its token without a restart.
+        added = delta.upserted_keys(Kind.NODE) - set(delta.previous.nodes)
+        if added:
+            p.issuer.write_node_tokens(state, sorted(added), ttl=p.token_ttl)
+
+    unsubscribe = p.store.subscribe(new_node_tokens)
+    try:
+        server = await start_server(args.listen, p.ca, p.store, LocalTokenAuthenticator(p.issuer))
+    except ServerError as e:
+        unsubscribe()
+        raise StartupError(str(e)) from None
+    try:
+        p.source.start()
+        runtime.write_ready_file(args.ready_file, server.address)
+        log.info(
+            "control plane ready",
+            address=server.address,
+            state_dir=str(state),
+            trust_domain=args.trust_domain,
+            nodes=len(p.store.snapshot().nodes),
+        )
+        await stop.wait()
+        log.info("stopping control plane")
+    finally:
+        unsubscribe()
+        await p.source.stop()
+        await server.stop()
+    return 0
+
+
+async def _serve_or_report(args: argparse.Namespace, prepared: Prepared) -> int:
+    try:
+        return await serve(args, prepared)
+    except StartupError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        validate(args)
+    except StartupError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    meshlog.configure(args.log_level)
+    try:
+        prepared = prepare(args)
+    except (StartupError, OSError) as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return runtime.run(functools.partial(_serve_or_report, args, prepared))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
