@@ -1,0 +1,438 @@
+"""The discovery server: delta xDS (``DeltaAggregatedResources``) over the mesh store.
+
+Serves ``istio.workload.Address`` (workloads by uid, services by ``namespace/hostname``) and
+``istio.security.Authorization`` (``namespace/name``) as istiod does, so an Istio ztunnel
+can use it as well as ours (docs/discovery.md).
+
+How it works, and why:
+
+* One :class:`ResourceCache` per server turns store snapshots into ready-to-send resources,
+  each with a version that is a hash of its serialized bytes. A version is therefore the same
+  across control-plane restarts for the same content, which is what lets a reconnecting
+  client that sends ``initial_resource_versions`` get only what really changed. A pod change
+  re-renders only that pod; any other change (services, namespaces, gateways, policies) can
+  alter many workloads (their services map, waypoint, policy list), so it re-renders all.
+* Each stream remembers, per type, the version it last sent of each resource and pushes the
+  difference with the cache whenever the store changes. The stream never replays the store's
+  deltas itself: diffing against the latest state coalesces bursts and cannot miss anything.
+* ACK/NACK: a NACK is logged loudly and the stream keeps serving; what was sent stays recorded
+  as sent, so the refused version is not sent again (only a newer one will be).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import grpc
+import structlog
+
+from mesh.model import Delta, Kind, Snapshot, Store
+from mesh.proto import discovery_pb2, discovery_pb2_grpc, workload_pb2
+from mesh.xds.authorization import Authorization, Scope
+from mesh.xds.convert import (
+    ADDRESS_TYPE_URL,
+    AUTHORIZATION_TYPE_URL,
+    PeerAuthenticationIndex,
+    SelectorPolicy,
+    SelectorPolicyIndex,
+    address_to_any,
+    authorization_to_any,
+    lower_authorization_policy,
+    service_resource_name,
+    service_to_proto,
+    workload_to_proto,
+)
+
+log = structlog.get_logger(__name__)
+
+Metadata = Sequence[tuple[str, str | bytes]]
+Authenticator = Callable[[Metadata], Awaitable[None]]
+
+WILDCARD = "*"
+# Kinds whose changes cannot alter any served resource.
+_IRRELEVANT_KINDS = frozenset({Kind.NODE, Kind.SERVICE_ACCOUNT, Kind.REQUEST_AUTHENTICATION})
+
+
+class AuthenticationFailed(Exception):
+    """Raised by an authenticate hook to refuse a stream; the message goes to the client."""
+
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.UNAUTHENTICATED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def resource_version(payload: bytes) -> str:
+    """Stable across processes and restarts: a content hash, not a counter."""
+    return hashlib.blake2b(payload, digest_size=8).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    version: str
+    resource: discovery_pb2.Resource  # never mutated once built; copied into responses
+
+
+def _entry(name: str, packed: Any) -> Entry:
+    version = resource_version(packed.value)
+    return Entry(version, discovery_pb2.Resource(name=name, version=version, resource=packed))
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    """Everything served, at one store version: type URL -> resource name -> entry.
+
+    ``changed`` lists, per type, the names that may differ from the resources of
+    ``parent_version`` (None after a full re-render), so a stream that diffed against the
+    parent only looks at those instead of at every resource.
+    """
+
+    version: int
+    by_type: Mapping[str, Mapping[str, Entry]]
+    parent_version: int | None = None
+    changed: Mapping[str, frozenset[str]] | None = None
+
+
+def _workload_entry(
+    uid: str,
+    snapshot: Snapshot,
+    selector_policies: SelectorPolicyIndex,
+    peer_authentications: PeerAuthenticationIndex,
+) -> Entry:
+    pb = workload_to_proto(snapshot.workloads[uid], snapshot, selector_policies, peer_authentications)
+    return _entry(uid, address_to_any(workload_pb2.Address(workload=pb)))
+
+
+class ResourceCache:
+    """Renders the store's state as xDS resources once, for every stream.
+
+    Store writes may come from any thread; the callback only queues the delta, and rendering
+    happens lazily on the event loop when a stream asks for :meth:`current`.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._lock = threading.Lock()
+        self._pending: list[Delta] = []
+        self._warned: dict[str, tuple[str, ...]] = {}
+        self._unsubscribe = store.subscribe(self._on_delta)
+        self._selector_policies = SelectorPolicyIndex()
+        self._peer_auth = PeerAuthenticationIndex(())
+        self._resources = self._render(store.snapshot())
+
+    def close(self) -> None:
+        self._unsubscribe()
+
+    def _on_delta(self, delta: Delta) -> None:
+        with self._lock:
+            self._pending.append(delta)
+
+    def current(self) -> Resources:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        pending = [d for d in pending if d.version > self._resources.version]
+        if not pending:
+            return self._resources
+        kinds = frozenset().union(*(d.kinds for d in pending)) - _IRRELEVANT_KINDS
+        latest = pending[-1].snapshot
+        if kinds <= {Kind.WORKLOAD}:
+            self._resources = self._update_workloads(latest, pending)
+        else:
+            self._resources = self._render(latest)
+        return self._resources
+
+    def _update_workloads(self, snapshot: Snapshot, deltas: Sequence[Delta]) -> Resources:
+        addresses = dict(self._resources.by_type[ADDRESS_TYPE_URL])
+        touched = set().union(
+            *(d.upserted_keys(Kind.WORKLOAD) | d.removed_keys(Kind.WORKLOAD) for d in deltas)
+        )
+        for uid in touched:
+            if uid in snapshot.workloads:
+                addresses[uid] = _workload_entry(uid, snapshot, self._selector_policies, self._peer_auth)
+            else:
+                addresses.pop(uid, None)
+        by_type = dict(self._resources.by_type)
+        by_type[ADDRESS_TYPE_URL] = MappingProxyType(addresses)
+        return Resources(
+            snapshot.version,
+            MappingProxyType(by_type),
+            parent_version=self._resources.version,
+            changed=MappingProxyType(
+                {ADDRESS_TYPE_URL: frozenset(touched), AUTHORIZATION_TYPE_URL: frozenset()}
+            ),
+        )
+
+    def _render(self, snapshot: Snapshot) -> Resources:
+        authorizations: dict[str, Entry] = {}
+        selector_policies: list[SelectorPolicy] = []
+        warned: dict[str, tuple[str, ...]] = {}
+        for key, policy in sorted(snapshot.authorization_policies.items()):
+            lowered = lower_authorization_policy(policy)
+            if lowered.warnings:
+                warned[key] = lowered.warnings
+                if self._warned.get(key) != lowered.warnings:
+                    for warning in lowered.warnings:
+                        log.warning(
+                            "authorization policy not fully enforceable by ztunnel",
+                            policy=key,
+                            detail=warning,
+                        )
+            a: Authorization | None = lowered.authorization
+            if a is None:
+                continue
+            authorizations[a.key] = _entry(a.key, authorization_to_any(a))
+            if a.scope is Scope.WORKLOAD_SELECTOR and policy.selector is not None:
+                selector_policies.append(SelectorPolicy(a.key, a.namespace, policy.selector))
+        self._peer_auth = PeerAuthenticationIndex(snapshot.peer_authentications.values())
+        if self._peer_auth.warnings:
+            warned["PeerAuthentication"] = self._peer_auth.warnings
+            if self._warned.get("PeerAuthentication") != self._peer_auth.warnings:
+                for warning in self._peer_auth.warnings:
+                    log.warning("peer authentication ignored in part", detail=warning)
+        for a in self._peer_auth.authorizations():
+            authorizations[a.key] = _entry(a.key, authorization_to_any(a))
+        self._warned = warned
+        self._selector_policies = SelectorPolicyIndex(selector_policies)
+
+        addresses: dict[str, Entry] = {}
+        for uid in snapshot.workloads:
+            addresses[uid] = _workload_entry(uid, snapshot, self._selector_policies, self._peer_auth)
+        for service in snapshot.services.values():
+            name = service_resource_name(service)
+            pb = service_to_proto(service, snapshot)
+            addresses[name] = _entry(name, address_to_any(workload_pb2.Address(service=pb)))
+        return Resources(
+            snapshot.version,
+            MappingProxyType(
+                {
+                    ADDRESS_TYPE_URL: MappingProxyType(addresses),
+                    AUTHORIZATION_TYPE_URL: MappingProxyType(authorizations),
+                }
+            ),
+        )
+
+
+@dataclass(slots=True)
+class _Subscription:
+    """One type on one stream: what the client asked for and what it has been sent."""
+
+    wildcard: bool = False
+    names: set[str] = field(default_factory=set)
+    sent: dict[str, str] = field(default_factory=dict)  # name -> version the client holds
+    nonces: set[str] = field(default_factory=set)  # sent, not yet ACKed/NACKed
+    diffed_version: int | None = None  # the Resources version `sent` was last compared with
+
+
+_CHANGED = object()
+
+
+class _Stream:
+    """The state of one DeltaAggregatedResources call."""
+
+    def __init__(self, cache: ResourceCache, context: grpc.aio.ServicerContext[Any, Any], peer: str) -> None:
+        self._cache = cache
+        self._context = context
+        self._subs: dict[str, _Subscription] = {}
+        self._log = log.bind(peer=peer)
+
+    async def on_request(self, req: discovery_pb2.DeltaDiscoveryRequest) -> None:
+        type_url = req.type_url
+        if req.HasField("node") and req.node.id:
+            self._log = self._log.bind(node=req.node.id)
+        if type_url not in (ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL):
+            self._log.warning("xds request for an unknown type ignored", type_url=type_url)
+            return
+        sub = self._subs.get(type_url)
+        first = sub is None
+        if sub is None:
+            sub = self._subs[type_url] = _Subscription(sent=dict(req.initial_resource_versions))
+            sub.wildcard = not req.resource_names_subscribe
+            self._log.info(
+                "xds subscribe",
+                type_url=type_url,
+                wildcard=sub.wildcard,
+                known=len(req.initial_resource_versions),
+            )
+
+        if req.response_nonce:
+            nonce = req.response_nonce
+            known = nonce in sub.nonces
+            sub.nonces.discard(nonce)
+            if req.HasField("error_detail"):
+                self._log.error(
+                    "xds NACK: the client refused a response",
+                    type_url=type_url,
+                    nonce=nonce,
+                    code=req.error_detail.code,
+                    reason=req.error_detail.message,
+                    known_nonce=known,
+                )
+            else:
+                self._log.debug("xds ACK", type_url=type_url, nonce=nonce, known_nonce=known)
+
+        absent: list[str] = []
+        current = self._cache.current().by_type[type_url]
+        for name in req.resource_names_subscribe:
+            if name == WILDCARD:
+                sub.wildcard = True
+            elif name not in sub.names:
+                sub.names.add(name)
+                if name not in current and not sub.wildcard:
+                    absent.append(name)  # tell the client it does not exist
+        for name in req.resource_names_unsubscribe:
+            if name == WILDCARD:
+                sub.wildcard = False
+            else:
+                sub.names.discard(name)
+                sub.sent.pop(name, None)
+        if not sub.wildcard:
+            for name in list(sub.sent):
+                if name not in sub.names:
+                    sub.sent.pop(name)
+        await self._push(type_url, sub, force=first, absent=absent, full=True)
+
+    async def on_change(self) -> None:
+        for type_url, sub in self._subs.items():
+            await self._push(type_url, sub)
+
+    async def _push(
+        self,
+        type_url: str,
+        sub: _Subscription,
+        *,
+        force: bool = False,
+        absent: Sequence[str] = (),
+        full: bool = False,
+    ) -> None:
+        resources = self._cache.current()
+        current = resources.by_type[type_url]
+        wanted: Mapping[str, Entry] = (
+            current if sub.wildcard else {n: current[n] for n in sub.names if n in current}
+        )
+        changed = resources.changed
+        if not full and changed is not None and resources.parent_version == sub.diffed_version:
+            # Only what changed since the state this stream last caught up with.
+            candidates: Iterable[str] = changed[type_url]
+        else:
+            candidates = set(wanted) | set(sub.sent)
+        sub.diffed_version = resources.version
+        upserts: list[str] = []
+        removed_set = set(absent)
+        for name in candidates:
+            entry = wanted.get(name)
+            if entry is None:
+                if name in sub.sent:
+                    removed_set.add(name)
+            elif sub.sent.get(name) != entry.version:
+                upserts.append(name)
+        upserts.sort()
+        removed = sorted(removed_set)
+        if not upserts and not removed and not force:
+            return
+        nonce = uuid.uuid4().hex
+        resp = discovery_pb2.DeltaDiscoveryResponse(
+            type_url=type_url,
+            nonce=nonce,
+            system_version_info=str(resources.version),
+            resources=[wanted[name].resource for name in upserts],
+            removed_resources=removed,
+        )
+        for name in upserts:
+            sub.sent[name] = wanted[name].version
+        for name in removed:
+            sub.sent.pop(name, None)
+        sub.nonces.add(nonce)
+        self._log.debug(
+            "xds push",
+            type_url=type_url,
+            nonce=nonce,
+            version=resources.version,
+            upserts=len(upserts),
+            removed=len(removed),
+        )
+        await self._context.write(resp)
+
+
+class DiscoveryServicer:
+    """``AggregatedDiscoveryService`` for grpc.aio; one instance serves every stream."""
+
+    def __init__(self, store: Store, *, authenticate: Authenticator | None = None) -> None:
+        self._store = store
+        self._authenticate = authenticate
+        self.cache = ResourceCache(store)
+
+    def close(self) -> None:
+        """Stop following the store (the gRPC server ends the streams themselves)."""
+        self.cache.close()
+
+    async def DeltaAggregatedResources(
+        self,
+        request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        peer = context.peer()
+        if self._authenticate is not None:
+            try:
+                await self._authenticate(tuple(context.invocation_metadata() or ()))
+            except AuthenticationFailed as e:
+                log.warning("xds stream refused", peer=peer, code=e.code.name, reason=str(e))
+                await context.abort(e.code, str(e))
+        stream = _Stream(self.cache, context, peer)
+        inbox: asyncio.Queue[object] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        change_pending = False
+
+        def mark_changed() -> None:
+            nonlocal change_pending
+            if not change_pending:
+                change_pending = True
+                inbox.put_nowait(_CHANGED)
+
+        def on_delta(delta: Delta) -> None:
+            if delta.kinds - _IRRELEVANT_KINDS:
+                loop.call_soon_threadsafe(mark_changed)
+
+        unsubscribe = self._store.subscribe(on_delta)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                reader = tg.create_task(self._read(request_iterator, inbox, peer), name=f"xds-read {peer}")
+                while True:
+                    item = await inbox.get()
+                    if item is None:
+                        break
+                    if item is _CHANGED:
+                        change_pending = False
+                        await stream.on_change()
+                    else:
+                        assert isinstance(item, discovery_pb2.DeltaDiscoveryRequest)
+                        await stream.on_request(item)
+                reader.cancel()
+        finally:
+            unsubscribe()
+            log.info("xds stream closed", peer=peer)
+
+    @staticmethod
+    async def _read(
+        requests: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest], inbox: asyncio.Queue[object], peer: str
+    ) -> None:
+        try:
+            async for req in requests:
+                inbox.put_nowait(req)
+        except Exception as e:  # the call broke: end the stream, nothing to answer
+            log.info("xds stream read failed", peer=peer, error=repr(e))
+        finally:
+            inbox.put_nowait(None)
+
+
+def register(
+    server: grpc.aio.Server, store: Store, *, authenticate: Authenticator | None = None
+) -> DiscoveryServicer:
+    """Add the discovery service to ``server``; call ``close()`` on the result at shutdown."""
+    servicer = DiscoveryServicer(store, authenticate=authenticate)
+    discovery_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(servicer, server)
+    return servicer

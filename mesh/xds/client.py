@@ -1,0 +1,285 @@
+"""The node side of discovery: keep a local :class:`~mesh.model.Store` in sync with the server.
+
+A node proxy must keep working while the control plane restarts or is unreachable, so the
+client never clears what it has: it reconnects with jittered exponential backoff and tells
+the server, per type, which resource versions it holds; the server then sends only the
+difference (changed resources and removals). Each response is applied as one atomic store
+write or refused whole (NACK with the reason), so readers never see half of a response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import structlog
+
+from mesh.model import Kind, MeshObject, Service, Store, StoreError, Workload
+from mesh.proto import core_pb2, discovery_pb2, discovery_pb2_grpc, status_pb2
+from mesh.xds.authorization import Authorization, AuthorizationStore
+from mesh.xds.convert import (
+    ADDRESS_TYPE_URL,
+    TYPE_URLS,
+    ConversionError,
+    address_from_any,
+    authorization_from_any,
+)
+
+log = structlog.get_logger(__name__)
+
+ChannelFactory = Callable[[], grpc.aio.Channel]
+# Resources of 10,000 pods exceed gRPC's 4 MiB default in one response.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+_INVALID_ARGUMENT = 3  # google.rpc.Code
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential backoff with jitter: ``initial * 2**n`` capped at ``maximum``, times [0.5, 1)."""
+
+    initial: float = 0.5
+    maximum: float = 30.0
+
+    def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
+        base = min(self.maximum, self.initial * 2.0 ** min(attempt, 32))
+        return base * (0.5 + rand() / 2)
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedUpdate:
+    """One response the client applied (for observers: metrics, tests, debug endpoints)."""
+
+    type_url: str
+    nonce: str
+    upserted: frozenset[str]
+    removed: frozenset[str]
+
+
+def secure_channel_factory(
+    address: str, root_cert_pem: bytes, server_name: str | None = None
+) -> ChannelFactory:
+    """Channels that verify the control plane's certificate against the mesh root."""
+
+    def make() -> grpc.aio.Channel:
+        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        creds = grpc.ssl_channel_credentials(root_certificates=root_cert_pem)
+        return grpc.aio.secure_channel(address, creds, options=options)
+
+    return make
+
+
+def insecure_channel_factory(address: str) -> ChannelFactory:
+    """Plaintext channels: tests and loopback only."""
+
+    def make() -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(
+            address, options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        )
+
+    return make
+
+
+class XdsClient:
+    """Subscribes to workloads, services and authorizations and mirrors them locally.
+
+    Workloads and services go to ``store`` (this client owns those two kinds in it);
+    authorizations to ``authorizations``. ``synced`` is set once the first full state of
+    every type has been applied and stays set across reconnects, since the last state
+    stays in force. ``run()`` returns after ``stop()``.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        node_id: str,
+        node_name: str = "",
+        channel_factory: ChannelFactory | None = None,
+        address: str | None = None,
+        root_cert_pem: bytes | None = None,
+        server_name: str | None = None,
+        token_file: Path | str | None = None,
+        authorizations: AuthorizationStore | None = None,
+        backoff: Backoff = Backoff(),
+        on_update: Callable[[AppliedUpdate], None] | None = None,
+    ) -> None:
+        if channel_factory is None:
+            if address is None:
+                raise ValueError("XdsClient needs a channel_factory or an address")
+            channel_factory = (
+                secure_channel_factory(address, root_cert_pem, server_name)
+                if root_cert_pem is not None
+                else insecure_channel_factory(address)
+            )
+        self.store = store
+        self.authorizations = authorizations if authorizations is not None else AuthorizationStore()
+        self.synced = asyncio.Event()
+        self._node_id = node_id
+        self._node_name = node_name
+        self._channel_factory = channel_factory
+        self._token_file = Path(token_file) if token_file is not None else None
+        self._backoff = backoff
+        self._on_update = on_update
+        self._stopping = asyncio.Event()
+        self._session_task: asyncio.Task[None] | None = None
+        self._versions: dict[str, dict[str, str]] = {t: {} for t in TYPE_URLS}
+        self._address_keys: dict[str, tuple[Kind, str]] = {}  # resource name -> store key
+        self._received: set[str] = set()
+        self._progress = False
+        self._log = log.bind(node=node_id)
+
+    @property
+    def versions(self) -> Mapping[str, Mapping[str, str]]:
+        """type URL -> resource name -> version held (what a reconnect announces)."""
+        return self._versions
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        attempt = 0
+        try:
+            while not self._stopping.is_set():
+                self._progress = False
+                self._session_task = asyncio.create_task(self._session(), name=f"xds-session {self._node_id}")
+                try:
+                    await self._session_task
+                    self._log.warning("xds stream ended by the server")
+                except asyncio.CancelledError:
+                    current = asyncio.current_task()
+                    if current is not None and current.cancelling():
+                        raise
+                    break  # stop() cancelled the session
+                except grpc.aio.AioRpcError as e:
+                    self._log.warning("xds stream failed", code=e.code().name, details=e.details())
+                except Exception:
+                    self._log.exception("xds session failed")
+                if self._progress:
+                    attempt = 0
+                delay = self._backoff.delay(attempt)
+                attempt += 1
+                self._log.info("xds reconnecting", delay=round(delay, 3), attempt=attempt)
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+                except TimeoutError:
+                    pass
+        finally:
+            task, self._session_task = self._session_task, None
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._session_task is not None:
+            self._session_task.cancel()
+
+    # --- one connection ------------------------------------------------------------------
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        if self._token_file is None:
+            return ()
+        # Read on every connect: the token is rotated on disk.
+        token = self._token_file.read_text().strip()
+        return (("authorization", f"Bearer {token}"),)
+
+    async def _session(self) -> None:
+        channel = self._channel_factory()
+        try:
+            stub = discovery_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+            call = stub.DeltaAggregatedResources(metadata=self._metadata())
+            node = core_pb2.Node(id=self._node_id)
+            if self._node_name:
+                node.metadata.update({"NODE_NAME": self._node_name})
+            for type_url in TYPE_URLS:
+                await call.write(
+                    discovery_pb2.DeltaDiscoveryRequest(
+                        node=node,
+                        type_url=type_url,
+                        initial_resource_versions=self._versions[type_url],
+                    )
+                )
+            self._log.info("xds connected", known={t: len(v) for t, v in self._versions.items()})
+            while True:
+                resp = await call.read()
+                if resp is grpc.aio.EOF:
+                    return
+                assert isinstance(resp, discovery_pb2.DeltaDiscoveryResponse)
+                self._progress = True
+                await call.write(self._handle(resp))
+        finally:
+            await channel.close()
+
+    def _handle(self, resp: discovery_pb2.DeltaDiscoveryResponse) -> discovery_pb2.DeltaDiscoveryRequest:
+        """Apply one response; the ACK or NACK to send back."""
+        ack = discovery_pb2.DeltaDiscoveryRequest(type_url=resp.type_url, response_nonce=resp.nonce)
+        try:
+            update = self._apply(resp)
+        except (ConversionError, StoreError) as e:
+            self._log.error(
+                "xds response refused (NACK)", type_url=resp.type_url, nonce=resp.nonce, reason=str(e)
+            )
+            ack.error_detail.CopyFrom(status_pb2.Status(code=_INVALID_ARGUMENT, message=str(e)))
+            return ack
+        self._log.debug(
+            "xds applied", type_url=resp.type_url, upserted=len(update.upserted), removed=len(update.removed)
+        )
+        if self._on_update is not None:
+            self._on_update(update)
+        self._received.add(resp.type_url)
+        if self._received.issuperset(TYPE_URLS):
+            self.synced.set()
+        return ack
+
+    def _apply(self, resp: discovery_pb2.DeltaDiscoveryResponse) -> AppliedUpdate:
+        type_url = resp.type_url
+        if type_url not in TYPE_URLS:
+            raise ConversionError(f"unexpected type {type_url!r}")
+        names = [r.name for r in resp.resources]
+        if len(set(names)) != len(names):
+            raise ConversionError("a resource appears twice in one response")
+        overlap = set(names) & set(resp.removed_resources)
+        if overlap:
+            raise ConversionError(f"resources both updated and removed: {sorted(overlap)}")
+        versions = self._versions[type_url]
+        if type_url == ADDRESS_TYPE_URL:
+            self._apply_addresses(resp)
+        else:
+            self._apply_authorizations(resp)
+        for r in resp.resources:
+            versions[r.name] = r.version
+        for name in resp.removed_resources:
+            versions.pop(name, None)
+        return AppliedUpdate(type_url, resp.nonce, frozenset(names), frozenset(resp.removed_resources))
+
+    def _apply_addresses(self, resp: discovery_pb2.DeltaDiscoveryResponse) -> None:
+        upserts: list[MeshObject] = []
+        keys: dict[str, tuple[Kind, str]] = {}
+        for r in resp.resources:
+            obj: Workload | Service = address_from_any(r.resource, r.name)
+            upserts.append(obj)
+            keys[r.name] = (obj.KIND, obj.key)
+        deletes: list[tuple[Kind, str]] = []
+        for name in resp.removed_resources:
+            key = self._address_keys.get(name)
+            if key is not None:
+                deletes.append(key)
+        # A name that changed kind (or a service that moved key) must not leave its old self.
+        for name, new in keys.items():
+            old = self._address_keys.get(name)
+            if old is not None and old != new:
+                deletes.append(old)
+        self.store.apply(upserts=upserts, deletes=deletes)
+        for name in resp.removed_resources:
+            self._address_keys.pop(name, None)
+        self._address_keys.update(keys)
+
+    def _apply_authorizations(self, resp: discovery_pb2.DeltaDiscoveryResponse) -> None:
+        upserts: list[Authorization] = [authorization_from_any(r.resource, r.name) for r in resp.resources]
+        self.authorizations.apply(upserts=upserts, deletes=resp.removed_resources)
