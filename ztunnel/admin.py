@@ -1,0 +1,104 @@
+"""Admin (15000, localhost), metrics (15020) and readiness (15021): a tiny asyncio HTTP/1.1 server.
+
+Enough HTTP for curl, Prometheus and kubelet: GET only, one request per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import structlog
+
+from mesh import log as meshlog
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+
+
+Route = Callable[[dict[str, str]], Awaitable[Response] | Response]
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    503: "Service Unavailable",
+}
+
+
+def json_response(data: object, status: int = 200) -> Response:
+    return Response(status, json.dumps(data, indent=2, default=str).encode() + b"\n", "application/json")
+
+
+def logging_route(query: dict[str, str]) -> Response:
+    level = query.get("level")
+    if level is None:
+        return Response(400, b"usage: /logging?level=debug|info|warning|error\n")
+    try:
+        meshlog.set_level(level)
+    except ValueError as e:
+        return Response(400, f"{e}\n".encode())
+    log.info("log level changed", level=level)
+    return Response(200, f"level={level}\n".encode())
+
+
+class HttpServer:
+    def __init__(self, routes: dict[str, Route], name: str) -> None:
+        self.routes = routes
+        self.name = name
+        self.server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        self.server = await asyncio.start_server(self._serve, host, port)
+        addr = self.server.sockets[0].getsockname()
+        return addr[0], addr[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(10):
+                head = await reader.readuntil(b"\r\n\r\n")
+            line = head.split(b"\r\n", 1)[0].decode("latin-1")
+            parts = line.split(" ")
+            if len(parts) != 3:
+                resp = Response(400, b"bad request line\n")
+            elif parts[0] not in ("GET", "POST"):
+                resp = Response(405, b"GET or POST only\n")
+            else:
+                url = urllib.parse.urlsplit(parts[1])
+                query = dict(urllib.parse.parse_qsl(url.query))
+                route = self.routes.get(url.path)
+                if route is None:
+                    resp = Response(404, f"no such page; try {', '.join(sorted(self.routes))}\n".encode())
+                else:
+                    r = route(query)
+                    resp = await r if not isinstance(r, Response) else r
+            writer.write(
+                f"HTTP/1.1 {resp.status} {_REASONS.get(resp.status, 'Status')}\r\n"
+                f"Content-Type: {resp.content_type}\r\nContent-Length: {len(resp.body)}\r\n"
+                "Connection: close\r\n\r\n".encode()
+                + resp.body
+            )
+            await writer.drain()
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except OSError:
+                pass
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()

@@ -1,0 +1,180 @@
+"""One ztunnel: certificate manager, pods (via ZDS), admin/metrics/readiness servers, shutdown.
+
+Built from seams so tests can run two of them in one process: the ``Store`` (fed by xDS in
+production), the ``CaClient`` and the socket factory maker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import asdict, dataclass, is_dataclass
+from typing import Any
+
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from mesh.caclient import CaClient
+from mesh.model import Store
+from mesh.tasks import Supervisor
+from ztunnel.admin import HttpServer, Response, json_response, logging_route
+from ztunnel.certs import CertManager
+from ztunnel.inpod import FactoryMaker, Ports, WorkloadManager, ZdsClient, netns_factory
+from ztunnel.metrics import Metrics
+from ztunnel.state import NodeContext
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Addresses:
+    """Where the node-level servers listen; port 0 picks a free one (tests)."""
+
+    admin: tuple[str, int] = ("127.0.0.1", 15000)
+    stats: tuple[str, int] = ("0.0.0.0", 15020)
+    readiness: tuple[str, int] = ("0.0.0.0", 15021)
+
+
+def _plain(obj: Any) -> Any:
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return {k: _plain(v) for k, v in asdict(obj).items()}
+    if isinstance(obj, dict | tuple | list):
+        if isinstance(obj, dict):
+            return {str(k): _plain(v) for k, v in obj.items()}
+        return [_plain(v) for v in obj]
+    if hasattr(obj, "items"):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    return obj if isinstance(obj, str | int | float | bool | type(None)) else str(obj)
+
+
+class Ztunnel:
+    def __init__(
+        self,
+        *,
+        node: str,
+        trust_domain: str,
+        store: Store,
+        ca: CaClient,
+        zds_path: str,
+        ports: Ports | None = None,
+        addresses: Addresses | None = None,
+        drain_seconds: float = 5.0,
+        make_factory: FactoryMaker = netns_factory,
+        process_metrics: bool = False,
+        prefer_same_node: bool = True,
+    ) -> None:
+        self.store = store
+        self.certs = CertManager(ca)
+        self.metrics = Metrics(process=process_metrics)
+        self.node = NodeContext(
+            node, trust_domain, store, self.certs, self.metrics, prefer_same_node=prefer_same_node
+        )
+        self.drain_seconds = drain_seconds
+        self.manager = WorkloadManager(
+            self.node, ports, drain_seconds=drain_seconds, make_factory=make_factory
+        )
+        self.zds = ZdsClient(zds_path, self.manager)
+        self.addresses_config = addresses or Addresses()
+        self.bound: dict[str, tuple[str, int]] = {}
+        self.tasks = Supervisor(f"ztunnel-{node}")
+        self.stop = asyncio.Event()
+        self.draining = asyncio.Event()  # set once no listener accepts any more
+        self._servers: list[HttpServer] = []
+
+    # -- state ------------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Ready once it has state (a store written at least once), the pods and their certs."""
+        return self.store.version > 0 and self.manager.snapshot_received and self.certs.ready
+
+    def config_dump(self) -> dict[str, Any]:
+        snap = self.store.snapshot()
+        local = {p.ctx.uid for p in self.manager.pods.values()}
+        return {
+            "node": self.node.node,
+            "trust_domain": self.node.trust_domain,
+            "version": snap.version,
+            "ready": self.ready,
+            "pods": [
+                {
+                    "uid": p.ctx.uid,
+                    "name": p.ctx.name,
+                    "namespace": p.ctx.namespace,
+                    "identity": str(p.ctx.identity),
+                    "listeners": {k: f"{a[0]}:{a[1]}" for k, a in p.addresses.items()},
+                }
+                for p in self.manager.pods.values()
+            ],
+            "workloads": [
+                {**_plain(w), "local": w.uid in local}
+                for w in sorted(snap.workloads.values(), key=lambda w: w.uid)
+            ],
+            "services": [_plain(s) for s in snap.services.values()],
+            "policies": {
+                "peer_authentications": [_plain(p) for p in snap.peer_authentications.values()],
+                "authorization_policies": [_plain(p) for p in snap.authorization_policies.values()],
+            },
+            "certificates": self.certs.dump(),
+        }
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        def metrics_route(_: dict[str, str]) -> Response:
+            return Response(200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST)
+
+        def ready_route(_: dict[str, str]) -> Response:
+            return Response(200, b"ready\n") if self.ready else Response(503, b"not ready\n")
+
+        def quit_route(_: dict[str, str]) -> Response:
+            self.stop.set()
+            return Response(200, b"shutting down\n")
+
+        servers = {
+            "admin": HttpServer(
+                {
+                    "/config_dump": lambda _: json_response(self.config_dump()),
+                    "/logging": logging_route,
+                    "/quitquitquit": quit_route,
+                },
+                "admin",
+            ),
+            "stats": HttpServer({"/metrics": metrics_route, "/stats/prometheus": metrics_route}, "stats"),
+            "readiness": HttpServer({"/healthz/ready": ready_route}, "readiness"),
+        }
+        for name, srv in servers.items():
+            host, port = getattr(self.addresses_config, name)
+            self.bound[name] = await srv.start(host, port)
+            self._servers.append(srv)
+        self.tasks.spawn(self.zds.run(), name="zds")
+        log.info(
+            "ztunnel started", node=self.node.node, **{k: f"{h}:{p}" for k, (h, p) in self.bound.items()}
+        )
+
+    async def shutdown(self, drain_seconds: float | None = None) -> None:
+        """Stop accepting, drain open connections up to the deadline, then close everything."""
+        drain = self.drain_seconds if drain_seconds is None else drain_seconds
+        log.info("ztunnel draining", node=self.node.node, deadline_s=drain, pods=len(self.manager.pods))
+        await self.tasks.aclose()  # no more ZDS requests
+        await self.manager.stop_accepting()
+        self.draining.set()
+        await self.manager.aclose(drain)
+        await self.certs.aclose()
+        for srv in self._servers:
+            with contextlib.suppress(OSError):
+                await srv.close()
+        log.info("ztunnel stopped", node=self.node.node)
+
+
+async def serve_until_stopped(zt: Ztunnel, stop: asyncio.Event) -> int:
+    """Run until ``stop`` (SIGTERM/SIGINT) or ``/quitquitquit``, then drain and return 0."""
+    waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(zt.stop.wait())}
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+        await asyncio.wait(waits)
+    await zt.shutdown()
+    return 0

@@ -1,0 +1,177 @@
+"""Inbound HBONE (port 15008 in the pod netns).
+
+The TLS handshake and client identity check happen in :class:`mesh.hbone.aio.HboneServer`; here:
+the CONNECT must name this pod, :func:`ztunnel.routing.decide_inbound` must allow it, and then we
+dial the app from inside the pod netns *as the client* — an ``IP_TRANSPARENT`` socket marked
+0x111 bound to the client's IP from the ``forwarded`` header — so the app sees the real source.
+Status codes: 400 not for this pod, 401 denied, 503 app unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import re
+import socket
+import ssl
+
+import structlog
+
+from mesh.hbone.aio import HboneServer, InboundStream, TcpLeg, wait_relay
+from mesh.hbone.protocol import format_authority
+from mesh.netns import MARK_TPROXY
+from ztunnel.metrics import ConnectionRecord
+from ztunnel.routing import decide_inbound
+from ztunnel.state import PodContext
+
+log = structlog.get_logger(__name__)
+
+_FOR = re.compile(r'for="?\[?([0-9a-fA-F:.]+?)\]?(?::(\d+))?"?(?:;|,|$)')
+
+
+def forwarded_for(header: str | None) -> str | None:
+    """The client IP in ``forwarded: for="ip:port"`` (first hop), or None."""
+    if not header:
+        return None
+    m = _FOR.search(header)
+    if m is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(m.group(1)))
+    except ValueError:
+        return None
+
+
+async def connect_as(
+    pod: PodContext, client_ip: str | None, target: tuple[str, int], timeout: float
+) -> socket.socket:
+    """A socket connected to ``target`` inside the pod netns, from ``client_ip`` when given."""
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
+    transparent = client_ip is not None and (":" in client_ip) == (family == socket.AF_INET6)
+    sock = await pod.factory.tcp_socket(
+        family, mark=MARK_TPROXY if transparent else None, transparent=transparent
+    )
+    try:
+        if transparent:
+            assert client_ip is not None
+            sock.bind((client_ip, 0))
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, target)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class DrainingHboneServer(HboneServer):
+    """``HboneServer`` whose close lets open streams finish *before* sending GOAWAY.
+
+    (The base class sends GOAWAY first; h2 then refuses to send END_STREAM on the streams
+    still open, so a draining connection could not finish cleanly.)
+    """
+
+    async def stop_accepting(self) -> None:
+        if self._accepting is not None:
+            self._accepting.cancel()
+            await asyncio.wait({self._accepting})
+            self._accepting = None
+        if self._sock is not None:
+            self._sock.close()
+
+    async def close(self, drain_timeout: float = 0.0) -> None:
+        await self.stop_accepting()
+        if drain_timeout > 0:
+            busy = {t for t in self.tasks._tasks if not t.done()}
+            if busy:
+                await asyncio.wait(busy, timeout=drain_timeout)
+        await super().close(0)
+
+
+class Inbound:
+    def __init__(self, pod: PodContext, *, app_connect_timeout: float = 5.0) -> None:
+        self.pod = pod
+        self.app_connect_timeout = app_connect_timeout
+        self.server: DrainingHboneServer | None = None
+
+    async def start(self, listener: socket.socket) -> None:
+        certs = await self.pod.node.certs.get(self.pod.identity)
+        self.server = DrainingHboneServer(
+            self.handle, certs.server_ctx, self.pod.node.trust_domain, name=f"inbound-{self.pod.name}"
+        )
+        await self.server.listen(sock=listener)
+
+    def rotate(self, server_ctx: ssl.SSLContext) -> None:
+        """New connections use the new certificate; established ones keep theirs."""
+        if self.server is not None:
+            self.server.ssl_ctx = server_ctx
+
+    async def handle(self, inbound: InboundStream) -> None:
+        node = self.pod.node
+        loop = asyncio.get_running_loop()
+        req = inbound.request
+        peer_addr = inbound._proto.peer_addr
+        client_ip = forwarded_for(req.header("forwarded")) or peer_addr[0]
+        snapshot = node.snapshot()
+        dst = self.pod.workload(snapshot)
+        src = snapshot.workload_by_ip(client_ip)
+        rec = ConnectionRecord(
+            reporter="destination",
+            direction="inbound",
+            src_addr=client_ip,
+            dst_addr=req.authority,
+            src_workload=src,
+            src_identity=inbound.peer,
+            dst_workload=dst,
+            dst_identity=self.pod.identity,
+            mtls=True,
+        )
+        if dst is not None:
+            svcs = snapshot.services_for_workload(dst.uid)
+            rec.service = svcs[0] if svcs else None
+        node.metrics.open(rec)
+        if dst is None or req.host not in dst.ips:
+            rec.fail(f"CONNECT {req.authority} is not for this pod", "NR")
+            inbound.refuse(400)
+        else:
+            decision = decide_inbound(snapshot, dst, inbound.peer, client_ip, req.port)
+            if not decision.allow:
+                rec.fail(f"denied: {decision.reason}", "DENY")
+                inbound.refuse(401)
+            else:
+                try:
+                    sock = await connect_as(
+                        self.pod, client_ip, (req.host, req.port), self.app_connect_timeout
+                    )
+                    _, leg = await loop.create_connection(lambda: TcpLeg(loop), sock=sock)
+                except (OSError, TimeoutError) as e:
+                    rec.fail(f"app {req.authority} unreachable: {str(e) or 'timeout'}", "UF")
+                    inbound.refuse(503)
+                else:
+                    st = inbound.accept()
+                    leg.attach(st)
+                    try:
+                        await wait_relay(leg, st)
+                    finally:
+                        # From the destination's point of view "sent" is towards the app.
+                        rec.bytes_sent, rec.bytes_received = st.bytes_received, st.bytes_sent
+                        if leg.error is not None:
+                            rec.fail(str(leg.error), "UR")
+                        if leg.transport is not None:
+                            leg.transport.close()
+        if rec.result != "ok" and rec.response_flags != "UR":
+            log.info("inbound connection refused", src=client_ip, dst=req.authority, reason=rec.reason)
+        node.metrics.close(rec)
+
+    @property
+    def address(self) -> str:
+        assert self.server is not None
+        return format_authority(*self.server.address)
+
+    async def stop_accepting(self) -> None:
+        if self.server is not None:
+            await self.server.stop_accepting()
+
+    async def close(self, drain_timeout: float) -> None:
+        if self.server is not None:
+            await self.server.close(drain_timeout=drain_timeout)

@@ -1,0 +1,153 @@
+"""Per-connection telemetry: Istio's ``istio_tcp_*`` metrics and one access-log line per connection.
+
+Each ztunnel has its own registry (tests run two in one process). A :class:`ConnectionRecord` is
+filled in by the proxy as the connection goes, then ``Metrics.closed`` counts bytes and writes
+the access log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.process_collector import ProcessCollector
+
+from mesh.identity import Identity
+from mesh.model import Service, Workload
+
+access_log = structlog.get_logger("ztunnel.access")
+
+LABELS = (
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_service",
+    "connection_security_policy",
+    "response_flags",
+)
+
+
+@dataclass
+class ConnectionRecord:
+    """What we know about one proxied connection; mutable while the connection lives."""
+
+    reporter: str  # "source" (outbound) or "destination" (inbound)
+    direction: str  # outbound / inbound / inbound_passthrough / passthrough
+    src_addr: str
+    dst_addr: str
+    src_workload: Workload | None = None
+    src_identity: Identity | None = None
+    dst_workload: Workload | None = None
+    dst_identity: Identity | None = None
+    service: Service | None = None
+    mtls: bool = False
+    bytes_sent: int = 0  # towards the destination
+    bytes_received: int = 0  # back from the destination
+    result: str = "ok"
+    reason: str = ""
+    response_flags: str = "-"
+    start: float = field(default_factory=time.monotonic)
+
+    def labels(self) -> dict[str, str]:
+        sw, dw = self.src_workload, self.dst_workload
+        return {
+            "reporter": self.reporter,
+            "source_workload": sw.name if sw else "unknown",
+            "source_workload_namespace": sw.namespace if sw else "unknown",
+            "source_principal": self.src_identity.uri if self.src_identity else "unknown",
+            "destination_workload": dw.name if dw else "unknown",
+            "destination_workload_namespace": dw.namespace if dw else "unknown",
+            "destination_principal": self.dst_identity.uri if self.dst_identity else "unknown",
+            "destination_service": self.service.hostname if self.service else "unknown",
+            "connection_security_policy": "mutual_tls" if self.mtls else "none",
+            "response_flags": self.response_flags,
+        }
+
+    def fail(self, reason: str, flags: str = "UF") -> None:
+        self.result = "error"
+        self.reason = reason
+        self.response_flags = flags
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = False) -> None:
+        self.registry = registry or CollectorRegistry()
+        if process:
+            ProcessCollector(registry=self.registry)
+        self.opened = Counter(
+            "istio_tcp_connections_opened",
+            "TCP connections opened",
+            LABELS,
+            registry=self.registry,
+        )
+        self.closed_total = Counter(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            LABELS,
+            registry=self.registry,
+        )
+        self.sent = Counter(
+            "istio_tcp_sent_bytes",
+            "bytes sent towards the destination",
+            LABELS,
+            registry=self.registry,
+        )
+        self.received = Counter(
+            "istio_tcp_received_bytes",
+            "bytes received from the destination",
+            LABELS,
+            registry=self.registry,
+        )
+
+        self.connections_closed = 0  # lifetime count, for tests and drains to wait on
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+
+    async def wait_closed(self, count: int) -> None:
+        """Wait until ``count`` connections have closed in total."""
+        if self.connections_closed >= count:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append((count, fut))
+        try:
+            await fut
+        finally:
+            self._waiters = [(n, f) for n, f in self._waiters if f is not fut]
+
+    def open(self, rec: ConnectionRecord) -> None:
+        self.opened.labels(**rec.labels()).inc()
+
+    def close(self, rec: ConnectionRecord) -> None:
+        labels = rec.labels()
+        self.connections_closed += 1
+        for n, fut in self._waiters:
+            if self.connections_closed >= n and not fut.done():
+                fut.set_result(None)
+        self.closed_total.labels(**labels).inc()
+        self.sent.labels(**labels).inc(rec.bytes_sent)
+        self.received.labels(**labels).inc(rec.bytes_received)
+        access_log.info(
+            "connection complete",
+            direction=rec.direction,
+            src_addr=rec.src_addr,
+            dst_addr=rec.dst_addr,
+            src_workload=labels["source_workload"],
+            src_namespace=labels["source_workload_namespace"],
+            src_identity=labels["source_principal"],
+            dst_workload=labels["destination_workload"],
+            dst_namespace=labels["destination_workload_namespace"],
+            dst_identity=labels["destination_principal"],
+            dst_service=labels["destination_service"],
+            security=labels["connection_security_policy"],
+            bytes_sent=rec.bytes_sent,
+            bytes_recv=rec.bytes_received,
+            duration_ms=round((time.monotonic() - rec.start) * 1000, 1),
+            result=rec.result,
+            reason=rec.reason or None,
+        )
