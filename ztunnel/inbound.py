@@ -64,39 +64,15 @@ async def connect_as(
     return sock
 
 
-class DrainingHboneServer(HboneServer):
-    """``HboneServer`` whose close lets open streams finish *before* sending GOAWAY.
-
-    (The base class sends GOAWAY first; h2 then refuses to send END_STREAM on the streams
-    still open, so a draining connection could not finish cleanly.)
-    """
-
-    async def stop_accepting(self) -> None:
-        if self._accepting is not None:
-            self._accepting.cancel()
-            await asyncio.wait({self._accepting})
-            self._accepting = None
-        if self._sock is not None:
-            self._sock.close()
-
-    async def close(self, drain_timeout: float = 0.0) -> None:
-        await self.stop_accepting()
-        if drain_timeout > 0:
-            busy = {t for t in self.tasks._tasks if not t.done()}
-            if busy:
-                await asyncio.wait(busy, timeout=drain_timeout)
-        await super().close(0)
-
-
 class Inbound:
     def __init__(self, pod: PodContext, *, app_connect_timeout: float = 5.0) -> None:
         self.pod = pod
         self.app_connect_timeout = app_connect_timeout
-        self.server: DrainingHboneServer | None = None
+        self.server: HboneServer | None = None
 
     async def start(self, listener: socket.socket) -> None:
         certs = await self.pod.node.certs.get(self.pod.identity)
-        self.server = DrainingHboneServer(
+        self.server = HboneServer(
             self.handle, certs.server_ctx, self.pod.node.trust_domain, name=f"inbound-{self.pod.name}"
         )
         await self.server.listen(sock=listener)

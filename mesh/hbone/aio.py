@@ -722,13 +722,19 @@ class HboneServer:
             if not inbound.stream.done.done():
                 inbound.stream.reset()
 
-    async def close(self, drain_timeout: float = 0.0) -> None:
-        """Stop accepting; let open streams finish for up to ``drain_timeout`` seconds; then abort."""
+    async def stop_accepting(self) -> None:
+        """Close the listening socket; established connections are not touched."""
         if self._accepting is not None:
             self._accepting.cancel()
             await asyncio.wait({self._accepting})
+            self._accepting = None
         if self._sock is not None:
             self._sock.close()
+            self._sock = None
+
+    async def close(self, drain_timeout: float = 0.0) -> None:
+        """Stop accepting; GOAWAY; let open streams finish for up to ``drain_timeout`` s; then abort."""
+        await self.stop_accepting()
         for proto in list(self.connections):
             proto.close()
         if drain_timeout > 0 and self.tasks:
