@@ -19,13 +19,11 @@ from typing import Any
 import grpc
 import structlog
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from controlplane.auth import Authenticator
 from controlplane.ca import DEFAULT_TRUSTED_NODE_ACCOUNTS, CaServicer
 from mesh.model import Store
-from mesh.pki import CLOCK_SKEW, CertificateAuthority, cert_to_pem, generate_key, key_to_pem
+from mesh.pki import CertificateAuthority
 
 log = structlog.get_logger(__name__)
 
@@ -84,43 +82,7 @@ def serving_certificate(
     else:
         if not ip.is_unspecified:
             names.append(x509.IPAddress(ip))
-    key = generate_key()
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(
-            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0] if dns_names else host)])
-        )
-        .issuer_name(ca.cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(min(now + ttl, ca.cert.not_valid_after_utc))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.cert.public_key()),  # type: ignore[arg-type]
-            critical=False,
-        )
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .sign(ca.key, hashes.SHA256())
-    )
-    chain = [cert_to_pem(cert)] + [cert_to_pem(c) for c in ca.chain if c not in ca.roots]
-    return key_to_pem(key), "".join(chain).encode()
+    return ca.issue_server_certificate(dns_names[0] if dns_names else host, names, ttl)
 
 
 @dataclass(frozen=True, slots=True)

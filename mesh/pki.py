@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from mesh.files import write_atomic
 from mesh.identity import Identity, IdentityError
 
 DEFAULT_LEAF_TTL = dt.timedelta(hours=24)
@@ -284,10 +283,10 @@ class CertificateAuthority:
         """Write this CA in the cacerts layout (key file 0600)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        _write_atomic(d / CA_KEY_FILE, key_to_pem(self.key), 0o600)
-        _write_atomic(d / CA_CERT_FILE, cert_to_pem(self.cert).encode(), 0o644)
-        _write_atomic(d / CERT_CHAIN_FILE, "".join(cert_to_pem(c) for c in self.chain).encode(), 0o644)
-        _write_atomic(d / ROOT_CERT_FILE, self.roots_pem.encode(), 0o644)
+        write_atomic(d / CA_KEY_FILE, key_to_pem(self.key), 0o600)
+        write_atomic(d / CA_CERT_FILE, cert_to_pem(self.cert).encode(), 0o644)
+        write_atomic(d / CERT_CHAIN_FILE, "".join(cert_to_pem(c) for c in self.chain).encode(), 0o644)
+        write_atomic(d / ROOT_CERT_FILE, self.roots_pem.encode(), 0o644)
 
     # -- signing --------------------------------------------------------------------------------
 
@@ -347,20 +346,50 @@ class CertificateAuthority:
         now = _now()
         want = ttl if ttl is not None and ttl > dt.timedelta(0) else DEFAULT_LEAF_TTL
         not_after = min(now + min(want, self.max_ttl), self.cert.not_valid_after_utc)
-        leaf = (
+        leaf = self._leaf(
+            csr.public_key(),
+            x509.Name([]),
+            [x509.UniformResourceIdentifier(ident.uri)],
+            not_after,
+            client_auth=True,
+        )
+        return [cert_to_pem(leaf), *self.intermediates_pem(), *(cert_to_pem(r) for r in self.roots[:1])]
+
+    def intermediates_pem(self) -> list[str]:
+        """The signing certificate and intermediates a leaf must present (not the root)."""
+        return [cert_to_pem(c) for c in self.chain if c not in self.roots]
+
+    def _leaf(
+        self,
+        public_key: object,
+        subject: x509.Name,
+        names: Sequence[x509.GeneralName],
+        not_after: dt.datetime,
+        *,
+        client_auth: bool,
+    ) -> x509.Certificate:
+        """Every end-entity certificate this CA makes: never a CA, never outliving the CA.
+
+        Workload leaves (``client_auth``) carry only their SPIFFE URI, as a critical SAN with an
+        empty subject; a server certificate (the control plane's) names DNS/IP SANs and a CN.
+        """
+        ekus = [ExtendedKeyUsageOID.SERVER_AUTH]
+        if client_auth:
+            ekus.append(ExtendedKeyUsageOID.CLIENT_AUTH)
+        return (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([]))
+            .subject_name(subject)
             .issuer_name(self.cert.subject)
-            .public_key(csr.public_key())
+            .public_key(public_key)  # type: ignore[arg-type]
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - CLOCK_SKEW)
-            .not_valid_after(not_after)
+            .not_valid_before(_now() - CLOCK_SKEW)
+            .not_valid_after(min(not_after, self.cert.not_valid_after_utc))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
                     digital_signature=True,
                     content_commitment=False,
-                    key_encipherment=True,
+                    key_encipherment=client_auth,
                     data_encipherment=False,
                     key_agreement=False,
                     key_cert_sign=False,
@@ -370,24 +399,23 @@ class CertificateAuthority:
                 ),
                 critical=True,
             )
-            .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                critical=False,
-            )
+            .add_extension(x509.ExtendedKeyUsage(ekus), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.cert.public_key()),  # type: ignore[arg-type]
                 critical=False,
             )
-            .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(ident.uri)]),
-                critical=True,
-            )
+            .add_extension(x509.SubjectAlternativeName(list(names)), critical=not subject)
             .sign(self.key, hashes.SHA256())
         )
-        chain = [cert_to_pem(leaf)]
-        chain += [cert_to_pem(c) for c in self.chain if c not in self.roots]
-        chain += [cert_to_pem(r) for r in self.roots[:1]]
-        return chain
+
+    def issue_server_certificate(
+        self, common_name: str, names: Sequence[x509.GeneralName], ttl: dt.timedelta
+    ) -> tuple[bytes, bytes]:
+        """(key PEM, chain PEM without the root) for a TLS server named by DNS/IP ``names``."""
+        key = generate_key()
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        cert = self._leaf(key.public_key(), subject, names, _now() + ttl, client_auth=False)
+        return key_to_pem(key), "".join([cert_to_pem(cert), *self.intermediates_pem()]).encode()
 
     def issue(self, identity: Identity, ttl: dt.timedelta | None = None) -> Credential:
         """Key, CSR and signature in one step: for tests, tools and the control plane's own cert."""
@@ -430,28 +458,13 @@ def _verify_issued(child: x509.Certificate, parent: x509.Certificate, what: str)
         raise PkiError(f"{what} is not signed by {parent.subject.rfc4514_string()!r}")
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def write_credential(directory: Path | str, cred: Credential) -> None:
     """Write ``cert-chain.pem``, ``key.pem`` (0600) and ``root-cert.pem`` into ``directory``."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    _write_atomic(d / KEY_FILE, cred.key_pem, 0o600)
-    _write_atomic(d / CERT_CHAIN_FILE, "".join(cred.chain_pem).encode(), 0o644)
-    _write_atomic(d / ROOT_CERT_FILE, cred.roots_pem.encode(), 0o644)
+    write_atomic(d / KEY_FILE, cred.key_pem, 0o600)
+    write_atomic(d / CERT_CHAIN_FILE, "".join(cred.chain_pem).encode(), 0o644)
+    write_atomic(d / ROOT_CERT_FILE, cred.roots_pem.encode(), 0o644)
 
 
 def read_credential(directory: Path | str) -> Credential:
