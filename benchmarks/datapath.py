@@ -1,0 +1,875 @@
+"""Data-path benchmark: the same loopback workload through direct TCP, stunnel, haproxy and our HBONE pair.
+
+    bash scripts/dev.sh bench [--repeat N] [--quick] [--profile] [--output FILE]
+
+Every configuration is a *pair* of processes in front of a backend (except direct TCP), started
+fresh for each group of measurements. Readiness is read from ``--ready-file`` (ours) or from the
+kernel's listening-socket table (stunnel, haproxy) — no probe connection ever goes through a pair.
+The order of the configurations alternates between repeats; the table shows the median.
+See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKLOAD = Path(__file__).resolve().parent / "workload.py"
+PYTHON = sys.executable
+HOST = "127.0.0.1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+GB = 1e9
+TIMES = "\N{MULTIPLICATION SIGN}"
+
+CONFIGS = ["direct", "stunnel", "haproxy", "ours"]
+LABELS = {
+    "direct": "direct TCP",
+    "stunnel": "stunnel pair",
+    "haproxy": "haproxy pair",
+    "ours": "ours (hbone forward → serve)",
+    "ztunnel": "two ztunnels (netns nodes)",
+}
+FIGURES: list[tuple[str, str]] = [  # key, column title
+    ("tput1_gbps", "1-stream Gbit/s"),
+    ("tput4_gbps", "4-stream Gbit/s"),
+    ("p50_us", "1 KiB RTT p50 µs"),
+    ("p99_us", "1 KiB RTT p99 µs"),
+    ("conn_per_s", "new conn/s"),
+    ("cpu_s_per_gb", "CPU-s/GB"),
+    ("rss_idle_mib", "RSS idle MiB (max/process)"),
+    ("rss_1000_mib", "RSS +N conns MiB (pair)"),
+]
+DETAILS: list[tuple[str, str]] = [
+    ("rss_idle_server_mib", "RSS idle MiB, server-side process"),
+    ("rss_idle_client_mib", "RSS idle MiB, client-side process"),
+    ("conn_errors", "failed new connections"),
+]
+PROFILE_MODES = [("python", "--nonblocking"), ("native", "--native")]
+PAIR_ONLY = {"cpu_s_per_gb", "rss_idle_mib", "rss_1000_mib"}
+
+
+@dataclass
+class Settings:
+    repeat: int = 3
+    duration: int = 10
+    latency_count: int = 5000
+    latency_warmup: int = 200
+    connrate_seconds: float = 5.0
+    connrate_parallel: int = 4
+    hold_count: int = 1000
+    settle: float = 1.0
+    profile_seconds: int = 10
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(
+            repeat=1,
+            duration=1,
+            latency_count=200,
+            latency_warmup=20,
+            connrate_seconds=1.0,
+            connrate_parallel=2,
+            hold_count=100,
+            settle=0.2,
+            profile_seconds=2,
+        )
+
+
+# -- processes ------------------------------------------------------------------------------------
+
+
+LOGS: dict[int, Path] = {}  # pid -> the file its stdout/stderr go to
+
+
+class BenchError(Exception):
+    pass
+
+
+class Processes:
+    """Every process the benchmark starts, so that all of them are stopped whatever happens."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.counter = 0
+
+    def start(self, name: str, argv: list[str], stdout: int | None = None) -> subprocess.Popen[bytes]:
+        self.counter += 1
+        log_path = self.logdir / f"{self.counter:03d}-{name}.log"
+        log = open(log_path, "wb")  # noqa: SIM115 - the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout if stdout is not None else log,
+            stderr=log,
+            start_new_session=True,  # Ctrl-C reaches only us; we stop the children ourselves
+        )
+        log.close()
+        LOGS[proc.pid] = log_path
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 8.0) -> None:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                proc.wait()
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in reversed(list(self.procs)):
+            self.stop(proc, timeout=3.0)
+
+
+def log_tail(proc: subprocess.Popen[bytes]) -> str:
+    path = LOGS.get(proc.pid)
+    if path is None or not path.exists():
+        return ""
+    return path.read_bytes()[-2000:].decode(errors="replace")
+
+
+def wait_for(
+    check: Callable[[], bool], what: str, procs: list[subprocess.Popen[bytes]], timeout: float = 20.0
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        for p in procs:
+            if p.poll() is not None:
+                raise BenchError(f"{what}: process exited with {p.returncode}:\n{log_tail(p)}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"{what}: not ready after {timeout:.0f} s")
+        time.sleep(0.02)
+
+
+def listening(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:port, read from /proc/net/tcp (no connection made)."""
+    want = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            parts = line.split()
+            if parts[1] == want and parts[3] == "0A":
+                return True
+    return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (all threads)
+    return total / CLK_TCK
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise BenchError(f"no VmRSS for {pid}")
+
+
+# -- credentials ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Creds:
+    client_dir: Path
+    server_dir: Path
+    server_id: str
+
+    def combined(self, d: Path) -> Path:
+        """haproxy wants certificate chain and key in one file."""
+        out = d / "combined.pem"
+        if not out.exists():
+            out.write_bytes((d / "cert-chain.pem").read_bytes() + (d / "key.pem").read_bytes())
+            out.chmod(0o600)
+        return out
+
+
+def make_creds(base: Path) -> Creds:
+    sys.path.insert(0, str(ROOT))
+    from mesh.identity import Identity
+    from mesh.pki import CertificateAuthority, write_credential
+
+    ca = CertificateAuthority.generate("cluster.local")
+    server = Identity("cluster.local", "bench", "server")
+    client = Identity("cluster.local", "bench", "client")
+    cdir, sdir = base / "client", base / "server"
+    write_credential(cdir, ca.issue(client))
+    write_credential(sdir, ca.issue(server))
+    return Creds(cdir, sdir, str(server))
+
+
+# -- pairs ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pair:
+    listen_port: int
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+
+class Bench:
+    def __init__(self, settings: Settings, work: Path, procs: Processes, creds: Creds) -> None:
+        self.s = settings
+        self.work = work
+        self.procs = procs
+        self.creds = creds
+        self.iperf3 = shutil.which("iperf3") or "iperf3"
+        self.stunnel = shutil.which("stunnel4") or shutil.which("stunnel") or "stunnel4"
+        self.haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        self.n = 0
+
+    def _next(self, stem: str) -> Path:
+        self.n += 1
+        return self.work / f"{stem}-{self.n}"
+
+    # Each start_* returns a pair whose listen port carries plain TCP to 127.0.0.1:target.
+
+    def start_pair(self, config: str, target: int) -> Pair:
+        if config == "direct":
+            return Pair(target)
+        start = {"stunnel": self.start_stunnel, "haproxy": self.start_haproxy, "ours": self.start_ours}[
+            config
+        ]
+        return start(target)
+
+    def stop_pair(self, pair: Pair) -> None:
+        for p in reversed(pair.procs):
+            if p.poll() is not None:
+                raise BenchError(f"pair process {p.args!r} died with {p.returncode}:\n{log_tail(p)}")
+            self.procs.stop(p)
+
+    def start_stunnel(self, target: int) -> Pair:
+        tls_port, listen_port = free_port(), free_port()
+        c, s = self.creds.client_dir, self.creds.server_dir
+        common = "foreground = yes\nsyslog = no\npid =\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n"
+        tls = "sslVersion = TLSv1.3\nverifyChain = yes\nCAfile = {root}\ncert = {cert}\nkey = {key}\n"
+        server_conf = self._next("stunnel-server.conf")
+        server_conf.write_text(
+            common
+            + f"[server]\naccept = {HOST}:{tls_port}\nconnect = {HOST}:{target}\n"
+            + tls.format(root=s / "root-cert.pem", cert=s / "cert-chain.pem", key=s / "key.pem")
+        )
+        client_conf = self._next("stunnel-client.conf")
+        client_conf.write_text(
+            common
+            + f"[client]\nclient = yes\naccept = {HOST}:{listen_port}\nconnect = {HOST}:{tls_port}\n"
+            + tls.format(root=c / "root-cert.pem", cert=c / "cert-chain.pem", key=c / "key.pem")
+        )
+        server = self.procs.start("stunnel-server", [self.stunnel, str(server_conf)])
+        client = self.procs.start("stunnel-client", [self.stunnel, str(client_conf)])
+        pair = Pair(listen_port, [server, client])
+        wait_for(lambda: listening(tls_port) and listening(listen_port), "stunnel pair", pair.procs)
+        return pair
+
+    def start_haproxy(self, target: int) -> Pair:
+        tls_port, listen_port = free_port(), free_port()
+        c, s = self.creds.client_dir, self.creds.server_dir
+        head = (
+            "global\n  maxconn 5000\n"
+            "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n"
+        )
+        server_conf = self._next("haproxy-server.cfg")
+        server_conf.write_text(
+            head
+            + f"frontend tls\n  bind {HOST}:{tls_port} ssl crt {self.creds.combined(s)}"
+            + f" ca-file {s / 'root-cert.pem'} verify required ssl-min-ver TLSv1.3\n"
+            + "  default_backend app\n"
+            + f"backend app\n  server app {HOST}:{target}\n"
+        )
+        client_conf = self._next("haproxy-client.cfg")
+        client_conf.write_text(
+            head
+            + f"frontend plain\n  bind {HOST}:{listen_port}\n  default_backend tls\n"
+            + f"backend tls\n  server up {HOST}:{tls_port} ssl verify required"
+            + f" ca-file {c / 'root-cert.pem'} crt {self.creds.combined(c)} ssl-min-ver TLSv1.3\n"
+        )
+        server = self.procs.start("haproxy-server", [self.haproxy, "-db", "-f", str(server_conf)])
+        client = self.procs.start("haproxy-client", [self.haproxy, "-db", "-f", str(client_conf)])
+        pair = Pair(listen_port, [server, client])
+        wait_for(lambda: listening(tls_port) and listening(listen_port), "haproxy pair", pair.procs)
+        return pair
+
+    def start_ours(self, target: int) -> Pair:
+        ctl = [PYTHON, "-m", "ambientctl", "hbone"]
+        serve_ready = self._next("serve.ready")
+        server = self.procs.start(
+            "hbone-serve",
+            [
+                *ctl,
+                "serve",
+                "--listen",
+                f"{HOST}:0",
+                "--cert-dir",
+                str(self.creds.server_dir),
+                "--ready-file",
+                str(serve_ready),
+            ],
+        )
+        wait_for(serve_ready.exists, "hbone serve", [server])
+        fwd_ready = self._next("forward.ready")
+        client = self.procs.start(
+            "hbone-forward",
+            [
+                *ctl,
+                "forward",
+                "--listen",
+                f"{HOST}:0",
+                "--to",
+                serve_ready.read_text().strip(),
+                "--authority",
+                f"{HOST}:{target}",
+                "--cert-dir",
+                str(self.creds.client_dir),
+                "--expect-identity",
+                self.creds.server_id,
+                "--ready-file",
+                str(fwd_ready),
+            ],
+        )
+        pair = Pair(0, [server, client])
+        wait_for(fwd_ready.exists, "hbone forward", pair.procs)
+        pair.listen_port = int(fwd_ready.read_text().strip().rsplit(":", 1)[1])
+        return pair
+
+    # -- backends and clients ---------------------------------------------------------------------
+
+    def run_json(self, name: str, argv: list[str], timeout: float) -> dict[str, Any]:
+        proc = self.procs.start(name, argv, stdout=subprocess.PIPE)
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.procs.stop(proc)
+            raise BenchError(f"{name} timed out after {timeout:.0f} s") from None
+        self.procs.stop(proc)
+        if proc.returncode != 0:
+            raise BenchError(f"{name} failed with {proc.returncode}:\n{log_tail(proc)}")
+        result: dict[str, Any] = json.loads(out)
+        return result
+
+    def iperf(self, port: int, pair_port: int, streams: int, duration: int) -> dict[str, Any]:
+        """One iperf3 test against a fresh one-off iperf3 server on ``port``."""
+        server = self.procs.start("iperf3-server", [self.iperf3, "-s", "-1", "-B", HOST, "-p", str(port)])
+        try:
+            wait_for(lambda: listening(port), "iperf3 server", [server])
+            argv = [
+                self.iperf3,
+                "-c",
+                HOST,
+                "-p",
+                str(pair_port),
+                "-t",
+                str(duration),
+                "-P",
+                str(streams),
+                "-J",
+            ]
+            result = self.run_json(f"iperf3-client-P{streams}", argv, timeout=duration + 60)
+        finally:
+            self.procs.stop(server)
+        if "error" in result:
+            raise BenchError(f"iperf3: {result['error']}")
+        end = result["end"]["sum_received"]
+        return {"bps": float(end["bits_per_second"]), "bytes": float(end["bytes"])}
+
+    def echo_backend(self) -> tuple[subprocess.Popen[bytes], int]:
+        port_file = self._next("echo.port")
+        proc = self.procs.start(
+            "echo-backend", [PYTHON, str(WORKLOAD), "echo", "--port-file", str(port_file)]
+        )
+        wait_for(port_file.exists, "echo backend", [proc])
+        return proc, int(port_file.read_text())
+
+    # -- one configuration, once ------------------------------------------------------------------
+
+    def measure(self, config: str, profile_dir: Path | None) -> dict[str, float]:
+        s = self.s
+        out: dict[str, float] = {}
+
+        # Throughput and CPU: a pair in front of iperf3.
+        iperf_port = free_port()
+        pair = self.start_pair(config, iperf_port)
+        try:
+            cpu0 = cpu_seconds(pair.pids)
+            one = self.iperf(iperf_port, pair.listen_port, 1, s.duration)
+            four = self.iperf(iperf_port, pair.listen_port, 4, s.duration)
+            cpu1 = cpu_seconds(pair.pids)
+            out["tput1_gbps"] = one["bps"] / 1e9
+            out["tput4_gbps"] = four["bps"] / 1e9
+            if pair.procs:
+                out["cpu_s_per_gb"] = (cpu1 - cpu0) / ((one["bytes"] + four["bytes"]) / GB)
+            if profile_dir is not None:
+                self.profile(pair, iperf_port, profile_dir)
+        finally:
+            self.stop_pair(pair)
+
+        # Latency, connection rate and memory: a pair in front of the echo backend.
+        backend, echo_port = self.echo_backend()
+        try:
+            pair = self.start_pair(config, echo_port)
+            try:
+                time.sleep(s.settle)
+                if pair.procs:
+                    server_rss, client_rss = (rss_mib(pid) for pid in pair.pids)
+                    out["rss_idle_mib"] = max(server_rss, client_rss)
+                    out["rss_idle_server_mib"], out["rss_idle_client_mib"] = server_rss, client_rss
+                lat = self.run_json(
+                    "latency",
+                    [
+                        PYTHON,
+                        str(WORKLOAD),
+                        "latency",
+                        "--port",
+                        str(pair.listen_port),
+                        "--count",
+                        str(s.latency_count),
+                        "--warmup",
+                        str(s.latency_warmup),
+                    ],
+                    timeout=120,
+                )
+                out["p50_us"], out["p99_us"] = lat["p50_us"], lat["p99_us"]
+                rate = self.run_json(
+                    "connrate",
+                    [
+                        PYTHON,
+                        str(WORKLOAD),
+                        "connrate",
+                        "--port",
+                        str(pair.listen_port),
+                        "--duration",
+                        str(s.connrate_seconds),
+                        "--parallel",
+                        str(s.connrate_parallel),
+                    ],
+                    timeout=s.connrate_seconds + 60,
+                )
+                out["conn_per_s"] = rate["conn_per_s"]
+                out["conn_errors"] = rate["errors"]
+                if pair.procs:
+                    out["rss_1000_mib"] = self.hold_delta(pair)
+            finally:
+                self.stop_pair(pair)
+        finally:
+            self.procs.stop(backend)
+        return out
+
+    def hold_delta(self, pair: Pair) -> float:
+        """RSS added to the pair by ``hold_count`` idle tunneled connections."""
+        time.sleep(self.s.settle)
+        before = sum(rss_mib(pid) for pid in pair.pids)
+        ready = self._next("hold.ready")
+        argv = [PYTHON, str(WORKLOAD), "hold", "--port", str(pair.listen_port)]
+        argv += ["--count", str(self.s.hold_count), "--ready-file", str(ready)]
+        holder = self.procs.start("hold", argv, stdout=subprocess.DEVNULL)
+        try:
+            wait_for(ready.exists, "hold client", [holder], timeout=120)
+            held = json.loads(ready.read_text())
+            if held["open"] != self.s.hold_count:
+                raise BenchError(f"only {held['open']} of {self.s.hold_count} connections held open")
+            time.sleep(self.s.settle)
+            after = sum(rss_mib(pid) for pid in pair.pids)
+        finally:
+            self.procs.stop(holder)
+        return after - before
+
+    # -- profile ----------------------------------------------------------------------------------
+
+    def profile(self, pair: Pair, iperf_port: int, profile_dir: Path) -> None:
+        """py-spy on both processes of our pair, each mode during one more single-stream iperf3 run.
+
+        ``python``: Python frames only, ``--nonblocking`` (the target is never paused).
+        ``native``: with C frames (uvloop, OpenSSL, libc); py-spy pauses the target per sample.
+        """
+        pyspy = shutil.which("py-spy") or str(Path(PYTHON).parent / "py-spy")
+        secs = self.s.profile_seconds
+        for mode, flag in PROFILE_MODES:
+            spies = []
+            for name, pid in zip(["serve", "forward"], pair.pids, strict=True):
+                outfile = profile_dir / f"{name}-{mode}.txt"
+                argv = [pyspy, "record", "-p", str(pid), "-d", str(secs), "-r", "200", flag]
+                argv += ["--format", "raw", "-o", str(outfile)]
+                spies.append((name, outfile, self.procs.start(f"py-spy-{name}-{mode}", argv)))
+            # iperf runs a little longer than the recording, so that every sample is under load.
+            self.iperf(iperf_port, pair.listen_port, 1, secs + 2)
+            for _, _, proc in spies:
+                proc.wait(timeout=30)
+                self.procs.stop(proc)
+            for name, outfile, proc in spies:
+                if not outfile.exists():
+                    raise BenchError(f"py-spy {name} ({mode}) wrote nothing:\n{log_tail(proc)}")
+
+
+# -- profile summary ------------------------------------------------------------------------------
+
+
+def summarize_profile(path: Path, top: int) -> tuple[int, list[tuple[str, int, int]]]:
+    """Collapsed stacks → (samples, [(function, own samples, inclusive samples)]) by own time."""
+    own: dict[str, int] = defaultdict(int)
+    incl: dict[str, int] = defaultdict(int)
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_s = line.rpartition(" ")
+        if not stack or not count_s.isdigit():
+            continue
+        count = int(count_s)
+        total += count
+        frames = [_function(f) for f in stack.split(";")]
+        own[frames[-1]] += count
+        for fn in set(frames):
+            incl[fn] += count
+    ranked = sorted(own.items(), key=lambda kv: -kv[1])[:top]
+    return total, [(fn, n, incl[fn]) for fn, n in ranked]
+
+
+def _function(frame: str) -> str:
+    """``name (path/to/file.py:123)`` → ``name (file.py)``; thread frames pass through."""
+    name, sep, loc = frame.partition(" (")
+    if not sep:
+        return frame
+    if name.startswith("0x"):  # native frame without a symbol: group per library
+        return f"[unresolved] ({loc.rstrip(')')})"
+    path = loc.rstrip(")").rsplit(":", 1)[0]
+    parts = Path(path).parts
+    for anchor in ("site-packages", "mesh", "ambientctl", "asyncio"):
+        if anchor in parts:
+            idx = len(parts) - 1 - parts[::-1].index(anchor)
+            short = "/".join(parts[idx + 1 :] if anchor == "site-packages" else parts[idx:])
+            return f"{name} ({short})"
+    return f"{name} ({Path(path).name})"
+
+
+def profile_markdown(profile_dir: Path, top: int = 15) -> str:
+    lines = [
+        "## Profile of our pair under single-stream load (py-spy, own time)",
+        "",
+        "Samples are counted only while a thread was busy (py-spy drops idle samples). Python"
+        " frames: own time of `Runner.run` is time inside uvloop's C event loop (socket system"
+        " calls, C transport code), `SSLObject.read`/`write` is OpenSSL plus the copies around it."
+        " Native frames (`--native`) split that C time further; unnamed libc/libcrypto addresses"
+        " are grouped per library (in libc these are mostly memcpy/memmove).",
+        "",
+    ]
+    for mode, _ in PROFILE_MODES:
+        for name in ("forward", "serve"):
+            path = profile_dir / f"{name}-{mode}.txt"
+            if not path.exists():
+                continue
+            total, ranked = summarize_profile(path, top)
+            lines += [f"### `hbone {name}`, {mode} frames ({total} busy samples)", ""]
+            lines += ["| # | function | own % | incl. % |", "|---|---|---:|---:|"]
+            for i, (fn, n, inc) in enumerate(ranked, 1):
+                fn_md = fn.replace("|", "\\|")
+                lines.append(f"| {i} | `{fn_md}` | {100 * n / total:.1f} | {100 * inc / total:.1f} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + (" with uncommitted changes" if dirty else "")
+
+
+def fmt(key: str, v: float | None) -> str:
+    if v is None:
+        return "—"
+    if key in ("tput1_gbps", "tput4_gbps"):
+        return f"{v:.2f}"
+    if key in ("cpu_s_per_gb",):
+        return f"{v:.2f}"
+    if key.startswith("rss"):
+        return f"{v:.1f}"
+    return f"{v:.0f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b == 0:
+        return "—"
+    return f"{a / b:.2f}{TIMES}"
+
+
+def report(
+    medians: dict[str, dict[str, float]],
+    runs: dict[str, list[dict[str, float]]],
+    settings: Settings,
+    command: str,
+    started: dt.datetime,
+    elapsed: float,
+    quick: bool,
+    load_start: float,
+) -> str:
+    heads = [title for _, title in FIGURES]
+    header = "| configuration | " + " | ".join(heads) + " |"
+    sep = "|---|" + "---:|" * len(FIGURES)
+    hold_title = f"RSS +{settings.hold_count} conns MiB (pair)"
+    header = header.replace("RSS +N conns MiB (pair)", hold_title)
+
+    def row(config: str, cell: Callable[[str], str]) -> str:
+        return f"| {LABELS[config]} | " + " | ".join(cell(k) for k, _ in FIGURES) + " |"
+
+    ztunnel_row = f"| {LABELS['ztunnel']} | " + " | ".join("not measured yet" for _ in FIGURES) + " |"
+    lines = [
+        "# Data-path benchmark" + (" (QUICK MODE — not a measurement)" if quick else ""),
+        "",
+        f"- date: {started:%Y-%m-%d %H:%M} UTC, {elapsed / 60:.1f} min",
+        f"- CPU: {cpu_model()}, {os.cpu_count()} cores; kernel {platform.release()}",
+        f"- load average (1 min) at start {load_start:.2f}, at end {os.getloadavg()[0]:.2f}"
+        " (anything above 0 is other work sharing the machine)",
+        f"- commit: {git_revision()}",
+        f"- command: `{command}`",
+        f"- settings: repeat {settings.repeat} (median shown, order alternated), iperf3 -t {settings.duration},"
+        f" {settings.latency_count} round trips, {settings.connrate_parallel} parallel clients for"
+        f" {settings.connrate_seconds:g} s, {settings.hold_count} held connections",
+        "",
+        "## Absolute figures (median)",
+        "",
+        header,
+        sep,
+        *(row(c, lambda k, c=c: fmt(k, medians[c].get(k))) for c in CONFIGS),
+        ztunnel_row,
+        "",
+        "CPU-s/GB is the pair's processes' user+system CPU over both iperf3 runs divided by the bytes"
+        " received; RSS idle is the largest VmRSS of the pair's two processes after start; RSS +N is"
+        " the growth of the pair's summed VmRSS while N idle connections are tunneled to the backend.",
+        "",
+        "## Ratio to direct TCP",
+        "",
+        header,
+        sep,
+        *(
+            row(
+                c,
+                lambda k, c=c: "—" if k in PAIR_ONLY else ratio(medians[c].get(k), medians["direct"].get(k)),
+            )
+            for c in CONFIGS[1:]
+        ),
+        "",
+        "## Ratio to the stunnel pair",
+        "",
+        header,
+        sep,
+        *(row(c, lambda k, c=c: ratio(medians[c].get(k), medians["stunnel"].get(k))) for c in CONFIGS[1:]),
+        "",
+        "## Targets from issue 11 (ours)",
+        "",
+        *targets(medians, settings),
+        "",
+        "## Every repeat",
+        "",
+        "| configuration | figure | values |",
+        "|---|---|---|",
+    ]
+    for c in CONFIGS:
+        for k, title in FIGURES:
+            values = [r[k] for r in runs[c] if k in r]
+            if values:
+                lines.append(f"| {LABELS[c]} | {title} | {', '.join(fmt(k, v) for v in values)} |")
+        for k, title in DETAILS:
+            values = [r[k] for r in runs[c] if k in r]
+            if values:
+                lines.append(f"| {LABELS[c]} | {title} | {', '.join(fmt(k, v) for v in values)} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def targets(m: dict[str, dict[str, float]], settings: Settings) -> list[str]:
+    o, st, d = m["ours"], m["stunnel"], m["direct"]
+    rows = ["| target | measured | met |", "|---|---|---|"]
+
+    def add(name: str, value: float, ok: bool, unit: str = TIMES) -> None:
+        rows.append(f"| {name} | {value:.2f}{unit} | {'yes' if ok else 'no'} |")
+
+    add(
+        f"single-stream throughput ≥ 1.0{TIMES} stunnel",
+        o["tput1_gbps"] / st["tput1_gbps"],
+        o["tput1_gbps"] >= st["tput1_gbps"],
+    )
+    add(
+        f"CPU-s/GB ≤ 1.0{TIMES} stunnel",
+        o["cpu_s_per_gb"] / st["cpu_s_per_gb"],
+        o["cpu_s_per_gb"] <= st["cpu_s_per_gb"],
+    )
+    added_o, added_st = o["p99_us"] - d["p99_us"], st["p99_us"] - d["p99_us"]
+    if added_st > 0:
+        add(f"added p99 over direct ≤ 1.5{TIMES} stunnel's", added_o / added_st, added_o <= 1.5 * added_st)
+    add(
+        f"new conn/s ≥ 2{TIMES} stunnel",
+        o["conn_per_s"] / st["conn_per_s"],
+        o["conn_per_s"] >= 2 * st["conn_per_s"],
+    )
+    add("RSS idle ≤ 40 MiB per process", o["rss_idle_mib"], o["rss_idle_mib"] <= 40, " MiB")
+    per_1000 = o["rss_1000_mib"] * 1000 / settings.hold_count
+    add("RSS ≤ +12 MiB per 1,000 idle tunneled connections", per_1000, per_1000 <= 12, " MiB")
+    return rows
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+
+def orders(repeat: int) -> Iterator[list[str]]:
+    """Rotate, and reverse every other repeat, so no configuration always runs first or last."""
+    for i in range(repeat):
+        k = i % len(CONFIGS)
+        order = CONFIGS[k:] + CONFIGS[:k]
+        yield order[::-1] if i % 2 else order
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 65536
+    if hard < want and os.geteuid() == 0:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+            return
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, want), hard), hard))
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--repeat", type=int, default=None, help="repeats, median reported (default 3)")
+    p.add_argument("--duration", type=int, default=None, help="iperf3 seconds per run (default 10)")
+    p.add_argument("--quick", action="store_true", help="every configuration once, tiny sizes (for tests)")
+    p.add_argument("--profile", action="store_true", help="py-spy our pair under single-stream load")
+    p.add_argument("--profile-seconds", type=int, default=None, help="py-spy recording length (default 10)")
+    p.add_argument("--output", metavar="FILE", help="write the markdown report here (default: stdout)")
+    p.add_argument("--json", metavar="FILE", help="also write the raw figures as JSON")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    settings = Settings.quick() if args.quick else Settings()
+    if args.repeat is not None:
+        settings.repeat = args.repeat
+    if args.duration is not None:
+        settings.duration = args.duration
+    if args.profile_seconds is not None:
+        settings.profile_seconds = args.profile_seconds
+    for tool in ("iperf3", "haproxy"):
+        if not (shutil.which(tool) or Path(f"/usr/sbin/{tool}").exists()):
+            print(f"datapath: {tool} not found (bash scripts/dev.sh bench installs it)", file=sys.stderr)
+            return 2
+    if not (shutil.which("stunnel4") or shutil.which("stunnel")):
+        print("datapath: stunnel4 not found (bash scripts/dev.sh bench installs it)", file=sys.stderr)
+        return 2
+    raise_nofile()
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    command = shlex.join(["python", os.path.relpath(__file__, ROOT), *argv])
+    started = dt.datetime.now(dt.UTC)
+    load_start = os.getloadavg()[0]
+    t0 = time.monotonic()
+
+    # SIGTERM behaves like Ctrl-C: unwind, stopping every child in the finally blocks.
+    def _term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)
+    runs: dict[str, list[dict[str, float]]] = {c: [] for c in CONFIGS}
+    with tempfile.TemporaryDirectory(prefix="datapath-") as tmp:
+        work = Path(tmp)
+        (work / "logs").mkdir()
+        procs = Processes(work / "logs")
+        try:
+            bench = Bench(settings, work, procs, make_creds(work / "creds"))
+            profile_dir: Path | None = None
+            for i, order in enumerate(orders(settings.repeat)):
+                for config in order:
+                    want_profile = args.profile and config == "ours" and profile_dir is None
+                    pdir = work / "profile" if want_profile else None
+                    if pdir is not None:
+                        pdir.mkdir()
+                    print(
+                        f"[{time.monotonic() - t0:6.1f}s] repeat {i + 1}/{settings.repeat}: {config}",
+                        file=sys.stderr,
+                    )
+                    runs[config].append(bench.measure(config, pdir))
+                    profile_dir = profile_dir or pdir
+            medians = {
+                c: {k: statistics.median(r[k] for r in runs[c]) for k in (runs[c][0] if runs[c] else {})}
+                for c in CONFIGS
+            }
+            text = report(
+                medians, runs, settings, command, started, time.monotonic() - t0, args.quick, load_start
+            )
+            if profile_dir is not None:
+                text += "\n" + profile_markdown(profile_dir)
+        except BenchError as e:
+            print(f"datapath: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("datapath: interrupted, stopping everything", file=sys.stderr)
+            return 130
+        finally:
+            procs.stop_all()
+    if args.json:
+        Path(args.json).write_text(json.dumps({"settings": settings.__dict__, "runs": runs}, indent=1))
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,82 @@
+"""Keeps the data-path benchmark harness working: ``benchmarks/datapath.py --quick`` must produce
+every figure for every configuration. It asserts presence, never speed."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ["direct", "stunnel", "haproxy", "ours"]
+ALL_FIGURES = ["tput1_gbps", "tput4_gbps", "p50_us", "p99_us", "conn_per_s"]
+PAIR_FIGURES = ["cpu_s_per_gb", "rss_idle_mib", "rss_1000_mib"]
+NUMBER = re.compile(r"^-?\d+(\.\d+)?\u00d7?$")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not all(shutil.which(t) for t in ("iperf3", "stunnel4"))
+        or not shutil.which("haproxy", path="/usr/sbin:/usr/bin"),
+        reason="needs iperf3, stunnel4 and haproxy (bash scripts/dev.sh installs them)",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, list[dict[str, float]]]]:
+    out = tmp_path_factory.mktemp("bench")
+    report, raw = out / "report.md", out / "raw.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/datapath.py", "--quick", "--output", str(report), "--json", str(raw)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return report.read_text(), json.loads(raw.read_text())["runs"]
+
+
+def test_every_configuration_produced_every_figure(
+    quick_run: tuple[str, dict[str, list[dict[str, float]]]],
+) -> None:
+    _, runs = quick_run
+    assert sorted(runs) == sorted(CONFIGS)
+    for config in CONFIGS:
+        assert len(runs[config]) == 1, config
+        figures = runs[config][0]
+        wanted = ALL_FIGURES + (PAIR_FIGURES if config != "direct" else [])
+        for key in wanted:
+            value = figures.get(key)
+            assert isinstance(value, (int, float)), (config, key, value)
+        for key in ("tput1_gbps", "tput4_gbps", "p50_us", "p99_us", "conn_per_s", "cpu_s_per_gb"):
+            if key in figures:
+                assert figures[key] > 0, (config, key)
+
+
+def test_markdown_table_has_numbers_and_ratios(
+    quick_run: tuple[str, dict[str, list[dict[str, float]]]],
+) -> None:
+    report, _ = quick_run
+    assert "command: `python benchmarks/datapath.py --quick" in report
+    assert "cores" in report and "CPU:" in report and "commit:" in report
+    rows = {}
+    for line in report.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 9:
+            rows.setdefault(cells[0], []).append(cells[1:])
+    # absolute table, ratio-to-direct table, ratio-to-stunnel table
+    for label in ("stunnel pair", "haproxy pair", "ours (hbone forward → serve)"):
+        absolute, to_direct, to_stunnel = rows[label]
+        assert all(NUMBER.match(c) for c in absolute), (label, absolute)
+        assert all(NUMBER.match(c) for c in to_direct[:5]), (label, to_direct)
+        assert all(NUMBER.match(c) for c in to_stunnel), (label, to_stunnel)
+    direct = rows["direct TCP"][0]
+    assert all(NUMBER.match(c) for c in direct[:5]), direct
+    assert rows["two ztunnels (netns nodes)"][0] == ["not measured yet"] * 8
