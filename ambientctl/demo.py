@@ -1,41 +1,34 @@
-"""``ambientctl demo``: see the mesh work on this machine.
+"""``ambientctl demo``: a whole mesh on this machine, in network namespaces (see docs/local-mode.md).
 
-Until the full local mesh (network namespaces, control plane, ztunnel per node) lands, the demo
-shows the core it stands on: two workload identities issued by a fresh mesh CA talk through an
-HBONE tunnel on loopback. A recording tap sits on the wire between the two ends, so the demo can
-show what an attacker on the network would see: TLS 1.3 records, never the application's bytes.
+``ambientctl demo``            build, send traffic, report, tear down (exit 0 only if all holds)
+``ambientctl demo --keep``     same, but leave the mesh running and say how to look at it
+``ambientctl demo down``       remove every mesh a ``--keep`` run left
+``ambientctl demo --loopback`` the small no-root variant: one HBONE tunnel on loopback
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
+import shutil
+import signal
 import sys
+from types import FrameType
 from typing import Any
 
-from mesh import runtime
-from mesh.hbone.aio import (
-    BufferedSink,
-    ClientProtocol,
-    HboneServer,
-    InboundStream,
-    connect_and_relay,
-    open_connection,
-)
-from mesh.hbone.pool import HbonePool, PoolKey
-from mesh.identity import Identity
-from mesh.pki import CertificateAuthority
-from mesh.tls import client_context, server_context
-
-FRONTEND = Identity("cluster.local", "shop", "frontend")
-WEB = Identity("cluster.local", "shop", "web")
-MARKER = b"SECRET-ORDER-4242"
+EXIT_USAGE = 2
+REQUIRED_TOOLS = {"ip": "iproute2", "nft": "nftables", "tcpdump": "tcpdump", "nsenter": "util-linux"}
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("demo", help="run a small mesh on this machine and show what happened")
-    p.add_argument("--connections", type=int, default=5, help="tunneled TCP connections to make (default 5)")
+    p.add_argument("action", nargs="?", choices=("up", "down"), default="up",
+                   help="up (default): run the demo; down: remove meshes left by --keep")  # fmt: skip
+    p.add_argument("--keep", action="store_true", help="leave the mesh running afterwards")
+    p.add_argument("--loopback", action="store_true", help="no root needed: one HBONE tunnel on loopback")
+    p.add_argument(
+        "--connections", type=int, default=5, help="--loopback: TCP connections to make (default 5)"
+    )
     p.set_defaults(func=cmd_demo)
 
 
@@ -43,156 +36,132 @@ def say(msg: str) -> None:
     print(msg, flush=True)
 
 
-class Tap:
-    """A TCP relay that records every byte passing between the two ends: the network's view."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.wire = bytearray()
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> tuple[str, int]:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        host, port = self._server.sockets[0].getsockname()[:2]
-        return host, port
-
-    async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        writers = [w]
-        try:
-            ur, uw = await asyncio.open_connection(*self.target)
-            writers.append(uw)
-            await asyncio.gather(self._pipe(r, uw), self._pipe(ur, w))
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            for wr in writers:
-                wr.transport.abort()
-            self._tasks.discard(task)
-
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        while data := await src.read(65536):
-            self.wire += data
-            dst.write(data)
-            await dst.drain()
-        if dst.can_write_eof():
-            dst.write_eof()
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-async def run_demo(connections: int) -> int:
-    say("== ambient mesh demo: an HBONE tunnel between two workload identities ==")
-    say("[1/5] creating a mesh CA (ECDSA P-256 root, trust domain cluster.local)")
-    ca = CertificateAuthority.generate("cluster.local")
-    say(f"[2/5] issuing workload certificates: {FRONTEND} and {WEB}")
-    client_cred, server_cred = ca.issue(FRONTEND), ca.issue(WEB)
-
-    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        while data := await r.read(65536):
-            w.write(data)
-            await w.drain()
-        w.close()
-
-    app = await asyncio.start_server(echo, "127.0.0.1", 0)
-    app_port = app.sockets[0].getsockname()[1]
-    seen: list[dict[str, Any]] = []
-    all_seen = asyncio.Event()
-
-    async def handler(inbound: InboundStream) -> None:
-        leg = await connect_and_relay(inbound)
-        seen.append(
-            {
-                "src": str(inbound.peer),
-                "authority": inbound.request.authority,
-                "forwarded": inbound.request.header("forwarded") or "-",
-                "up": inbound.stream.bytes_received,
-                "down": inbound.stream.bytes_sent,
-                "ok": leg is not None and leg.error is None,
-            }
+def preflight() -> str | None:
+    """Why the demo cannot run here, or None."""
+    missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
+    if missing:
+        pkgs = " ".join(sorted({REQUIRED_TOOLS[t] for t in missing}))
+        return (
+            f"missing tool(s): {', '.join(missing)}. Install them (apt-get install -y {pkgs}) "
+            "or run `bash scripts/dev.sh demo`, which installs them."
         )
-        if len(seen) == connections:
-            all_seen.set()
-
-    server = HboneServer(handler, server_context(server_cred), "cluster.local")
-    await server.listen("127.0.0.1", 0)
-    tap = Tap(server.address)
-    tap_addr = await tap.start()
-    say(
-        f"[3/5] HBONE server for {WEB.principal} on {server.address[0]}:{server.address[1]}; app on :{app_port}"
-    )
-    say(f"      a recording tap on {tap_addr[0]}:{tap_addr[1]} sits on the wire in between")
-
-    tls_info: dict[str, str] = {}
-
-    async def dial(key: PoolKey) -> ClientProtocol:
-        conn = await open_connection(
-            *key.dst_addr, client_context(client_cred), "cluster.local", key.dst_identity
+    if os.geteuid() != 0:
+        return (
+            "the demo builds network namespaces, links and nftables rules: run it as root "
+            "(sudo .venv/bin/ambientctl demo), or try `ambientctl demo --loopback`, which needs no root."
         )
-        assert conn.transport is not None
-        ssl_obj = conn.transport.get_extra_info("ssl_object")
-        tls_info.update(
-            version=ssl_obj.version(), cipher=ssl_obj.cipher()[0], alpn=ssl_obj.selected_alpn_protocol()
-        )
-        return conn
+    return None
 
-    pool = HbonePool(dial)
-    key = PoolKey(FRONTEND, WEB, None, tap_addr)
-    say(f"[4/5] sending {connections} TCP connections from {FRONTEND.principal} through the tunnel")
-    try:
-        for i in range(connections):
-            st = await pool.open_stream(
-                key, f"127.0.0.1:{app_port}", [("forwarded", f'for="127.0.0.1:{40000 + i}"')]
-            )
-            sink = BufferedSink(st)
-            payload = MARKER + b" " + os.urandom(2000 + 1000 * i).hex().encode()
-            st.write(payload)
-            st.write_eof()
-            got = await asyncio.wait_for(sink.read_all(), 10)
-            if got != payload:
-                say(f"connection {i}: echo mismatch")
-                return 1
-            await asyncio.wait_for(st.done, 10)
-        await asyncio.wait_for(all_seen.wait(), 10)
-    finally:
-        await pool.aclose()
-        await server.close()
-        await tap.stop()
-        app.close()
 
-    say("[5/5] what happened:\n")
-    header = f"{'#':>2}  {'source identity (verified by the server)':44} {'CONNECT :authority':18} {'up B':>6} {'down B':>6}  result"
-    say(header)
-    say("-" * len(header))
-    for i, s in enumerate(seen):
-        say(
-            f"{i:>2}  {s['src']:44} {s['authority']:18} {s['up']:>6} {s['down']:>6}  {'ok' if s['ok'] else 'FAILED'}"
-        )
-    say("")
-    say(f"server identity checked by the client: {WEB}")
-    say(
-        f"TLS: {tls_info.get('version')} {tls_info.get('cipher')}, ALPN {tls_info.get('alpn')}; "
-        f"HBONE connections opened by the pool: {pool.dials} for {connections} TCP connections"
-    )
-    leaked = MARKER in tap.wire
-    say(
-        f"bytes seen on the wire: {len(tap.wire)}; application marker {MARKER.decode()!r} visible: "
-        f"{'YES - PLAINTEXT LEAK' if leaked else 'no (encrypted)'}"
-    )
-    say(f"first wire bytes: {bytes(tap.wire[:16]).hex(' ')}  (0x16 0x03 = a TLS handshake record)")
-    return 1 if leaked or not all(s["ok"] for s in seen) else 0
+class Interrupted(Exception):
+    pass
+
+
+def _raise_interrupted(signum: int, _frame: FrameType | None) -> None:
+    raise Interrupted(signal.Signals(signum).name)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    if args.connections < 1:
-        print("ambientctl demo: --connections must be at least 1", file=sys.stderr)
-        return 2
-    return runtime.run(lambda: run_demo(args.connections))
+    if args.loopback:
+        if args.connections < 1:
+            print("ambientctl demo: --connections must be at least 1", file=sys.stderr)
+            return EXIT_USAGE
+        from ambientctl.localmesh.loopback import run_demo
+        from mesh import runtime
+
+        return runtime.run(lambda: run_demo(args.connections))
+    problem = preflight()
+    if problem:
+        print(f"ambientctl demo: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.action == "down":
+        return down()
+    return up(keep=args.keep)
+
+
+def down() -> int:
+    from ambientctl.localmesh.state import RunState, list_runs, teardown
+
+    runs = list_runs()
+    if not runs:
+        say("no local mesh is running")
+        return 0
+    rc = 0
+    for path in runs:
+        st = RunState.load(path)
+        say(f"removing local mesh {st.run_id} ({len(st.procs)} processes, {len(st.netns)} netns)")
+        for err in teardown(st):
+            say(f"  warning: {err}")
+            rc = 1
+    say("done: nothing of the demo is left")
+    return rc
+
+
+def up(*, keep: bool) -> int:
+    from ambientctl.localmesh import report
+    from ambientctl.localmesh.mesh import DemoError, LocalMesh
+    from ambientctl.localmesh.procs import ProcError
+    from ambientctl.localmesh.state import RunState, teardown
+    from ambientctl.localmesh.topology import TopologyError
+
+    old = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    st = RunState.create()
+    say(f"== ambient mesh demo: 2 nodes, 2 namespaces, 4 pods in network namespaces (run {st.run_id}) ==")
+    rc = 1
+    kept = False
+    try:
+        mesh = LocalMesh(st, say)
+        mesh.build()
+        res = mesh.run_traffic()
+        mesh.step("reading the capture, ztunnel access logs and config_dump")
+        verdict = report.build(res)
+        for line in verdict.lines:
+            say(line)
+        rc = 0 if not verdict.failures else 1
+        if keep:
+            _print_keep(mesh)
+            kept = True
+    except Interrupted as e:
+        say(f"\ninterrupted ({e}): tearing down")
+        rc = 130
+    except (DemoError, ProcError, TopologyError, OSError) as e:
+        say(f"\nFAILED: {e}")
+        rc = 1
+    finally:
+        # No second Ctrl-C may stop the teardown half way.
+        for s in old:
+            signal.signal(s, signal.SIG_IGN)
+        try:
+            if kept:
+                if "mesh" in locals() and mesh.capture is not None:
+                    mesh.capture.stop()
+            else:
+                if "mesh" in locals() and mesh.capture is not None:
+                    mesh.capture.stop()
+                say("tearing down: processes, network namespaces (with their links, nft tables, ip rules)")
+                errors = teardown(st)
+                for err in errors:
+                    say(f"  warning: {err}")
+                say("torn down: nothing left behind" if not errors else "teardown had problems (see above)")
+                if errors and rc == 0:
+                    rc = 1
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+    return rc
+
+
+def _print_keep(mesh: Any) -> None:
+    say("")
+    say(f"The mesh keeps running (state in {mesh.state.run_dir}). To look around:")
+    for key, net in mesh.pods.items():
+        say(f"  enter pod {key:14} ip netns exec {net.netns} bash")
+    some = mesh.pods["shop/frontend"]
+    say(
+        f"  a request:              ip netns exec {some.netns} curl -s http://10.96.0.20/  (or python -m ambientctl.localmesh.app get URL)"
+    )
+    for name, np in mesh.nodes.items():
+        say(f"  {name} ztunnel config:   curl -s http://127.0.0.1:{np.admin}/config_dump")
+        say(f"  {name} ztunnel metrics:  curl -s http://127.0.0.1:{np.stats}/metrics | grep istio_tcp")
+    say(f"  logs:                   ls {mesh.state.run_dir}/logs/")
+    say("Remove it with: ambientctl demo down")

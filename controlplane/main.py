@@ -22,16 +22,26 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import grpc
 import structlog
 
-from controlplane.auth import LocalTokenAuthenticator
+from controlplane import xds
+from controlplane.auth import (
+    AuthenticationError,
+    Authenticator,
+    AuthenticatorUnavailable,
+    LocalTokenAuthenticator,
+)
+from controlplane.ca import bearer_token
 from controlplane.convert import ConfigError, ConvertOptions
 from controlplane.localsource import DEFAULT_POLL_INTERVAL, LocalSource
 from controlplane.server import DEFAULT_PORT, ServerError, parse_listen, start_server
-from controlplane.tokens import DEFAULT_TOKEN_TTL, TokenError, TokenIssuer, write_atomic
+from controlplane.tokens import DEFAULT_TOKEN_TTL, TokenError, TokenIssuer
 from mesh import log as meshlog
 from mesh import runtime
+from mesh.files import write_atomic
 from mesh.identity import Identity, IdentityError
 from mesh.model import Delta, Kind, Store
 from mesh.pki import ROOT_CERT_FILE, CertificateAuthority, PkiError
@@ -154,6 +164,21 @@ def prepare(args: argparse.Namespace) -> Prepared:
     return Prepared(ca, store, source, issuer, ttl)
 
 
+def xds_authenticate(authenticator: Authenticator) -> xds.Authenticator:
+    """Discovery streams need the same Bearer node token as CreateCertificate."""
+
+    async def authenticate(metadata: xds.Metadata) -> None:
+        md = {k.lower(): v if isinstance(v, str) else v.decode(errors="replace") for k, v in metadata}
+        try:
+            await authenticator.authenticate(bearer_token(md))
+        except AuthenticationError as e:
+            raise xds.AuthenticationFailed(str(e)) from None
+        except AuthenticatorUnavailable as e:
+            raise xds.AuthenticationFailed(str(e), grpc.StatusCode.UNAVAILABLE) from None
+
+    return authenticate
+
+
 async def serve(args: argparse.Namespace, p: Prepared) -> int:
     stop = runtime.stop_on_signals()
     state = Path(args.state_dir)
@@ -165,10 +190,18 @@ async def serve(args: argparse.Namespace, p: Prepared) -> int:
             p.issuer.write_node_tokens(state, sorted(added), ttl=p.token_ttl)
 
     unsubscribe = p.store.subscribe(new_node_tokens)
+    authenticator = LocalTokenAuthenticator(p.issuer)
+    servicers: list[xds.DiscoveryServicer] = []
+
+    def register_discovery(grpc_server: Any) -> None:
+        servicers.append(xds.register(grpc_server, p.store, authenticate=xds_authenticate(authenticator)))
+
     try:
-        server = await start_server(args.listen, p.ca, p.store, LocalTokenAuthenticator(p.issuer))
+        server = await start_server(args.listen, p.ca, p.store, authenticator, [register_discovery])
     except ServerError as e:
         unsubscribe()
+        for s in servicers:
+            s.close()
         raise StartupError(str(e)) from None
     try:
         p.source.start()
@@ -185,6 +218,8 @@ async def serve(args: argparse.Namespace, p: Prepared) -> int:
     finally:
         unsubscribe()
         await p.source.stop()
+        for s in servicers:
+            s.close()
         await server.stop()
     return 0
 

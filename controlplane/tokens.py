@@ -12,9 +12,7 @@ long-lived because whoever can read a node's token file already is that node.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -25,6 +23,8 @@ import jwt
 import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from mesh.files import write_atomic
 
 log = structlog.get_logger(__name__)
 
@@ -62,27 +62,6 @@ class NodeClaims:
 def token_path(state_dir: Path | str, node: str) -> Path:
     """Where the token of ``node`` lives: ``<state_dir>/tokens/<node>.token``."""
     return Path(state_dir) / TOKENS_DIR / f"{node}.token"
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` in one step, with ``mode`` set before any byte is written.
-
-    A reader (a ztunnel re-reading its token) never sees a half-written file, and a secret is
-    never briefly world-readable.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 class TokenIssuer:

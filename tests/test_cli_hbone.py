@@ -234,8 +234,8 @@ def test_forward_many_connections(
         stop(proc)
 
 
-def test_demo_runs() -> None:
-    out = subprocess.run([*CLI, "demo", "--connections", "3"], capture_output=True, timeout=60)
+def test_loopback_demo_runs() -> None:
+    out = subprocess.run([*CLI, "demo", "--loopback", "--connections", "3"], capture_output=True, timeout=60)
     text = out.stdout.decode()
     assert out.returncode == 0, text + out.stderr.decode()
     assert "spiffe://cluster.local/ns/shop/sa/frontend" in text

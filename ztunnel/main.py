@@ -33,7 +33,7 @@ async def run(cfg: Config, roots: bytes, token_file: str) -> int:
         node_name=cfg.node_name,
         address=cfg.xds_address,
         root_cert_pem=roots,
-        token_file=None,
+        token_file=token_file,
     )
     zt = Ztunnel(
         node=cfg.node_name,

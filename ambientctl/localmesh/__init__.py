@@ -1,0 +1,1 @@
+"""The local mesh demo: topology, processes, traffic, capture, report."""

@@ -1,0 +1,113 @@
+"""What the demo builds: nodes, namespaces, pods, a Service, and the requests it sends."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from controlplane.convert import pod_uid
+
+TRUST_DOMAIN = "cluster.local"
+MARKER = "SECRET-ORDER-4242"
+APP_PORT = 8080
+NODES = ("node-a", "node-b")
+
+
+@dataclass(frozen=True)
+class PodSpec:
+    namespace: str
+    name: str
+    node: str
+    service_account: str
+    app: str
+    ip: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def uid(self) -> str:
+        return pod_uid(self.namespace, self.name)
+
+    def identity(self) -> str:
+        return f"spiffe://{TRUST_DOMAIN}/ns/{self.namespace}/sa/{self.service_account}"
+
+
+NAMESPACES = {"shop": True, "legacy": False}  # name -> enrolled (istio.io/dataplane-mode=ambient)
+
+PODS = (
+    PodSpec("shop", "frontend", "node-a", "frontend", "frontend", "10.0.1.2"),
+    PodSpec("legacy", "old", "node-a", "default", "old", "10.0.1.3"),
+    PodSpec("shop", "cart", "node-a", "cart", "cart", "10.0.1.4"),
+    PodSpec("shop", "web", "node-b", "web", "web", "10.0.2.2"),
+)
+
+WEB_VIP = "10.96.0.20"
+
+
+def pod(key: str) -> PodSpec:
+    return next(p for p in PODS if p.key == key)
+
+
+@dataclass(frozen=True)
+class Request:
+    src: str  # pod key
+    dst: str  # pod key
+    url: str
+    via: str
+
+    @property
+    def src_pod(self) -> PodSpec:
+        return pod(self.src)
+
+    @property
+    def dst_pod(self) -> PodSpec:
+        return pod(self.dst)
+
+    @property
+    def mesh(self) -> bool:
+        """Both ends enrolled: expected over HBONE mTLS."""
+        return NAMESPACES[self.src_pod.namespace] and NAMESPACES[self.dst_pod.namespace]
+
+    @property
+    def cross_node(self) -> bool:
+        return self.src_pod.node != self.dst_pod.node
+
+
+REQUESTS = (
+    Request("shop/frontend", "shop/web", f"http://10.0.2.2:{APP_PORT}/order", "pod IP 10.0.2.2:8080"),
+    Request("shop/frontend", "shop/web", f"http://{WEB_VIP}:80/order", f"service VIP {WEB_VIP}:80"),
+    Request("legacy/old", "shop/web", f"http://10.0.2.2:{APP_PORT}/order", "pod IP 10.0.2.2:8080"),
+    Request("shop/frontend", "shop/cart", f"http://10.0.1.4:{APP_PORT}/cart", "pod IP 10.0.1.4:8080"),
+)
+
+
+REDIRECTION_ANNOTATION = "ambient.istio.io/redirection"
+
+
+def local_config(redirected: frozenset[str] = frozenset()) -> str:
+    """The local-mode YAML (LOCAL_MODE.md): plain Kubernetes objects.
+
+    ``redirected``: pod keys whose redirection the cni agent confirmed; they carry the annotation
+    ``ambient.istio.io/redirection: enabled`` that the agent writes through the API server in
+    Kubernetes mode, and that makes the control plane publish them as HBONE-capable.
+    """
+    docs = [f"apiVersion: v1\nkind: Node\nmetadata: {{name: {n}}}\n" for n in NODES]
+    for ns, enrolled in NAMESPACES.items():
+        labels = "\n  labels: {istio.io/dataplane-mode: ambient}" if enrolled else ""
+        docs.append(f"apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}{labels}\n")
+    for p in PODS:
+        docs.append(
+            "apiVersion: v1\nkind: Pod\n"
+            f"metadata: {{name: {p.name}, namespace: {p.namespace}, labels: {{app: {p.app}}}"
+            + (f", annotations: {{{REDIRECTION_ANNOTATION}: enabled}}" if p.key in redirected else "")
+            + "}\n"
+            f"spec: {{nodeName: {p.node}, serviceAccountName: {p.service_account}}}\n"
+            f"status: {{podIP: {p.ip}}}\n"
+        )
+    docs.append(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n"
+        f"spec:\n  clusterIP: {WEB_VIP}\n  selector: {{app: web}}\n"
+        f"  ports: [{{name: http, port: 80, targetPort: {APP_PORT}}}]\n"
+    )
+    return "---\n".join(docs)

@@ -1,0 +1,126 @@
+"""Simulated nodes and pods as network namespaces (iproute2 only).
+
+Layout (N = node number 1.., P = pod number 2..)::
+
+    pod netns  <prefix><namespace>-<pod>   eth0 10.0.N.P/24, default via 10.0.N.1
+         | veth
+    node netns <prefix><node>              br0 10.0.N.1/24 (its pods' veths), ip_forward on
+         | veth "wire" 10.0.254.N/24 -- node-to-node traffic crosses it: the demo captures there
+    node netns of the other node
+
+Nothing is created in the root netns but the netns files: deleting a netns deletes its links,
+nft tables and ip rules with it. Every netns is recorded in the run state before it exists.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass
+
+from ambientctl.localmesh.state import RunState
+
+WIRE = "wire"
+WIRE_NET = "10.0.254"
+
+
+class TopologyError(RuntimeError):
+    pass
+
+
+def run(*args: str, input: str | None = None, timeout: float = 30) -> str:
+    p = subprocess.run(args, input=input, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise TopologyError(f"{' '.join(args)}: exit {p.returncode}: {p.stderr.strip()}")
+    return p.stdout
+
+
+@dataclass(frozen=True)
+class NodeNet:
+    name: str
+    index: int
+    netns: str
+
+    @property
+    def gateway(self) -> str:
+        return f"10.0.{self.index}.1"
+
+
+@dataclass(frozen=True)
+class PodNet:
+    namespace: str
+    name: str
+    node: NodeNet
+    ip: str
+    netns: str
+    host_if: str
+
+    @property
+    def netns_path(self) -> str:
+        return f"/var/run/netns/{self.netns}"
+
+    def cni_result(self) -> dict[str, object]:
+        """What a bridge + host-local plugin would have returned: our plugin's prevResult."""
+        mac = json.loads(run("ip", "-n", self.netns, "-j", "link", "show", "eth0"))[0]["address"]
+        return {
+            "cniVersion": "1.0.0",
+            "interfaces": [
+                {"name": "br0"},
+                {"name": self.host_if},
+                {"name": "eth0", "mac": mac, "sandbox": self.netns_path},
+            ],
+            "ips": [{"address": f"{self.ip}/24", "gateway": self.node.gateway, "interface": 2}],
+            "routes": [{"dst": "0.0.0.0/0", "gw": self.node.gateway}],
+        }
+
+
+class Topology:
+    def __init__(self, state: RunState) -> None:
+        self.state = state
+        self.nodes: dict[str, NodeNet] = {}
+        self.pods: list[PodNet] = []
+
+    def _add_netns(self, name: str) -> None:
+        self.state.add_netns(name)  # recorded first: a failure below still gets it deleted
+        run("ip", "netns", "add", name)
+        run("ip", "-n", name, "link", "set", "lo", "up")
+
+    def add_node(self, name: str) -> NodeNet:
+        index = len(self.nodes) + 1
+        node = NodeNet(name, index, f"{self.state.prefix}{name}")
+        self._add_netns(node.netns)
+        ns = node.netns
+        run("ip", "-n", ns, "link", "add", "br0", "type", "bridge")
+        run("ip", "-n", ns, "addr", "add", f"{node.gateway}/24", "dev", "br0")
+        run("ip", "-n", ns, "link", "set", "br0", "up")
+        run("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        self.nodes[name] = node
+        return node
+
+    def connect(self, a: NodeNet, b: NodeNet) -> None:
+        """The wire between two nodes, with a route to each other's pod subnet."""
+        run("ip", "link", "add", "name", WIRE, "netns", a.netns, "type", "veth", "peer", "name", WIRE,
+            "netns", b.netns)  # fmt: skip
+        for n in (a, b):
+            run("ip", "-n", n.netns, "addr", "add", f"{WIRE_NET}.{n.index}/24", "dev", WIRE)
+            run("ip", "-n", n.netns, "link", "set", WIRE, "up")
+        run("ip", "-n", a.netns, "route", "add", f"10.0.{b.index}.0/24", "via", f"{WIRE_NET}.{b.index}")
+        run("ip", "-n", b.netns, "route", "add", f"10.0.{a.index}.0/24", "via", f"{WIRE_NET}.{a.index}")
+
+    def pod_ip(self, node: NodeNet) -> str:
+        return f"10.0.{node.index}.{2 + sum(1 for p in self.pods if p.node == node)}"
+
+    def add_pod(self, namespace: str, name: str, node: NodeNet, ip: str) -> PodNet:
+        """The sandbox a container runtime makes, with what the main CNI plugin (bridge) does."""
+        netns = f"{self.state.prefix}{namespace}-{name}"
+        host_if = f"v{ip.rsplit('.', 1)[1]}"
+        pod = PodNet(namespace, name, node, ip, netns, host_if)
+        self._add_netns(netns)
+        run("ip", "link", "add", "name", "eth0", "netns", netns, "type", "veth", "peer", "name", host_if,
+            "netns", node.netns)  # fmt: skip
+        run("ip", "-n", node.netns, "link", "set", host_if, "master", "br0", "up")
+        run("ip", "-n", netns, "addr", "add", f"{ip}/24", "dev", "eth0")
+        run("ip", "-n", netns, "link", "set", "eth0", "up")
+        run("ip", "-n", netns, "route", "add", "default", "via", node.gateway)
+        self.pods.append(pod)
+        return pod

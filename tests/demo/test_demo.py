@@ -1,0 +1,154 @@
+"""``ambientctl demo`` end to end: the real processes in network namespaces, then nothing left."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ambientctl import demo
+
+REPO = Path(__file__).resolve().parents[2]
+TOOLS = ("ip", "nft", "tcpdump", "nsenter")
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or not all(shutil.which(t) for t in TOOLS),
+    reason="needs root, ip, nft, tcpdump, nsenter",
+)
+
+
+def run_ctl(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ambientctl.main", "demo", *args],
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO,
+    )  # fmt: skip
+
+
+def sh(*args: str) -> str:
+    return subprocess.run(args, capture_output=True, text=True, timeout=30).stdout
+
+
+def host_state() -> dict[str, list[str]]:
+    """What the demo must not leave in the root netns."""
+    return {
+        "links": sorted(
+            line.split(":")[1].strip().split("@")[0] for line in sh("ip", "-o", "link").splitlines()
+        ),
+        "rules": sorted(sh("ip", "rule").splitlines()),
+        "nft": sorted(sh("nft", "list", "tables").splitlines()),
+    }
+
+
+@pytest.fixture
+def run_root(tmp_path: Path) -> Iterator[dict[str, str]]:
+    env = dict(os.environ, AMBIENT_DEMO_RUN_ROOT=str(tmp_path / "runs"))
+    yield env
+    run_ctl("down", env=env)  # a failed test must not leave a mesh running
+
+
+def run_id(out: str) -> str:
+    m = re.search(r"\(run ([0-9a-f]+)\)", out)
+    assert m, out
+    return m.group(1)
+
+
+def assert_nothing_left(rid: str, env: dict[str, str], before: dict[str, list[str]]) -> None:
+    assert not [n for n in sh("ip", "netns", "list").splitlines() if n.startswith(f"ambd-{rid}-")]
+    procs = sh("ps", "-eo", "args")
+    assert env["AMBIENT_DEMO_RUN_ROOT"] not in procs
+    assert f"ambd-{rid}-" not in procs
+    assert not (Path(env["AMBIENT_DEMO_RUN_ROOT"]) / rid).exists()
+    assert host_state() == before
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+@needs_root
+def test_demo_end_to_end_leaves_nothing(run_root: dict[str, str]) -> None:
+    before = host_state()
+    p = run_ctl(env=run_root)
+    out = p.stdout
+    assert p.returncode == 0, out + p.stderr
+    for step in range(1, 10):
+        assert f"[{step}/9]" in out
+    for sa in ("frontend", "web", "cart"):
+        assert f"spiffe://cluster.local/ns/shop/sa/{sa}" in out
+    assert "shop (enrolled):       TLS only (HBONE on :15008), marker never visible" in out
+    assert "legacy (not enrolled): plaintext, marker visible on the wire" in out
+    assert "RESULT: every expected result holds." in out
+    assert_nothing_left(run_id(out), run_root, before)
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+@needs_root
+def test_keep_then_down(run_root: dict[str, str]) -> None:
+    before = host_state()
+    p = run_ctl("--keep", env=run_root)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rid = run_id(p.stdout)
+    assert "ambientctl demo down" in p.stdout
+    assert f"ip netns exec ambd-{rid}-shop-frontend" in p.stdout
+    m = re.search(r"node-a ztunnel config:\s+curl -s (http://127.0.0.1:\d+/config_dump)", p.stdout)
+    assert m, p.stdout
+    # Still running: its netns exist and ztunnel answers.
+    assert f"ambd-{rid}-shop-web" in sh("ip", "netns", "list")
+    import urllib.request
+
+    with urllib.request.urlopen(m.group(1), timeout=5) as r:
+        assert b"spiffe://cluster.local/ns/shop/sa/frontend" in r.read()
+    d = run_ctl("down", env=run_root)
+    assert d.returncode == 0, d.stdout + d.stderr
+    assert f"removing local mesh {rid}" in d.stdout
+    assert_nothing_left(rid, run_root, before)
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+@needs_root
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_while_building_leaves_nothing(run_root: dict[str, str], sig: signal.Signals) -> None:
+    before = host_state()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ambientctl.main", "demo"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=run_root, cwd=REPO,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    lines = []
+    try:
+        for line in proc.stdout:  # blocks until the demo prints: its progress is the signal to act on
+            lines.append(line)
+            if line.startswith("[5/9]"):  # processes up, netns made, pods being enrolled
+                proc.send_signal(sig)
+                break
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = "".join(lines) + rest
+    assert proc.returncode == 130, out
+    assert "interrupted" in out and "torn down: nothing left behind" in out
+    assert_nothing_left(run_id(out), run_root, before)
+
+
+def test_missing_tool_exits_2(tmp_path: Path) -> None:
+    env = dict(os.environ, PATH=str(tmp_path), AMBIENT_DEMO_RUN_ROOT=str(tmp_path / "runs"))
+    p = run_ctl(env=env, timeout=30)
+    assert p.returncode == 2
+    assert "missing tool(s): ip, nft, tcpdump, nsenter" in p.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_not_root_exits_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(demo.shutil, "which", lambda tool: f"/usr/sbin/{tool}")
+    monkeypatch.setattr(demo.os, "geteuid", lambda: 1000)
+    problem = demo.preflight()
+    assert problem is not None and "run it as root" in problem
