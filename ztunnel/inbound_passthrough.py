@@ -11,11 +11,10 @@ import socket
 import structlog
 
 from mesh.hbone.protocol import format_authority
-from mesh.netns import original_dst
 from ztunnel.inbound import connect_as
 from ztunnel.metrics import ConnectionRecord
 from ztunnel.routing import decide_inbound, plaintext_allowed
-from ztunnel.state import PodContext, relay_sockets
+from ztunnel.state import PodContext, redirected_connection, relay_sockets
 
 log = structlog.get_logger(__name__)
 
@@ -27,13 +26,10 @@ class InboundPassthrough:
 
     async def handle(self, client: socket.socket) -> None:
         node = self.pod.node
-        try:
-            peer = client.getpeername()
-            dst_ip, dst_port = original_dst(client)
-        except OSError as e:
-            log.warning("inbound plaintext: cannot read the original destination", error=str(e))
-            client.close()
+        addrs = redirected_connection(client, "inbound plaintext")
+        if addrs is None:
             return
+        peer, (dst_ip, dst_port) = addrs
         snapshot = node.snapshot()
         dst = self.pod.workload(snapshot)
         src = snapshot.workload_by_ip(peer[0])

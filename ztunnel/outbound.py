@@ -18,11 +18,11 @@ from mesh.caclient import CaError
 from mesh.hbone.aio import ClientProtocol, ConnectRefused, StreamError, TcpLeg, open_connection, wait_relay
 from mesh.hbone.pool import HbonePool, PoolKey
 from mesh.hbone.protocol import format_authority
-from mesh.netns import MARK_SKIP, original_dst
+from mesh.netns import MARK_SKIP
 from mesh.tls import PeerRejected
 from ztunnel.metrics import ConnectionRecord
 from ztunnel.routing import Deny, Hbone, Passthrough, decide_outbound
-from ztunnel.state import PodContext, random_choice, relay_sockets
+from ztunnel.state import PodContext, random_choice, redirected_connection, relay_sockets
 
 log = structlog.get_logger(__name__)
 
@@ -48,13 +48,10 @@ class Outbound:
     async def handle(self, client: socket.socket) -> None:
         """Serve one accepted client socket (owned from here on)."""
         node = self.pod.node
-        try:
-            peer = client.getpeername()
-            dst_ip, dst_port = original_dst(client)
-        except OSError as e:
-            log.warning("outbound: cannot read the original destination", error=str(e))
-            client.close()
+        addrs = redirected_connection(client, "outbound")
+        if addrs is None:
             return
+        peer, (dst_ip, dst_port) = addrs
         snapshot = node.snapshot()
         src = self.pod.workload(snapshot)
         rec = ConnectionRecord(

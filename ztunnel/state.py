@@ -12,11 +12,15 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import structlog
+
 from mesh.identity import Identity
 from mesh.model import Snapshot, Store, Workload
-from mesh.netns import SocketFactory
+from mesh.netns import SocketFactory, original_dst
 from ztunnel.certs import CertManager
 from ztunnel.metrics import Metrics
+
+log = structlog.get_logger(__name__)
 
 COPY_SIZE = 256 * 1024
 
@@ -115,3 +119,21 @@ async def relay_sockets(a: socket.socket, b: socket.socket) -> RelayResult:
             except OSError:
                 pass
     return res
+
+
+def redirected_connection(
+    client: socket.socket, listener: str
+) -> tuple[tuple[str, int], tuple[str, int]] | None:
+    """(peer address, original destination) of a connection nftables redirected to us.
+
+    None (and the client closed, the reason logged) when the socket cannot tell: the peer went
+    away already, or the connection did not come through a redirect.
+    """
+    try:
+        peer = client.getpeername()
+        dst = original_dst(client)
+    except OSError as e:
+        log.warning(f"{listener}: cannot read the original destination", error=str(e))
+        client.close()
+        return None
+    return (peer[0], peer[1]), dst
