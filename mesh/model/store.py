@@ -4,9 +4,9 @@ Sources (the local YAML file, the Kubernetes API) write; the CA, discovery serve
 and ztunnel read. Readers take a :class:`Snapshot` and may keep it as long as they like: it
 never changes, so a decision made on it is made on one consistent state, without locks.
 Each effective change makes a new snapshot (copy-on-write per kind, indexes rebuilt only for
-the kinds that changed) and a :class:`Delta` for subscribers, numbered by a version that only
-grows. Applying something already in force changes nothing and notifies nobody, which makes
-sources idempotent for free.
+the kinds that changed, or updated in place for a small workload change) and a :class:`Delta`
+for subscribers, numbered by a version that only grows. Applying something already in force
+changes nothing and notifies nobody, which makes sources idempotent for free.
 """
 
 from __future__ import annotations
@@ -48,12 +48,39 @@ MeshObject: TypeAlias = (
 )
 
 _T = TypeVar("_T")
+_K = TypeVar("_K")
 _EMPTY: Mapping[str, MeshObject] = MappingProxyType({})
 _NO_KEYS: frozenset[str] = frozenset()
 
 
 def _readonly(d: dict[str, _T]) -> Mapping[str, _T]:
     return MappingProxyType(d)
+
+
+def _copy(m: Mapping[_K, _T]) -> dict[_K, _T]:
+    """A mutable copy; ``dict(proxy)`` walks a read-only view key by key, ``.copy()`` does not
+    (some 25 times faster for the 10,000 entries of a large mesh)."""
+    if isinstance(m, MappingProxyType | dict):
+        return m.copy()
+    return dict(m)
+
+
+def _claims_removed(claims: dict[_K, tuple[str, ...]], key: _K, uid: str) -> None:
+    rest = tuple(u for u in claims.get(key, ()) if u != uid)
+    if rest:
+        claims[key] = rest
+    else:
+        claims.pop(key, None)
+
+
+def _claims_added(claims: dict[_K, tuple[str, ...]], key: _K, uid: str) -> None:
+    held = claims.get(key, ())
+    if uid not in held:
+        claims[key] = tuple(sorted((*held, uid)))
+
+
+def _by_uid(w: Workload) -> str:
+    return w.uid
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,11 +90,17 @@ class _WorkloadIndexes:
     by_node: Mapping[str, tuple[Workload, ...]]
     # node -> namespace -> service account -> number of pods
     accounts: Mapping[str, Mapping[str, Mapping[str, int]]]
+    # Every claimant (sorted uids) of an IP / a name, so that an incremental update can tell
+    # who wins once the current winner goes away. The winner is always the smallest uid.
+    ip_claims: Mapping[str, tuple[str, ...]]
+    name_claims: Mapping[tuple[str, str], tuple[str, ...]]
 
     @classmethod
     def build(cls, workloads: Mapping[str, Workload]) -> _WorkloadIndexes:
         by_ip: dict[str, Workload] = {}
         by_name: dict[tuple[str, str], Workload] = {}
+        ip_claims: defaultdict[str, list[str]] = defaultdict(list)
+        name_claims: defaultdict[tuple[str, str], list[str]] = defaultdict(list)
         by_node: defaultdict[str, list[Workload]] = defaultdict(list)
         counts: defaultdict[str, defaultdict[str, defaultdict[str, int]]] = defaultdict(
             lambda: defaultdict(lambda: defaultdict(int))
@@ -79,7 +112,11 @@ class _WorkloadIndexes:
             if not w.host_network:  # a hostNetwork pod shares its node's IP: not its identity
                 for ip in w.ips:
                     by_ip.setdefault(ip, w)
+                    claims = ip_claims[ip]
+                    if not claims or claims[-1] != uid:
+                        claims.append(uid)
             by_name.setdefault((w.namespace, w.name), w)
+            name_claims[(w.namespace, w.name)].append(uid)
             if w.node:
                 by_node[w.node].append(w)
                 counts[w.node][w.namespace][w.service_account] += 1
@@ -92,6 +129,77 @@ class _WorkloadIndexes:
             by_name=MappingProxyType(by_name),
             by_node=MappingProxyType({n: tuple(ws) for n, ws in by_node.items()}),
             accounts=MappingProxyType(accounts),
+            ip_claims=MappingProxyType({ip: tuple(us) for ip, us in ip_claims.items()}),
+            name_claims=MappingProxyType({n: tuple(us) for n, us in name_claims.items()}),
+        )
+
+    def updated(
+        self,
+        before: Mapping[str, Workload],
+        after: Mapping[str, Workload],
+        touched: Iterable[str],
+    ) -> _WorkloadIndexes:
+        """The indexes of ``after``, given that it differs from ``before`` only in ``touched``.
+
+        Equal (``==``) to ``build(after)``; costs O(touched) plus a copy of each top-level
+        dictionary, instead of a pass over every workload.
+        """
+        by_ip = _copy(self.by_ip)
+        by_name = _copy(self.by_name)
+        ip_claims = _copy(self.ip_claims)
+        name_claims = _copy(self.name_claims)
+        ips: set[str] = set()
+        names: set[tuple[str, str]] = set()
+        nodes: set[str] = set()
+        touched_set = set(touched)
+        for uid in touched_set:
+            for w, add in ((before.get(uid), False), (after.get(uid), True)):
+                if w is None:
+                    continue
+                change = _claims_added if add else _claims_removed
+                if not w.host_network:
+                    for ip in w.ips:
+                        change(ip_claims, ip, uid)
+                        ips.add(ip)
+                name = (w.namespace, w.name)
+                change(name_claims, name, uid)
+                names.add(name)
+                if w.node:
+                    nodes.add(w.node)
+        for ip in ips:
+            ip_owners = ip_claims.get(ip)
+            if ip_owners:
+                by_ip[ip] = after[ip_owners[0]]
+            else:
+                by_ip.pop(ip, None)
+        for name in names:
+            name_owners = name_claims.get(name)
+            if name_owners:
+                by_name[name] = after[name_owners[0]]
+            else:
+                by_name.pop(name, None)
+        by_node = _copy(self.by_node)
+        accounts = _copy(self.accounts)
+        for node in nodes:
+            on_node = [w for w in self.by_node.get(node, ()) if w.uid not in touched_set]
+            on_node += (w for u in touched_set if (w := after.get(u)) is not None and w.node == node)
+            if not on_node:
+                by_node.pop(node, None)
+                accounts.pop(node, None)
+                continue
+            on_node.sort(key=_by_uid)
+            by_node[node] = tuple(on_node)
+            counts: defaultdict[str, defaultdict[str, int]] = defaultdict(lambda: defaultdict(int))
+            for w in on_node:
+                counts[w.namespace][w.service_account] += 1
+            accounts[node] = MappingProxyType({ns: MappingProxyType(dict(sas)) for ns, sas in counts.items()})
+        return _WorkloadIndexes(
+            by_ip=MappingProxyType(by_ip),
+            by_name=MappingProxyType(by_name),
+            by_node=MappingProxyType(by_node),
+            accounts=MappingProxyType(accounts),
+            ip_claims=MappingProxyType(ip_claims),
+            name_claims=MappingProxyType(name_claims),
         )
 
 
@@ -124,6 +232,8 @@ class _ServiceIndexes:
 class _EndpointIndexes:
     endpoints: Mapping[str, tuple[Workload, ...]]  # service key -> selected workloads
     services_of: Mapping[str, tuple[Service, ...]]  # workload uid -> services selecting it
+    # namespace -> its services that have a selector, by key: the only candidates for a pod.
+    selecting: Mapping[str, tuple[Service, ...]]
 
     @classmethod
     def build(cls, services: Mapping[str, Service], workloads: Mapping[str, Workload]) -> _EndpointIndexes:
@@ -133,8 +243,11 @@ class _EndpointIndexes:
             by_namespace[w.namespace].append(w)
         endpoints: dict[str, tuple[Workload, ...]] = {}
         services_of: defaultdict[str, list[Service]] = defaultdict(list)
+        selecting: defaultdict[str, list[Service]] = defaultdict(list)
         for key in sorted(services):
             s = services[key]
+            if s.selector:
+                selecting[s.namespace].append(s)
             selected = tuple(w for w in by_namespace.get(s.namespace, ()) if s.selects(w))
             if selected:
                 endpoints[key] = selected
@@ -143,8 +256,52 @@ class _EndpointIndexes:
         return cls(
             endpoints=MappingProxyType(endpoints),
             services_of=MappingProxyType({u: tuple(ss) for u, ss in services_of.items()}),
+            selecting=MappingProxyType({ns: tuple(ss) for ns, ss in selecting.items()}),
         )
 
+    def workloads_updated(
+        self,
+        before: Mapping[str, Workload],
+        after: Mapping[str, Workload],
+        touched: Iterable[str],
+    ) -> _EndpointIndexes:
+        """The indexes for ``after`` (same services), which differs from ``before`` only in
+        ``touched``: only the services that selected or now select a touched workload are
+        looked at, instead of every service against every pod. Equal to a full ``build``."""
+        endpoints = _copy(self.endpoints)
+        services_of = _copy(self.services_of)
+        touched_set = set(touched)
+        affected: dict[str, Service] = {}
+        for uid in touched_set:
+            for s in self.services_of.get(uid, ()):
+                affected[s.key] = s
+            w = after.get(uid)
+            selected = (
+                tuple(s for s in self.selecting.get(w.namespace, ()) if s.selects(w)) if w is not None else ()
+            )
+            if selected:
+                services_of[uid] = selected
+                for s in selected:
+                    affected[s.key] = s
+            else:
+                services_of.pop(uid, None)
+        for key, s in affected.items():
+            members = [w for w in self.endpoints.get(key, ()) if w.uid not in touched_set]
+            members += (w for u in touched_set if (w := after.get(u)) is not None and s.selects(w))
+            if members:
+                members.sort(key=_by_uid)
+                endpoints[key] = tuple(members)
+            else:
+                endpoints.pop(key, None)
+        return _EndpointIndexes(
+            endpoints=MappingProxyType(endpoints),
+            services_of=MappingProxyType(services_of),
+            selecting=self.selecting,
+        )
+
+
+# Above one touched workload in this many, a full rebuild is cheaper than updating in place.
+_INCREMENTAL_FRACTION = 4
 
 _EMPTY_WORKLOAD_INDEXES = _WorkloadIndexes.build({})
 _EMPTY_SERVICE_INDEXES = _ServiceIndexes.build({})
@@ -173,8 +330,14 @@ class Snapshot:
         *,
         _previous: Snapshot | None = None,
         _changed: frozenset[Kind] = frozenset(),
+        _touched: Mapping[Kind, frozenset[str]] | None = None,
     ) -> None:
-        """Build a snapshot; ``_previous``/``_changed`` let the store reuse unchanged indexes."""
+        """Build a snapshot; ``_previous``/``_changed`` let the store reuse unchanged indexes.
+
+        ``_touched`` (keys upserted or removed, per kind, relative to ``_previous``; given by
+        :meth:`Store.apply`) lets a small workload change update the workload and endpoint
+        indexes in place of rebuilding them over every pod and service.
+        """
         by_kind = dict.fromkeys(Kind, _EMPTY)
         for kind, objs in (objects or {}).items():
             by_kind[kind] = objs if isinstance(objs, MappingProxyType) else _readonly(dict(objs))
@@ -183,8 +346,21 @@ class Snapshot:
         workloads = cast(Mapping[str, Workload], by_kind[Kind.WORKLOAD])
         services = cast(Mapping[str, Service], by_kind[Kind.SERVICE])
         prev = _previous
+        touched_workloads = _touched.get(Kind.WORKLOAD) if _touched is not None else None
+        incremental = (
+            prev is not None
+            and touched_workloads is not None
+            and Kind.SERVICE not in _changed
+            and len(touched_workloads) * _INCREMENTAL_FRACTION <= len(prev.workloads)
+        )
         if prev is not None and Kind.WORKLOAD not in _changed:
             self._workload_idx = prev._workload_idx
+        elif incremental and prev is not None and touched_workloads is not None:
+            self._workload_idx = (
+                prev._workload_idx.updated(prev.workloads, workloads, touched_workloads)
+                if workloads
+                else _EMPTY_WORKLOAD_INDEXES
+            )
         else:
             self._workload_idx = _WorkloadIndexes.build(workloads) if workloads else _EMPTY_WORKLOAD_INDEXES
         if prev is not None and Kind.SERVICE not in _changed:
@@ -193,6 +369,10 @@ class Snapshot:
             self._service_idx = _ServiceIndexes.build(services) if services else _EMPTY_SERVICE_INDEXES
         if prev is not None and not {Kind.WORKLOAD, Kind.SERVICE} & _changed:
             self._endpoint_idx = prev._endpoint_idx
+        elif incremental and prev is not None and touched_workloads is not None and services and workloads:
+            self._endpoint_idx = prev._endpoint_idx.workloads_updated(
+                prev.workloads, workloads, touched_workloads
+            )
         else:
             self._endpoint_idx = (
                 _EndpointIndexes.build(services, workloads)
@@ -455,7 +635,7 @@ class Store:
                 k_dels = frozenset(k for k in dels.get(kind, ()) if k in old)
                 if not k_ups and not k_dels:
                     continue
-                d = dict(old)
+                d = _copy(old)
                 for k in k_ups:
                     d[k] = ups[kind][k]
                 for k in k_dels:
@@ -465,7 +645,7 @@ class Store:
                     upserted[kind] = k_ups
                 if k_dels:
                     removed[kind] = k_dels
-            return self._commit(changed, upserted, removed)
+            return self._commit(changed, upserted, removed, incremental=True)
 
     def _write(self) -> _WriteGuard:
         return _WriteGuard(self)
@@ -475,15 +655,25 @@ class Store:
         changed: Mapping[Kind, dict[str, MeshObject]],
         upserted: dict[Kind, frozenset[str]],
         removed: dict[Kind, frozenset[str]],
+        *,
+        incremental: bool = False,
     ) -> Delta | None:
-        # Called with the lock held.
+        """Called with the lock held. ``incremental``: the objects not among ``upserted`` and
+        ``removed`` are the previous snapshot's own, so its indexes can be updated in place."""
         if not changed:
             return None
         previous = self._snapshot
         objects = {k: previous.objects(k) for k in Kind}
         for kind, d in changed.items():
             objects[kind] = _readonly(d)
-        snapshot = Snapshot(previous.version + 1, objects, _previous=previous, _changed=frozenset(changed))
+        touched = (
+            {k: upserted.get(k, _NO_KEYS) | removed.get(k, _NO_KEYS) for k in changed}
+            if incremental
+            else None
+        )
+        snapshot = Snapshot(
+            previous.version + 1, objects, _previous=previous, _changed=frozenset(changed), _touched=touched
+        )
         self._snapshot = snapshot
         delta = Delta(
             version=snapshot.version,
