@@ -37,5 +37,5 @@ def test_controlplane_benchmark_quick(tmp_path: Path) -> None:
         assert isinstance(figures.get(key), int | float) and figures[key] > 0, key
     # Correctness of what was measured, not speed: every change arrived, every CSR was signed.
     assert figures["changes_ok"] == figures["changes"] > 0
-    assert figures["ca_errors"] == 0 and figures["ca_requests"] > 0
+    assert not figures["ca_errors"] and figures["ca_requests"] > 0  # ca_errors lists the failures
     assert figures["client_workloads"] > 0 and figures["client_services"] > 0
