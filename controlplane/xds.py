@@ -147,7 +147,9 @@ class ResourceCache:
         return self._resources
 
     def _update_workloads(self, snapshot: Snapshot, deltas: Sequence[Delta]) -> Resources:
-        addresses = dict(self._resources.by_type[ADDRESS_TYPE_URL])
+        current = self._resources.by_type[ADDRESS_TYPE_URL]
+        # MappingProxyType.copy() copies the dict underneath in C; dict(view) walks it in Python.
+        addresses = current.copy() if isinstance(current, MappingProxyType) else dict(current)
         touched = set().union(
             *(d.upserted_keys(Kind.WORKLOAD) | d.removed_keys(Kind.WORKLOAD) for d in deltas)
         )
