@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -51,6 +52,10 @@ class NodeProcs:
     @property
     def ztunnel(self) -> str:
         return f"ztunnel-{self.node.name}"
+
+    @property
+    def agent(self) -> str:
+        return f"cni-{self.node.name}"
 
     def admin_url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.admin}{path}"
@@ -95,7 +100,11 @@ class LocalMesh:
 
     # -- build ------------------------------------------------------------------------------------
 
-    def build(self) -> None:
+    def build(self, *, enroll: bool = True) -> None:
+        """Build the whole mesh. ``enroll=False`` stops after making the pods' sandboxes (netns,
+        veth, address): no CNI plugin has run, no ztunnel serves them and no app is started —
+        call :meth:`enroll_pods` later to run the plugin chain for them (the data-path benchmark
+        measures the same pods before and after)."""
         self.step(f"writing the local-mode config {self.config}")
         self._write_config()
         for ns, enrolled in spec.NAMESPACES.items():
@@ -124,6 +133,12 @@ class LocalMesh:
         for node in self.topo.nodes.values():
             self._start_node(node)
 
+        if not enroll:
+            self.step("running the pods: sandbox netns only (the CNI plugin chain runs later)")
+            for p in spec.PODS:
+                self._add_pod(p)
+            return
+
         self.step("running the pods: sandbox netns, then the CNI plugin chain (ours last)")
         for p in spec.PODS:
             self._run_pod(p)
@@ -147,37 +162,87 @@ class LocalMesh:
         admin, stats, readiness = free_ports(3)
         np = NodeProcs(node, admin, stats, readiness, d / "zds.sock", d / "cni.sock")
         self.nodes[node.name] = np
-        agent = f"cni-{node.name}"
-        self.procs.start(
-            agent,
-            [*python_main("cni.main"), "--node", node.name, "--local-config", str(self.config),
-             "--zds-socket", str(np.zds), "--plugin-socket", str(np.plugin), "--state-dir", str(d / "cni"),
-             "--poll-interval", "0.5", "--ready-file", str(d / "cni.ready")],
-        )  # fmt: skip
-        self.procs.wait_file(agent, d / "cni.ready")
-        env = dict(os.environ)
-        env.update(
-            CA_ROOT_CERT=str(self.cp_dir / "root-cert.pem"),
-            TOKEN_FILE=str(self.cp_dir / "tokens" / f"{node.name}.token"),
-        )
-        self.procs.start(
-            np.ztunnel,
-            [*python_main("ztunnel.main"), "--node-name", node.name, "--ca-address", self.cp_address,
-             "--xds-address", self.cp_address, "--zds-socket", str(np.zds), "--admin-port", str(admin),
-             "--stats-port", str(stats), "--readiness-port", str(readiness), "--drain-seconds", "1",
-             "--ready-file", str(d / "ztunnel.ready")],
-            env,
-        )  # fmt: skip
-        self.procs.wait_file(np.ztunnel, d / "ztunnel.ready")
+        self._start_agent(np)
+        self._start_ztunnel(np)
         self.say(
             f"      {node.name}: cni agent ({np.plugin.name}, {np.zds.name}), ztunnel admin :{admin}, "
             f"metrics :{stats}, readiness :{readiness}"
         )
 
+    def enroll_pods(self) -> None:
+        """After ``build(enroll=False)``: the CNI plugin chain for every pod, then wait until each
+        ztunnel serves its enrolled pods. The apps are not started."""
+        self.step("running the CNI plugin chain (ours last) for the pods")
+        for p in spec.PODS:
+            self._run_pod(p)
+        self.step("waiting for each ztunnel to take over its enrolled pods (listeners + certificates)")
+        for np in self.nodes.values():
+            self._wait_ztunnel(np)
+
+    def exec_argv(self, pod_key: str, argv: list[str]) -> list[str]:
+        """``argv`` run inside the network namespace of pod ``pod_key`` (``ip netns exec``)."""
+        return ["ip", "netns", "exec", self.pods[pod_key].netns, *argv]
+
+    def _add_pod(self, p: spec.PodSpec) -> PodNet:
+        net = self.pods.get(p.key)
+        if net is None:
+            net = self.topo.add_pod(p.namespace, p.name, self.topo.nodes[p.node], p.ip)
+            self.pods[p.key] = net
+        return net
+
+    def _start_agent(self, np: NodeProcs, *, append: bool = False) -> None:
+        d = self.state.path / np.node.name
+        ready = d / "cni.ready"
+        ready.unlink(missing_ok=True)  # a restart waits for the new process's file
+        self.procs.start(
+            np.agent,
+            [*python_main("cni.main"), "--node", np.node.name, "--local-config", str(self.config),
+             "--zds-socket", str(np.zds), "--plugin-socket", str(np.plugin), "--state-dir", str(d / "cni"),
+             "--poll-interval", "0.5", "--ready-file", str(ready)],
+            append=append,
+        )  # fmt: skip
+        self.procs.wait_file(np.agent, ready)
+
+    def _start_ztunnel(self, np: NodeProcs, *, append: bool = False) -> None:
+        d = self.state.path / np.node.name
+        ready = d / "ztunnel.ready"
+        ready.unlink(missing_ok=True)
+        env = dict(os.environ)
+        env.update(
+            CA_ROOT_CERT=str(self.cp_dir / "root-cert.pem"),
+            TOKEN_FILE=str(self.cp_dir / "tokens" / f"{np.node.name}.token"),
+        )
+        self.procs.start(
+            np.ztunnel,
+            [*python_main("ztunnel.main"), "--node-name", np.node.name, "--ca-address", self.cp_address,
+             "--xds-address", self.cp_address, "--zds-socket", str(np.zds), "--admin-port", str(np.admin),
+             "--stats-port", str(np.stats), "--readiness-port", str(np.readiness), "--drain-seconds", "1",
+             "--ready-file", str(ready)],
+            env,
+            append=append,
+        )  # fmt: skip
+        self.procs.wait_file(np.ztunnel, ready)
+
+    # -- one process at a time (restart tests) ----------------------------------------------------
+
+    def stop(self, name: str, sig: signal.Signals = signal.SIGKILL) -> int:
+        """Stop one of the mesh's processes (e.g. ``ztunnel-node-a``, ``cni-node-a``); its exit status."""
+        return self.procs.stop(name, sig)
+
+    def start_ztunnel(self, node: str) -> None:
+        """Start a new ztunnel process for ``node`` (same ports, same ZDS socket, log appended) and
+        wait until it serves every enrolled pod of the node again (``/config_dump``, ``/healthz/ready``)."""
+        np = self.nodes[node]
+        self._start_ztunnel(np, append=True)
+        self._wait_ztunnel(np)
+
+    def start_agent(self, node: str) -> None:
+        """Start a new cni agent process for ``node`` (same state dir and sockets, log appended);
+        returns once it serves its sockets."""
+        self._start_agent(self.nodes[node], append=True)
+
     def _run_pod(self, p: spec.PodSpec) -> None:
-        node = self.topo.nodes[p.node]
-        net = self.topo.add_pod(p.namespace, p.name, node, p.ip)
-        self.pods[p.key] = net
+        net = self._add_pod(p)
         np = self.nodes[p.node]
         conf = {
             "cniVersion": "1.0.0",

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -52,10 +55,14 @@ class Procs:
         self.state = state
         self.running: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
 
-    def start(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> Path:
+    def start(
+        self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None, *, append: bool = False
+    ) -> Path:
+        """Start ``name`` in its own session, output to ``logs/<name>.log`` (``append``: a restart
+        keeps the previous process's lines before its own)."""
         log = self.state.path / "logs" / f"{name}.log"
         log.parent.mkdir(exist_ok=True)
-        with open(log, "wb") as out:
+        with open(log, "ab" if append else "wb") as out:
             p = subprocess.Popen(
                 list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=dict(env) if env is not None else None, start_new_session=True,
@@ -63,6 +70,10 @@ class Procs:
         self.state.add_proc(name, p.pid)
         self.running[name] = (p, log)
         return log
+
+    def pid(self, name: str) -> int:
+        """The pid of the running process ``name`` (e.g. ``ztunnel-node-a``)."""
+        return self.running[name][0].pid
 
     def log_tail(self, name: str, lines: int = 15) -> str:
         _, log = self.running[name]
@@ -76,6 +87,18 @@ class Procs:
         p, _ = self.running[name]
         if p.poll() is not None:
             raise ProcError(f"{name} exited with status {p.returncode}; its log:\n{self.log_tail(name)}")
+
+    def stop(self, name: str, sig: signal.Signals = signal.SIGKILL, timeout: float = 15.0) -> int:
+        """Send ``sig`` to the process group of ``name`` and wait for it to exit; its exit status."""
+        p, _ = self.running[name]
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, sig)
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                raise ProcError(f"{name} did not exit within {timeout:.0f} s of {sig.name}") from None
+        return p.returncode
 
     def wait_for(self, name: str, what: str, probe: Callable[[], T | None], timeout: float = 30.0) -> T:
         """Poll ``probe`` until it returns a value; fail early if process ``name`` died."""
