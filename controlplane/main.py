@@ -1,4 +1,4 @@
-"""Entry point of the ``ambient-controlplane`` process (local mode).
+"""Entry point of the ``ambient-controlplane`` process (local mode, or ``--kubernetes``).
 
 Start-up is ordered so that anything a user got wrong (flags, the CA directory, the YAML file,
 the listen address) stops the process with exit status 2 and one clear line on stderr before
@@ -9,8 +9,11 @@ State directory layout::
 
     DIR/ca/                    the generated root (Istio's cacerts layout), unless --cacerts
     DIR/root-cert.pem          the mesh root clients trust
-    DIR/token-signing-key.pem  ES256 key of the node tokens (0600)
-    DIR/tokens/<node>.token    one per Node of the file (0600)
+    DIR/token-signing-key.pem  ES256 key of the node tokens (0600, local mode)
+    DIR/tokens/<node>.token    one per Node of the file (0600, local mode)
+
+In Kubernetes mode the state comes from list/watch of the API server, callers authenticate with
+projected service-account tokens checked by TokenReview, and no node tokens are written.
 """
 
 from __future__ import annotations
@@ -33,9 +36,11 @@ from controlplane.auth import (
     Authenticator,
     AuthenticatorUnavailable,
     LocalTokenAuthenticator,
+    TokenReviewAuthenticator,
 )
 from controlplane.ca import bearer_token
 from controlplane.convert import ConfigError, ConvertOptions
+from controlplane.k8ssource import KubernetesSource
 from controlplane.localsource import DEFAULT_POLL_INTERVAL, LocalSource
 from controlplane.server import DEFAULT_PORT, ServerError, parse_listen, start_server
 from controlplane.tokens import DEFAULT_TOKEN_TTL, TokenError, TokenIssuer
@@ -62,7 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="The mesh control plane: node-bound CA and discovery on one TLS gRPC port.",
     )
-    p.add_argument("--local-config", metavar="FILE", help="YAML file of Kubernetes objects (local mode)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--local-config", metavar="FILE", help="YAML file of Kubernetes objects (local mode)")
+    mode.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="watch the Kubernetes API (in-cluster config or --kubeconfig)",
+    )
+    p.add_argument(
+        "--kubeconfig", metavar="PATH", help="--kubernetes: kubeconfig to use instead of in-cluster"
+    )
+    p.add_argument(
+        "--sync-timeout",
+        metavar="SECONDS",
+        type=float,
+        default=60.0,
+        help="--kubernetes: how long to wait for the first full list before giving up",
+    )
     p.add_argument("--state-dir", metavar="DIR", help="where the CA, root cert and node tokens live")
     p.add_argument(
         "--listen", metavar="ADDR", default=f"127.0.0.1:{DEFAULT_PORT}", help="HOST:PORT to serve on"
@@ -90,12 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate(args: argparse.Namespace) -> None:
     """Flag checks argparse cannot express; each error names the flag."""
-    if not args.local_config:
-        raise StartupError("--local-config FILE is required (only local mode is available)")
+    if not args.local_config and not args.kubernetes:
+        raise StartupError("one of --local-config FILE or --kubernetes is required")
     if not args.state_dir:
         raise StartupError("--state-dir DIR is required")
-    if not Path(args.local_config).is_file():
+    if args.local_config and not Path(args.local_config).is_file():
         raise StartupError(f"--local-config: {args.local_config} is not a readable file")
+    if args.kubeconfig and not args.kubernetes:
+        raise StartupError("--kubeconfig only makes sense with --kubernetes")
+    if args.kubeconfig and not Path(args.kubeconfig).is_file():
+        raise StartupError(f"--kubeconfig: {args.kubeconfig} is not a readable file")
+    if not args.sync_timeout > 0:
+        raise StartupError(f"--sync-timeout must be positive, not {args.sync_timeout}")
     state = Path(args.state_dir)
     if state.exists() and not state.is_dir():
         raise StartupError(f"--state-dir: {state} exists and is not a directory")
@@ -134,12 +161,41 @@ class Prepared:
 
     ca: CertificateAuthority
     store: Store
-    source: LocalSource
-    issuer: TokenIssuer
+    source: LocalSource | KubernetesSource
+    authenticator: Authenticator
+    issuer: TokenIssuer | None  # local mode only
     token_ttl: dt.timedelta
+    api_client: Any = None  # Kubernetes mode: closed at shutdown
+
+
+def kubernetes_client(kubeconfig: str | None) -> Any:
+    """An ApiClient from ``kubeconfig``, or the in-cluster service account when none is given."""
+    from kubernetes import client, config
+
+    cfg: Any = config  # the kubernetes package is untyped
+    try:
+        if kubeconfig:
+            return cfg.new_client_from_config(config_file=kubeconfig)
+        cfg.load_incluster_config()
+    except cfg.ConfigException as e:
+        raise StartupError(f"--kubernetes: no usable API server configuration ({e})") from None
+    return client.ApiClient()
+
+
+def prepare_kubernetes(args: argparse.Namespace) -> Prepared:
+    api_client = kubernetes_client(args.kubeconfig)
+    store = Store()
+    source = KubernetesSource(api_client, store, options=ConvertOptions(trust_domain=args.trust_domain))
+    state = Path(args.state_dir)
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ca = load_ca(args)
+    authenticator = TokenReviewAuthenticator(api_client)
+    return Prepared(ca, store, source, authenticator, None, dt.timedelta(0), api_client)
 
 
 def prepare(args: argparse.Namespace) -> Prepared:
+    if args.kubernetes:
+        return prepare_kubernetes(args)
     # The file first: a typo in it should not leave a fresh CA behind in a new state directory.
     store = Store()
     source = LocalSource(
@@ -161,7 +217,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
         raise StartupError(str(e)) from None
     ttl = dt.timedelta(seconds=args.token_ttl)
     issuer.write_node_tokens(state, sorted(store.snapshot().nodes), ttl=ttl)
-    return Prepared(ca, store, source, issuer, ttl)
+    return Prepared(ca, store, source, LocalTokenAuthenticator(issuer), issuer, ttl)
 
 
 def xds_authenticate(authenticator: Authenticator) -> xds.Authenticator:
@@ -183,14 +239,16 @@ async def serve(args: argparse.Namespace, p: Prepared) -> int:
     stop = runtime.stop_on_signals()
     state = Path(args.state_dir)
 
+    issuer = p.issuer
+
     def new_node_tokens(delta: Delta) -> None:
         # A node added to the file by a reload gets its token without a restart.
         added = delta.upserted_keys(Kind.NODE) - set(delta.previous.nodes)
-        if added:
-            p.issuer.write_node_tokens(state, sorted(added), ttl=p.token_ttl)
+        if added and issuer is not None:
+            issuer.write_node_tokens(state, sorted(added), ttl=p.token_ttl)
 
     unsubscribe = p.store.subscribe(new_node_tokens)
-    authenticator = LocalTokenAuthenticator(p.issuer)
+    authenticator = p.authenticator
     servicers: list[xds.DiscoveryServicer] = []
 
     def register_discovery(grpc_server: Any) -> None:
@@ -205,19 +263,31 @@ async def serve(args: argparse.Namespace, p: Prepared) -> int:
         raise StartupError(str(e)) from None
     try:
         p.source.start()
+        # Kubernetes mode serves only a complete picture: before the first full list, every node
+        # would be refused certificates for pods it does run.
+        if isinstance(p.source, KubernetesSource) and not await p.source.wait_synced(args.sync_timeout):
+            raise StartupError(
+                f"--kubernetes: the API server was not fully listed within {args.sync_timeout:g}s "
+                "(see the log for the failing resource)"
+            )
         runtime.write_ready_file(args.ready_file, server.address)
         log.info(
             "control plane ready",
             address=server.address,
             state_dir=str(state),
             trust_domain=args.trust_domain,
+            mode="kubernetes" if args.kubernetes else "local",
             nodes=len(p.store.snapshot().nodes),
         )
         await stop.wait()
         log.info("stopping control plane")
     finally:
         unsubscribe()
-        await p.source.stop()
+        if isinstance(p.source, KubernetesSource):
+            await p.source.astop()
+            p.api_client.close()
+        else:
+            await p.source.stop()
         for s in servicers:
             s.close()
         await server.stop()

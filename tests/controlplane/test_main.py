@@ -158,7 +158,11 @@ def test_bad_yaml_exits_2_naming_document_and_field(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ([], "--local-config FILE is required"),
+        ([], "one of --local-config FILE or --kubernetes is required"),
+        (
+            ["--local-config", "{config}", "--kubeconfig", "{config}", "--state-dir", "{tmp}/s"],
+            "--kubernetes",
+        ),
         (["--local-config", "{config}"], "--state-dir DIR is required"),
         (["--local-config", "{tmp}/missing.yaml", "--state-dir", "{tmp}/s"], "is not a readable file"),
         (["--local-config", "{config}", "--state-dir", "{tmp}/s", "--listen", "15012"], "--listen"),
@@ -204,3 +208,77 @@ async def test_plugged_in_ca(tmp_path: Path, procs: list[subprocess.Popen[bytes]
     assert not (state / "ca").exists()
     proc.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(proc.wait, TIMEOUT) == 0
+
+
+async def test_kubernetes_mode_process(tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
+    """--kubernetes: state from list/watch, callers authenticated by TokenReview, node-bound CA."""
+    from tests.k8s.fakeapi import FakeApiServer
+    from tests.k8s.helpers import namespace, node, pod
+
+    with FakeApiServer() as fake:
+        for obj in (
+            node("node-a"),
+            node("node-b"),
+            namespace("shop", **{"istio.io/dataplane-mode": "ambient"}),
+            namespace("istio-system"),
+            pod("web-1", "10.0.1.2", node_name="node-a"),
+        ):
+            fake.add(obj)
+        db = pod("db-1", "10.0.2.2", node_name="node-b", labels={"app": "db"})
+        db["spec"]["serviceAccountName"] = "db"
+        fake.add(db)
+        ztunnel = pod(
+            "ztunnel-a", "10.0.1.100", ns="istio-system", node_name="node-a", labels={"app": "ztunnel"}
+        )
+        ztunnel["spec"]["serviceAccountName"] = "ztunnel"
+        fake.add(ztunnel)
+        fake.token_users["ztunnel-a-token"] = {
+            "username": "system:serviceaccount:istio-system:ztunnel",
+            "extra": {
+                "authentication.kubernetes.io/pod-name": ["ztunnel-a"],
+                "authentication.kubernetes.io/pod-uid": ["uid-istio-system-ztunnel-a"],
+                "authentication.kubernetes.io/node-name": ["node-a"],
+            },
+        }
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(
+            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n"
+            f"clusters: [{{name: fake, cluster: {{server: '{fake.url}'}}}}]\n"
+            "users: [{name: fake, user: {token: admin}}]\n"
+            "contexts: [{name: fake, context: {cluster: fake, user: fake}}]\n"
+        )
+        state, ready, log = tmp_path / "state", tmp_path / "ready", tmp_path / "log"
+        proc = spawn(
+            log,
+            "--kubernetes",
+            "--kubeconfig",
+            str(kubeconfig),
+            "--state-dir",
+            str(state),
+            "--listen",
+            "127.0.0.1:0",
+            "--ready-file",
+            str(ready),
+        )
+        procs.append(proc)
+        address = await wait_ready(proc, ready, log)
+        assert not (state / "tokens").exists()  # no local node tokens in Kubernetes mode
+        token = tmp_path / "token"
+        token.write_text("ztunnel-a-token")
+        roots = (state / "root-cert.pem").read_text()
+        client = GrpcCaClient(address, roots, token)
+        try:
+            assert (await client.fetch_certificate(WEB)).identity == WEB  # web-1 runs on node-a
+            with pytest.raises(CaError, match="PERMISSION_DENIED"):
+                await client.fetch_certificate(DB)  # db-1 runs on node-b only
+        finally:
+            await client.close()
+        token.write_text("forged")
+        client = GrpcCaClient(address, roots, token)
+        try:
+            with pytest.raises(CaError, match="UNAUTHENTICATED"):
+                await client.fetch_certificate(WEB)
+        finally:
+            await client.close()
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, TIMEOUT) == 0

@@ -144,6 +144,8 @@ class FakeApiServer:
         self.delivered: dict[str, int] = {r.plural: 0 for r in FAKE_RESOURCES}  # highest rv streamed
         self.fail_next: dict[str, int] = {}  # plural -> number of GETs to answer with 500
         self.fail_patches = 0  # number of PATCHes to answer with 500 (still recorded)
+        # token -> the TokenReview ``status.user`` it authenticates as (absent: not authenticated)
+        self.token_users: dict[str, dict[str, Any]] = {}
         handler = type("_Handler", (_Handler,), {"fake": self})
         self._server = _Server(("127.0.0.1", 0), handler)
         self._thread = threading.Thread(
@@ -524,6 +526,27 @@ class _Handler(BaseHTTPRequestHandler):
     def _end(self) -> None:
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
+
+    def do_POST(self) -> None:
+        """Only TokenReview: answers from ``fake.token_users``, with the requested audiences."""
+        length = int(self.headers.get("Content-Length", "0"))
+        try:
+            body = json.loads(self.rfile.read(length))
+        except ValueError:
+            self._send_json(400, _status(400, "BadRequest", "body is not JSON"))
+            return
+        if urlsplit(self.path).path != "/apis/authentication.k8s.io/v1/tokenreviews":
+            self._send_json(404, _status(404, "NotFound", f"no POST handler for {self.path}"))
+            return
+        spec = body.get("spec") or {}
+        user = self.fake.token_users.get(spec.get("token", ""))
+        status: dict[str, Any] = {"authenticated": user is not None}
+        if user is None:
+            status["error"] = "invalid bearer token"
+        else:
+            status["user"] = user
+            status["audiences"] = spec.get("audiences") or []
+        self._send_json(201, {**body, "status": status})
 
     def do_PATCH(self) -> None:
         length = int(self.headers.get("Content-Length", "0"))
