@@ -394,11 +394,15 @@ class FakeApiServer:
                     self._cond.notify_all()
 
     def _patch_status(self, path: str, content_type: str, body: Any) -> tuple[int, dict[str, Any]]:
-        # /apis/{group}/{version}/namespaces/{ns}/{plural}/{name}/status
+        # /apis/{group}/{version}/namespaces/{ns}/{plural}/{name}/status, or a pod's metadata:
+        # /api/v1/namespaces/{ns}/pods/{name} (the cni agent's redirection annotation)
         parts = path.strip("/").split("/")
-        if len(parts) != 8 or parts[0] != "apis" or parts[3] != "namespaces" or parts[7] != "status":
+        if len(parts) == 6 and parts[:2] == ["api", "v1"] and parts[2] == "namespaces" and parts[4] == "pods":
+            ns, plural, name, field = parts[3], "pods", parts[5], "metadata"
+        elif len(parts) == 8 and parts[0] == "apis" and parts[3] == "namespaces" and parts[7] == "status":
+            ns, plural, name, field = parts[4], parts[5], parts[6], "status"
+        else:
             return 404, _status(404, "NotFound", f"no route {path}")
-        ns, plural, name = parts[4], parts[5], parts[6]
         with self._cond:
             self.patches.append(Patch(path, content_type, body))
             self._cond.notify_all()
@@ -409,9 +413,10 @@ class FakeApiServer:
             obj = coll.objects.get(f"{ns}/{name}") if coll else None
             if coll is None or obj is None:
                 return 404, _status(404, "NotFound", f"{plural} {ns}/{name} not found")
-            if content_type != "application/merge-patch+json" or not isinstance(body, Mapping):
+            merge_types = ("application/merge-patch+json", "application/strategic-merge-patch+json")
+            if content_type not in merge_types or not isinstance(body, Mapping):
                 return 415, _status(415, "UnsupportedMediaType", content_type)
-            patched = _merge(obj, {"status": body.get("status")})
+            patched = _merge(obj, {field: body.get(field)})
             self._rv += 1
             patched["metadata"]["resourceVersion"] = str(self._rv)
             coll.objects[f"{ns}/{name}"] = patched
