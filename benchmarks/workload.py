@@ -2,7 +2,8 @@
 
 ``python benchmarks/workload.py echo --port-file F`` is the backend (echoes everything, keeps
 connections open as long as the client does); ``latency``, ``connrate`` and ``hold`` are the
-clients. Clients print one JSON object on stdout. Kept free of project imports so that the
+clients. All of them use 127.0.0.1 unless ``--host`` says otherwise (the netns configuration runs
+them inside pod network namespaces, the backend listening on the pod's address). Clients print one JSON object on stdout. Kept free of project imports so that the
 measuring processes stay small and identical for every configuration.
 """
 
@@ -66,9 +67,9 @@ class Echo(asyncio.Protocol):
         return False  # close once the client has finished sending
 
 
-async def echo_server(port_file: str) -> None:
+async def echo_server(port_file: str, host: str = "127.0.0.1", port: int = 0) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(Echo, "127.0.0.1", 0, backlog=4096)
+    server = await loop.create_server(Echo, host, port, backlog=4096)
     port = server.sockets[0].getsockname()[1]
     write_atomic(port_file, str(port))
     stop = asyncio.Event()
@@ -174,6 +175,8 @@ def main(argv: list[str]) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("echo")
     e.add_argument("--port-file", required=True)
+    e.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    e.add_argument("--port", type=int, default=0, help="port to listen on (default: any free one)")
     la = sub.add_parser("latency")
     la.add_argument("--port", type=int, required=True)
     la.add_argument("--count", type=int, default=5000)
@@ -186,11 +189,13 @@ def main(argv: list[str]) -> int:
     ho.add_argument("--port", type=int, required=True)
     ho.add_argument("--count", type=int, default=1000)
     ho.add_argument("--ready-file", required=True)
+    for client in (la, cr, ho):
+        client.add_argument("--host", default="127.0.0.1", help="address to connect to")
     args = p.parse_args(argv)
-    host = "127.0.0.1"
+    host = args.host
     result: dict[str, float]
     if args.cmd == "echo":
-        run(echo_server(args.port_file))
+        run(echo_server(args.port_file, args.host, args.port))
         return 0
     if args.cmd == "latency":
         result = latency(host, args.port, args.count, args.warmup)
