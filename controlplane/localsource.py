@@ -11,6 +11,7 @@ would have guaranteed across objects: no duplicates, no IP used twice, pods on k
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 import time
@@ -24,7 +25,8 @@ import structlog
 import yaml
 
 from controlplane.convert import ConfigError, ConvertOptions, convert, describe, type_of
-from mesh.model import Delta, Kind, MeshObject, Service, Store, Workload
+from mesh.enrollment import decide
+from mesh.model import Delta, Kind, MeshObject, Namespace, Service, Store, TunnelProtocol, Workload
 
 log = structlog.get_logger(__name__)
 
@@ -193,6 +195,30 @@ class LoadResult:
         return self.error is None
 
 
+def assume_local_redirection(objects: list[MeshObject]) -> list[MeshObject]:
+    """Local mode: an enrolled pod is reached over HBONE, without the redirection annotation.
+
+    In Kubernetes the cni agent annotates a pod ``ambient.istio.io/redirection=enabled`` once its
+    traffic is captured, and that annotation is what makes discovery announce the pod as HBONE.
+    A local file has no API server for the agent to write to, so here the enrollment labels
+    decide directly (the same rules the agent applies, from ``mesh.enrollment``). Until the
+    agent has set the pod up, peers' HBONE connections to it are refused: fail closed.
+    """
+    namespaces = {o.name: o for o in objects if isinstance(o, Namespace)}
+    out: list[MeshObject] = []
+    for obj in objects:
+        if (
+            isinstance(obj, Workload)
+            and obj.tunnel_protocol is TunnelProtocol.NONE
+            and obj.node
+            and decide(namespaces.get(obj.namespace), obj, obj.node).enrolled
+        ):
+            out.append(dataclasses.replace(obj, tunnel_protocol=TunnelProtocol.HBONE))
+        else:
+            out.append(obj)
+    return out
+
+
 class LocalSource:
     """Keeps the store equal to the file: :meth:`load` once, then :meth:`start` to follow it.
 
@@ -251,7 +277,7 @@ class LocalSource:
             raise ConfigError(
                 f"not UTF-8 text ({e.reason} at byte {e.start})", source=str(self._path)
             ) from None
-        return parse_manifest(text, source=str(self._path), options=self._options)
+        return assume_local_redirection(parse_manifest(text, source=str(self._path), options=self._options))
 
     def _apply(self, digest: str, parsed: list[MeshObject] | ConfigError) -> LoadResult:
         if isinstance(parsed, ConfigError):

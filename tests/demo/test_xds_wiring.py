@@ -62,7 +62,9 @@ async def test_discovery_with_the_node_token(controlplane: tuple[str, Path, Path
         snap = xds.store.snapshot()
         names = {f"{w.namespace}/{w.name}": w.tunnel_protocol.value for w in snap.workloads.values()}
         assert names["shop/web"] == "HBONE"  # annotated as redirected
-        assert names["shop/frontend"] == "NONE"
+        # Local mode: the enrollment labels alone make a pod HBONE (no API server to annotate).
+        assert names["shop/frontend"] == "HBONE"
+        assert names["legacy/old"] == "NONE"
         assert {s.name for s in snap.services.values()} == {"web"}
     finally:
         xds.stop()

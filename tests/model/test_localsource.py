@@ -542,3 +542,63 @@ async def test_a_failing_listener_does_not_stop_the_watch(tmp_path: Path) -> Non
             await asyncio.wait_for(recovered.wait(), TIMEOUT)
     assert store.snapshot().workload_by_ip("10.0.1.4") is not None
     assert any(e["event"] == "local config poll failed" for e in logs)
+
+
+def test_local_mode_marks_enrolled_pods_hbone(tmp_path: Path) -> None:
+    """No API server to annotate: the enrollment labels decide HBONE in local mode."""
+    from controlplane.localsource import LocalSource
+    from mesh.model import Store, TunnelProtocol
+
+    f = tmp_path / "mesh.yaml"
+    f.write_text(
+        """
+apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: legacy}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop}
+spec: {nodeName: node-a}
+status: {podIP: 10.0.1.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: optout, namespace: shop, labels: {istio.io/dataplane-mode: none}}
+spec: {nodeName: node-a}
+status: {podIP: 10.0.1.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: old, namespace: legacy}
+spec: {nodeName: node-a}
+status: {podIP: 10.0.1.4}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: solo, namespace: legacy, labels: {istio.io/dataplane-mode: ambient}}
+spec: {nodeName: node-a}
+status: {podIP: 10.0.1.5}
+"""
+    )
+    store = Store()
+    LocalSource(f, store).load()
+    snap = store.snapshot()
+
+    def proto(ns: str, name: str) -> TunnelProtocol:
+        w = snap.workload_by_name(ns, name)
+        assert w is not None
+        return w.tunnel_protocol
+
+    assert proto("shop", "web") is TunnelProtocol.HBONE
+    assert proto("shop", "optout") is TunnelProtocol.NONE
+    assert proto("legacy", "old") is TunnelProtocol.NONE
+    assert proto("legacy", "solo") is TunnelProtocol.HBONE
