@@ -18,6 +18,7 @@ import contextlib
 import errno
 import socket
 import ssl
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ CONNECT_TIMEOUT = 10.0
 HANDSHAKE_TIMEOUT = 10.0
 POOL_IDLE_TIMEOUT = 300.0
 READ_SIZE = 256 * 1024
+MIN_READ_BUFFER = 16 * 1024  # an HBONE connection's receive buffer grows to what the TLS layer holds
 
 
 class StreamError(Exception):
@@ -262,8 +264,15 @@ class BufferedSink:
         return bytes(out)
 
 
-class HboneProtocol(asyncio.Protocol):
-    """An HBONE connection on a TLS transport (shared by the client and server sides)."""
+class HboneProtocol(asyncio.BufferedProtocol):
+    """An HBONE connection on a TLS transport (shared by the client and server sides).
+
+    A buffered protocol: the TLS layer decrypts straight into our receive buffer, sized to what
+    it holds, instead of allocating (and, for 256 KiB reads, mapping and unmapping) a fresh
+    bytes object per read. DATA payloads reach the sinks as views of that buffer; a sink (or a
+    transport queue) may keep such a view, and then the buffer is left to it and the next read
+    gets a new one — see ``get_buffer``.
+    """
 
     conn: HboneConnection
 
@@ -289,7 +298,8 @@ class HboneProtocol(asyncio.Protocol):
         self.goaway_received = False
         self.on_idle: Callable[[HboneProtocol], None] | None = None
         # Bytes that arrive between the TLS handshake and ``start()`` (peer not verified yet).
-        self._early: list[bytes] | None = []
+        self._early: list[bytes | memoryview] | None = []
+        self._rbuf: bytearray | None = None
 
     # -- transport callbacks ------------------------------------------------------------------------
 
@@ -303,9 +313,21 @@ class HboneProtocol(asyncio.Protocol):
         for data in early or ():
             self.data_received(data)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> bytearray:
+        buf = self._rbuf
+        # Three references (this attribute, ``buf``, the call's argument) mean nobody kept a
+        # view of the last read: reuse. Otherwise a sink still holds payload, leave it that.
+        if buf is None or len(buf) < sizehint or sys.getrefcount(buf) > 3:
+            buf = self._rbuf = bytearray(max(sizehint, MIN_READ_BUFFER))
+        return buf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        assert self._rbuf is not None
+        self.data_received(memoryview(self._rbuf)[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         if self._early is not None:
-            self._early.append(data)
+            self._early.append(bytes(data))
             return
         if self.dead:
             return

@@ -239,7 +239,7 @@ class HboneConnection:
 
     # -- input ------------------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> list[Event]:
+    def receive_data(self, data: bytes | memoryview) -> list[Event]:
         """Feed bytes from the peer; returns the events they produced."""
         if self._terminated:
             return []
@@ -268,7 +268,7 @@ class HboneConnection:
             pass
         return ProtocolError(reason)
 
-    def _receive_frames(self, data: bytes, out: list[Event]) -> None:
+    def _receive_frames(self, data: bytes | memoryview, out: list[Event]) -> None:
         """Split the byte stream into frames: GOAWAY (and on the fast path DATA / WINDOW_UPDATE)
         are handled here, everything else goes to h2."""
         mv = memoryview(data)

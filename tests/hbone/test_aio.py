@@ -255,6 +255,73 @@ async def test_slow_reader_slows_writer(
     conn.close()
 
 
+class _KeepingSink:
+    """Keeps the payload views it is handed (as a transport queue may), or copies them."""
+
+    def __init__(self, stream: Stream, keep: bool) -> None:
+        self.stream = stream
+        self.keep = keep
+        self.chunks: list[bytes | memoryview] = []
+        self.received = 0
+        self.want = 0
+        self.arrived = asyncio.Event()
+        stream.attach(self)
+
+    def on_data(self, data: bytes | memoryview) -> None:
+        self.chunks.append(data if self.keep else bytes(data))
+        self.received += len(data)
+        self.stream.ack(len(data))
+        if self.received >= self.want:
+            self.arrived.set()
+
+    def on_eof(self) -> None:
+        self.arrived.set()
+
+    def on_reset(self, error: StreamError) -> None:
+        self.arrived.set()
+
+
+async def _echo_one_read_at_a_time(
+    conn: ClientProtocol, sink: _KeepingSink, rounds: int
+) -> tuple[bytes, set[int]]:
+    """Send distinct chunks one round trip at a time (so each arrives in its own read)."""
+    sent = bytearray()
+    buffers = set()
+    for i in range(rounds):
+        chunk = bytes([i % 251]) * (700 + 97 * i)
+        sink.want = len(sent) + len(chunk)
+        sink.arrived.clear()
+        sink.stream.write(chunk)
+        sent += chunk
+        await asyncio.wait_for(sink.arrived.wait(), 5)
+        buffers.add(id(conn._rbuf))
+    return bytes(sent), buffers
+
+
+async def test_payload_views_a_sink_keeps_are_never_overwritten(
+    server: HboneServer, client_cred: Credential, backend: Backend
+) -> None:
+    """Payloads are views of the receive buffer: one a sink keeps must not be reused under it."""
+    conn = await dial(server, client_cred)
+    sink = _KeepingSink(await conn.open_stream(f"127.0.0.1:{backend.echo_port}"), keep=True)
+    sent, buffers = await _echo_one_read_at_a_time(conn, sink, 40)
+    assert any(isinstance(c, memoryview) for c in sink.chunks)  # the zero-copy path was taken
+    assert b"".join(bytes(c) for c in sink.chunks) == sent
+    assert len(buffers) > 1  # every kept view made the next read take a new buffer
+    conn.close()
+
+
+async def test_receive_buffer_reused_when_no_view_is_kept(
+    server: HboneServer, client_cred: Credential, backend: Backend
+) -> None:
+    conn = await dial(server, client_cred)
+    sink = _KeepingSink(await conn.open_stream(f"127.0.0.1:{backend.echo_port}"), keep=False)
+    sent, buffers = await _echo_one_read_at_a_time(conn, sink, 40)
+    assert b"".join(sink.chunks) == sent
+    assert len(buffers) == 1  # one receive buffer for all 40 reads
+    conn.close()
+
+
 @pytest.mark.slow
 async def test_256mib_transfer(server: HboneServer, client_cred: Credential, backend: Backend) -> None:
     conn = await dial(server, client_cred)
