@@ -21,6 +21,7 @@ import ipaddress
 import re
 from collections import deque
 from collections.abc import Iterable
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -28,6 +29,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack
 from hyperframe.exceptions import HyperframeError
 
 from mesh.hbone.events import (
@@ -154,6 +156,30 @@ class _StreamState:
         self.to_credit = 0
 
 
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
+_BAD_VALUE = re.compile(r"[\x00\r\n]|^[ \t]|[ \t]$")
+# Headers whose value differs on every stream (``forwarded`` names the client's port): indexing
+# them would only churn both sides' HPACK tables, so they are sent as never-indexed literals.
+_NOT_INDEXED = frozenset({"forwarded"})
+
+
+def _outbound_header(name: str, value: str) -> tuple[str, str] | hpack.NeverIndexedHeaderTuple:
+    """A caller's extra CONNECT header, checked here (h2's outbound validation is off)."""
+    if not _TOKEN.fullmatch(name):
+        raise LocalProtocolError(f"header name {name!r} is not a lowercase HTTP token")
+    if _BAD_VALUE.search(value):
+        raise LocalProtocolError(f"header {name!r} has a value with NUL, CR, LF or edge whitespace")
+    return hpack.NeverIndexedHeaderTuple(name, value) if name in _NOT_INDEXED else (name, value)
+
+
+class _PlainEncoder(hpack.Encoder):
+    """HPACK without Huffman coding: it saves a few bytes per header at a cost in pure Python
+    (per character) that dominated opening a stream; the dynamic table still indexes repeats."""
+
+    def encode(self, headers: Iterable[Any], huffman: bool = False) -> bytes:
+        return super().encode(headers, huffman=False)
+
+
 class HboneConnection:
     """One HTTP/2 connection carrying HBONE CONNECT streams; see the module docstring.
 
@@ -173,8 +199,12 @@ class HboneConnection:
             header_encoding="utf-8",
             validate_inbound_headers=True,
             normalize_inbound_headers=True,
+            # What we send is built here from parsed, checked values: h2 need not re-check it.
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
         )
         self._h2 = h2.connection.H2Connection(config)
+        self._h2.encoder = _PlainEncoder()
         self._fast = fast
         self._streams: dict[int, _StreamState] = {}
         self._events: list[Event] = []
@@ -717,8 +747,9 @@ class ClientConnection(HboneConnection):
         parse_authority(authority)
         if self.closing:
             raise LocalProtocolError("connection is closing (GOAWAY) or closed")
+        extra = [_outbound_header(name, value) for name, value in headers]
         sid = self._h2.get_next_available_stream_id()
-        self._h2.send_headers(sid, [(":method", "CONNECT"), (":authority", authority), *headers])
+        self._h2.send_headers(sid, [(":method", "CONNECT"), (":authority", authority), *extra])
         self._new_stream(sid)
         return sid
 

@@ -80,6 +80,42 @@ def test_connect_carries_authority_and_headers(fast: bool) -> None:
     assert req.header("baggage") == "k=v"
 
 
+def test_per_stream_headers_are_not_indexed_and_repeats_are() -> None:
+    """``forwarded`` differs per stream: sent as a never-indexed literal, it leaves both HPACK
+    tables alone; the authority repeats and is indexed, so later streams send an index only."""
+    p = Pair()
+    sizes = []
+    for port in (4000, 4001, 4002):
+        p.client.connect("10.0.0.2:8080", [("forwarded", f'for="10.0.0.1:{port}"')])
+        out = p.client.data_to_send()
+        sizes.append(len(out))
+        (req,) = only(p.server.receive_data(out), ConnectRequest)
+        assert isinstance(req, ConnectRequest) and req.header("forwarded") == f'for="10.0.0.1:{port}"'
+        p.pump()
+    enc = p.client._h2.encoder.header_table.dynamic_entries
+    dec = p.server._h2.decoder.header_table.dynamic_entries
+    for table in (enc, dec):  # :method CONNECT and :authority once each, forwarded never
+        assert sorted(n for n, _ in table) == [b":authority", b":method"]
+    assert sizes[1] < sizes[0] and sizes[1] == sizes[2]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "reason"),
+    [
+        ("Forwarded", "x", "not a lowercase HTTP token"),
+        (":path", "/", "not a lowercase HTTP token"),
+        ("bad header", "x", "not a lowercase HTTP token"),
+        ("baggage", "a\r\nx-injected: 1", "NUL, CR, LF"),
+        ("baggage", " padded", "edge whitespace"),
+    ],
+)
+def test_bad_extra_headers_are_refused_before_anything_is_sent(name: str, value: str, reason: str) -> None:
+    p = Pair()
+    with pytest.raises(LocalProtocolError, match=reason):
+        p.client.connect("10.0.0.2:8080", [(name, value)])
+    assert p.client.data_to_send() == b"" and p.client.open_streams == 0
+
+
 def test_data_both_ways_and_half_close(fast: bool) -> None:
     p = Pair(fast)
     sid = p.open()
