@@ -31,9 +31,8 @@ from mesh.hbone.pool import HbonePool, PoolKey
 from mesh.hbone.protocol import format_authority, parse_authority
 from mesh.identity import Identity, IdentityError
 from mesh.netaddr import parse_hostport
-from mesh.pki import Credential, PkiError, read_credential
 from mesh.tasks import Supervisor
-from mesh.tls import PeerRejected, client_context, server_context
+from mesh.tls import CredentialError, DirCredential, PeerRejected, load_credential_dir
 
 log = structlog.get_logger("ambientctl.hbone")
 
@@ -73,10 +72,11 @@ class UsageError(Exception):
     pass
 
 
-def _load(cert_dir: str) -> Credential:
+def _load(cert_dir: str) -> DirCredential:
+    # Straight from the files with the ssl module: this tool never imports cryptography (~9 MiB).
     try:
-        return read_credential(cert_dir)
-    except PkiError as e:
+        return load_credential_dir(cert_dir)
+    except CredentialError as e:
         raise UsageError(f"--cert-dir: {e}") from None
 
 
@@ -132,9 +132,9 @@ async def access_logged_relay(inbound: InboundStream) -> None:
     )
 
 
-async def serve(cred: Credential, host: str, port: int, ready_file: str | None) -> int:
+async def serve(cred: DirCredential, host: str, port: int, ready_file: str | None) -> int:
     stop = runtime.stop_on_signals()
-    server = HboneServer(access_logged_relay, server_context(cred), cred.identity.trust_domain)
+    server = HboneServer(access_logged_relay, cred.server, cred.identity.trust_domain)
     try:
         await server.listen(host, port)
     except OSError as e:
@@ -162,10 +162,10 @@ def cmd_connect(args: argparse.Namespace) -> int:
     return runtime.run(lambda: connect(cred, host, port, args.authority, expect))
 
 
-async def connect(cred: Credential, host: str, port: int, authority: str, expect: Identity) -> int:
+async def connect(cred: DirCredential, host: str, port: int, authority: str, expect: Identity) -> int:
     loop = asyncio.get_running_loop()
     try:
-        conn = await open_connection(host, port, client_context(cred), cred.identity.trust_domain, expect)
+        conn = await open_connection(host, port, cred.client, cred.identity.trust_domain, expect)
     except (OSError, PeerRejected) as e:
         return _fail(UsageError(f"cannot reach HBONE server {host}:{port}: {e}"))
     try:
@@ -221,8 +221,8 @@ def cmd_forward(args: argparse.Namespace) -> int:
 class Forwarder:
     """Plain TCP in, one pooled HBONE CONNECT stream per connection out."""
 
-    def __init__(self, cred: Credential, to: tuple[str, int], authority: str, expect: Identity) -> None:
-        self.ctx = client_context(cred)
+    def __init__(self, cred: DirCredential, to: tuple[str, int], authority: str, expect: Identity) -> None:
+        self.ctx = cred.client
         self.trust_domain = cred.identity.trust_domain
         self.key = PoolKey(cred.identity, expect, None, to)
         self.authority = authority
@@ -260,7 +260,7 @@ class Forwarder:
 
 
 async def forward(
-    cred: Credential,
+    cred: DirCredential,
     listen: tuple[str, int],
     to: tuple[str, int],
     authority: str,

@@ -3,28 +3,63 @@
 Chain verification (expiry, issuer) is OpenSSL's job; what OpenSSL cannot know — which SPIFFE
 identity a peer must have and which trust domain it belongs to — is checked right after the
 handshake by :func:`verify_peer`. Every refusal is logged with the reason in plain words.
+
+This module does not import ``cryptography`` (about 9 MiB of resident memory): peers are checked
+from the certificate the ``ssl`` module has already decoded, and :func:`load_credential_dir`
+builds contexts straight from a credential directory, so a process that only relays HBONE (e.g.
+``ambientctl hbone``) never loads it.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import ssl
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
-from cryptography import x509
 
-from mesh.identity import Identity
-from mesh.pki import Credential, PkiError, identity_of
+from mesh.identity import Identity, IdentityError
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from mesh.pki import Credential
 
 log = structlog.get_logger(__name__)
 
 ALPN_H2 = "h2"
 
+# Istio's file names for a workload credential: the same as mesh.pki's (which needs cryptography).
+CERT_CHAIN_FILE = "cert-chain.pem"
+KEY_FILE = "key.pem"
+ROOT_CERT_FILE = "root-cert.pem"
+
 
 class PeerRejected(Exception):
     """The peer's certificate is not acceptable; the message says why."""
+
+
+class CredentialError(Exception):
+    """A credential directory is unusable; the message names the file and the problem."""
+
+
+def _new_context(purpose: ssl.Purpose) -> ssl.SSLContext:
+    server = purpose is ssl.Purpose.CLIENT_AUTH
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.set_alpn_protocols([ALPN_H2])
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    if server:
+        # One ticket is enough for a pool connection to resume; it saves a full handshake per dial.
+        ctx.num_tickets = 1
+    return ctx
 
 
 def _load_chain(ctx: ssl.SSLContext, cred: Credential) -> None:
@@ -43,14 +78,7 @@ def _load_chain(ctx: ssl.SSLContext, cred: Credential) -> None:
 
 
 def _base_context(purpose: ssl.Purpose, cred: Credential) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(
-        ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH else ssl.PROTOCOL_TLS_CLIENT
-    )
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
-    ctx.set_alpn_protocols([ALPN_H2])
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx = _new_context(purpose)
     ctx.load_verify_locations(cadata=cred.roots_pem)
     _load_chain(ctx, cred)
     return ctx
@@ -58,10 +86,7 @@ def _base_context(purpose: ssl.Purpose, cred: Credential) -> ssl.SSLContext:
 
 def server_context(cred: Credential) -> ssl.SSLContext:
     """Server side of HBONE: a client certificate chained to the mesh root is required."""
-    ctx = _base_context(ssl.Purpose.CLIENT_AUTH, cred)
-    # One ticket is enough for a pool connection to resume; it saves a full handshake per dial.
-    ctx.num_tickets = 1
-    return ctx
+    return _base_context(ssl.Purpose.CLIENT_AUTH, cred)
 
 
 def client_context(cred: Credential) -> ssl.SSLContext:
@@ -70,10 +95,35 @@ def client_context(cred: Credential) -> ssl.SSLContext:
 
 
 def peer_certificate(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> x509.Certificate:
+    """The peer's certificate as a ``cryptography`` object (imported only when this is called)."""
+    from cryptography import x509
+
     der = ssl_object.getpeercert(binary_form=True)
     if not der:
         raise PeerRejected("peer presented no certificate")
     return x509.load_der_x509_certificate(der)
+
+
+class _NotAMeshCertificate(ValueError):
+    pass
+
+
+def _identity_of(cert: Mapping[str, object]) -> Identity:
+    """The SPIFFE identity in the single URI SAN of a certificate decoded by ``getpeercert()``.
+
+    The same rules (and words) as :func:`mesh.pki.identity_of`: other SAN types are ignored.
+    """
+    san = cert.get("subjectAltName")
+    if not san:
+        raise _NotAMeshCertificate("certificate has no subjectAltName")
+    assert isinstance(san, tuple)
+    uris = [value for kind, value in san if kind == "URI"]
+    if len(uris) != 1:
+        raise _NotAMeshCertificate(f"certificate has {len(uris)} URI SANs, want exactly one SPIFFE URI")
+    try:
+        return Identity.parse(uris[0])
+    except IdentityError as e:
+        raise _NotAMeshCertificate(f"certificate URI SAN is not a mesh identity: {e}") from None
 
 
 def verify_peer(
@@ -81,12 +131,22 @@ def verify_peer(
     trust_domain: str,
     expect: Identity | Callable[[Identity], bool] | None = None,
 ) -> Identity:
-    """The peer's identity, after checking ALPN, trust domain and (client side) the expected identity."""
+    """The peer's identity, after checking ALPN, trust domain and (client side) the expected identity.
+
+    Reads the certificate OpenSSL verified during the handshake (``getpeercert()``), so the
+    context must verify peers (``CERT_REQUIRED``, as every HBONE context does).
+    """
     if ssl_object.selected_alpn_protocol() != ALPN_H2:
         raise PeerRejected(f"peer did not negotiate ALPN {ALPN_H2!r}")
+    cert = ssl_object.getpeercert()
+    if cert is None:
+        raise PeerRejected("peer presented no certificate")
+    if not cert:
+        # Only a context that does not verify peers (CERT_NONE) hands back an empty dict.
+        raise PeerRejected("peer certificate was not verified (the TLS context must require it)")
     try:
-        ident = identity_of(peer_certificate(ssl_object))
-    except PkiError as e:
+        ident = _identity_of(cert)
+    except _NotAMeshCertificate as e:
         raise PeerRejected(str(e)) from None
     if ident.trust_domain != trust_domain:
         raise PeerRejected(f"peer {ident} is from trust domain {ident.trust_domain!r}, want {trust_domain!r}")
@@ -125,3 +185,157 @@ def describe_tls_error(exc: BaseException) -> str:
             return "TLS version refused (HBONE needs TLS 1.3)"
         return f"TLS error: {exc.reason or exc}"
     return f"{type(exc).__name__}: {exc}"
+
+
+# -- contexts straight from a credential directory ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DirCredential:
+    """HBONE contexts built from a credential directory, and the identity its certificate names."""
+
+    identity: Identity
+    server: ssl.SSLContext
+    client: ssl.SSLContext
+
+
+_SSL_SOURCE = re.compile(r"\s*\(_ssl\.c:\d+\)$")
+
+
+def _ssl_detail(e: BaseException) -> str:
+    """An OpenSSL error without the ``(_ssl.c:NNNN)`` suffix."""
+    if isinstance(e, ssl.SSLError) and len(e.args) > 1 and isinstance(e.args[1], str):
+        text = e.args[1]
+    else:
+        text = str(e)
+    return _SSL_SOURCE.sub("", text)
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+class _HandshakeFailed(Exception):
+    def __init__(self, error: ssl.SSLError, *, server_side: bool) -> None:
+        super().__init__(error)
+        self.error = error
+        self.server_side = server_side
+
+
+def _refuse_password() -> str:
+    # Without a callback OpenSSL would prompt on the terminal for the key's pass phrase.
+    raise _EncryptedKey
+
+
+def _read_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CredentialError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return data.decode("ascii")
+    except UnicodeDecodeError:
+        raise CredentialError(f"{path}: not a PEM file (it is not ASCII text)") from None
+
+
+def _check_pem_certs(path: Path, text: str) -> None:
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        raise CredentialError(f"{path}: no certificate found")
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        probe.load_verify_locations(cadata=text)
+    except (ssl.SSLError, ValueError) as e:
+        raise CredentialError(f"{path}: not a PEM certificate list ({_ssl_detail(e)})") from None
+
+
+def _dir_context(purpose: ssl.Purpose, chain: Path, key: Path, roots: str) -> ssl.SSLContext:
+    ctx = _new_context(purpose)
+    ctx.load_verify_locations(cadata=roots)
+    try:
+        ctx.load_cert_chain(chain, key, password=_refuse_password)
+    except _EncryptedKey:
+        raise CredentialError(f"{key}: not an unencrypted PEM private key (it needs a pass phrase)") from None
+    except ssl.SSLError as e:
+        if e.reason == "KEY_VALUES_MISMATCH":
+            raise CredentialError(f"{key} does not match the leaf certificate in {chain}") from None
+        # The chain parsed already (_check_pem_certs), so a PEM error here is the key's.
+        raise CredentialError(f"{key}: not an unencrypted PEM private key ({_ssl_detail(e)})") from None
+    return ctx
+
+
+def _verify_failure(e: ssl.SSLCertVerificationError, chain: Path, root: Path, *, server_side: bool) -> str:
+    msg = (e.verify_message or "").lower()
+    if "expired" in msg:
+        reason = "a certificate has expired"
+    elif "not yet valid" in msg:
+        reason = "a certificate is not yet valid"
+    elif "issuer" in msg or "self-signed" in msg or "self signed" in msg or "signature" in msg:
+        reason = f"it is not signed by a certificate in {root.name} ({e.verify_message})"
+    elif server_side and "purpose" in msg:
+        return (
+            f"{chain}: the leaf certificate cannot be used as a TLS client certificate ({e.verify_message})"
+        )
+    else:
+        reason = e.verify_message or _ssl_detail(e)
+    return f"{chain} does not verify against {root}: {reason}"
+
+
+def _handshake_with_itself(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> Mapping[str, object]:
+    """One TLS handshake in memory between the two contexts; the certificate the client verified.
+
+    Raises :class:`_HandshakeFailed` if either end refuses; success proves that the key, chain
+    and roots fit together and are valid now.
+    """
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_ctx.wrap_bio(c_in, c_out, server_side=False)
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    pending = [client, server]
+    for _ in range(16):  # TLS 1.3 needs two round trips; the bound only guards against a loop
+        for side in list(pending):
+            try:
+                side.do_handshake()
+            except ssl.SSLWantReadError:
+                continue
+            except ssl.SSLError as e:
+                raise _HandshakeFailed(e, server_side=side is server) from None
+            pending.remove(side)
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if not pending:
+            cert = client.getpeercert()
+            assert cert, "a verified handshake always has the peer's certificate"
+            return cert
+    raise _HandshakeFailed(ssl.SSLError("the TLS handshake did not complete"), server_side=False)
+
+
+def load_credential_dir(directory: str | os.PathLike[str]) -> DirCredential:
+    """Server and client contexts from ``cert-chain.pem``, ``key.pem`` and ``root-cert.pem``.
+
+    Checks what :func:`mesh.pki.read_credential` checks (files readable, PEM, key matches the
+    leaf, one SPIFFE URI SAN) without ``cryptography``, and more: one in-memory handshake
+    between the two contexts proves that the chain verifies against ``root-cert.pem`` and is
+    valid now. The identity comes from that handshake. Errors are :class:`CredentialError`.
+    """
+    d = Path(directory)
+    key, chain, root = d / KEY_FILE, d / CERT_CHAIN_FILE, d / ROOT_CERT_FILE
+    if "PRIVATE KEY-----" not in _read_text(key):
+        raise CredentialError(f"{key}: not an unencrypted PEM private key (no PEM private key found)")
+    chain_text = _read_text(chain)
+    roots = _read_text(root)
+    _check_pem_certs(chain, chain_text)
+    _check_pem_certs(root, roots)
+    server = _dir_context(ssl.Purpose.CLIENT_AUTH, chain, key, roots)
+    client = _dir_context(ssl.Purpose.SERVER_AUTH, chain, key, roots)
+    try:
+        cert = _handshake_with_itself(server, client)
+    except _HandshakeFailed as e:
+        if isinstance(e.error, ssl.SSLCertVerificationError):
+            raise CredentialError(_verify_failure(e.error, chain, root, server_side=e.server_side)) from None
+        raise CredentialError(
+            f"{chain}: a TLS handshake with this credential fails: {_ssl_detail(e.error)}"
+        ) from None
+    try:
+        identity = _identity_of(cert)
+    except _NotAMeshCertificate as e:
+        raise CredentialError(f"{chain}: leaf {e}") from None
+    return DirCredential(identity, server, client)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import os
 import signal
@@ -10,13 +11,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from mesh.identity import Identity
-from mesh.pki import CertificateAuthority, write_credential
+from mesh.pki import CertificateAuthority, Credential, write_credential
+from tests.pkihelpers import forged_credential
 
 WEB = Identity("cluster.local", "shop", "web")
 FRONTEND = Identity("cluster.local", "shop", "frontend")
@@ -196,6 +198,87 @@ def test_bad_cert_dir(tmp_path: Path) -> None:
         timeout=30,
     )
     assert out.returncode == 2 and "--cert-dir:" in out.stderr.decode() and "key.pem" in out.stderr.decode()
+
+
+def _expired(ca: CertificateAuthority) -> Credential:
+    now = dt.datetime.now(dt.UTC)
+    return forged_credential(
+        ca, WEB, not_before=now - dt.timedelta(hours=2), not_after=now - dt.timedelta(hours=1)
+    )
+
+
+def _mismatched(ca: CertificateAuthority) -> Credential:
+    good, other = ca.issue(WEB), ca.issue(WEB)
+    return Credential(other.key_pem, good.chain_pem, good.roots_pem)
+
+
+def _other_root(ca: CertificateAuthority) -> Credential:
+    cred = CertificateAuthority.generate().issue(WEB)
+    return Credential(cred.key_pem, cred.chain_pem, ca.roots_pem)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (_mismatched, "{d}/key.pem does not match the leaf certificate in {d}/cert-chain.pem"),
+        (_other_root, "{d}/cert-chain.pem does not verify against {d}/root-cert.pem: it is not signed by"),
+        (_expired, "{d}/cert-chain.pem does not verify against {d}/root-cert.pem: a certificate has expired"),
+    ],
+)
+@pytest.mark.parametrize("command", ["serve", "connect", "forward"])
+def test_unusable_cert_dir(
+    tmp_path: Path, command: str, make: Callable[[CertificateAuthority], Credential], message: str
+) -> None:
+    write_credential(tmp_path, make(CertificateAuthority.generate()))
+    args = {
+        "serve": ["--listen", "127.0.0.1:0"],
+        "connect": ["127.0.0.1:15008", "--authority", "127.0.0.1:80", "--expect-identity", WEB.uri],
+        "forward": [
+            *("--listen", "127.0.0.1:0", "--to", "127.0.0.1:15008", "--authority", "127.0.0.1:80"),
+            *("--expect-identity", WEB.uri),
+        ],
+    }[command]
+    out = subprocess.run(
+        [*CLI, "hbone", command, *args, "--cert-dir", str(tmp_path)], capture_output=True, timeout=30
+    )
+    assert out.returncode == 2
+    assert out.stderr.decode().startswith("ambientctl: --cert-dir: " + message.format(d=tmp_path)), out.stderr
+
+
+def loaded_cryptography(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether a running process has mapped cryptography's native module (~9 MiB resident)."""
+    return "cryptography" in Path(f"/proc/{proc.pid}/maps").read_text()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/maps")
+def test_serve_and_forward_never_load_cryptography(
+    certs: dict[str, Path], echo: EchoServer, tmp_path: Path
+) -> None:
+    server = start(
+        ["hbone", "serve", "--listen", "127.0.0.1:0", "--cert-dir", str(certs["web"])], tmp_path / "serve"
+    )
+    try:
+        address = wait_ready(server, tmp_path / "serve")
+        forwarder = start(
+            [
+                *("hbone", "forward", "--listen", "127.0.0.1:0", "--to", address),
+                *("--authority", f"127.0.0.1:{echo.port}", "--cert-dir", str(certs["frontend"])),
+                *("--expect-identity", WEB.uri),
+            ],
+            tmp_path / "forward",
+        )
+        try:
+            host, port = wait_ready(forwarder, tmp_path / "forward").rsplit(":", 1)
+            with socket.create_connection((host, int(port)), timeout=10) as s:
+                s.sendall(b"ping")
+                s.shutdown(socket.SHUT_WR)
+                assert s.recv(16) == b"ping"
+            assert not loaded_cryptography(forwarder)
+            assert not loaded_cryptography(server)
+        finally:
+            stop(forwarder)
+    finally:
+        stop(server)
 
 
 def test_forward_many_connections(
