@@ -26,6 +26,7 @@ from mesh.hbone.aio import (
     TcpLeg,
     connect_and_relay,
     open_connection,
+    wait_relay,
 )
 from mesh.hbone.pool import HbonePool, PoolKey
 from mesh.hbone.protocol import format_authority, parse_authority
@@ -252,7 +253,7 @@ class Forwarder:
             leg.transport.abort()
             return
         leg.attach(stream)
-        await asyncio.wait({leg.closed, stream.done}, return_when=asyncio.ALL_COMPLETED)
+        await wait_relay(leg, stream)
 
     async def aclose(self) -> None:
         await self.tasks.aclose()

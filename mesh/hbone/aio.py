@@ -96,6 +96,7 @@ class Stream:
         self._early_eof = False
         self._error: StreamError | None = None
         self._writable_cb: Callable[[], None] | None = None
+        self._response: asyncio.Future[Any] | None = None  # while a client waits for the answer
         self.local_closed = False  # we sent END_STREAM or reset
         self.remote_closed = False
         self.bytes_sent = 0
@@ -145,6 +146,8 @@ class Stream:
             return
         self._error = error
         self.local_closed = self.remote_closed = True
+        if self._response is not None and not self._response.done():
+            self._response.set_exception(error)
         if self._sink is not None:
             self._sink.on_reset(error)
         self._fire_writable()
@@ -491,19 +494,16 @@ class ClientProtocol(HboneProtocol):
         self.streams[sid] = st
         fut: asyncio.Future[Response] = self.loop.create_future()
         self._responses[sid] = fut
+        st._response = fut  # a reset before the response fails it
         self.flush()
         try:
-            # The stream's done future resolves on a reset before any response.
-            waiters: set[asyncio.Future[Any]] = {fut, st.done}
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            resp = await fut
         except asyncio.CancelledError:
             st.reset()
             raise
         finally:
             self._responses.pop(sid, None)
-        if not fut.done():
-            raise st._error or StreamError("stream closed before a response")
-        resp = fut.result()
+            st._response = None
         if resp.status != STATUS_OK:
             st._on_reset(StreamError(f"refused with status {resp.status}"))
             raise ConnectRefused(resp.status)
@@ -918,8 +918,28 @@ async def relay_to_tcp(
 
 
 async def wait_relay(leg: TcpLeg, stream: Stream) -> None:
-    """Wait until both directions of a relay are finished."""
-    await asyncio.wait({leg.closed, stream.done}, return_when=asyncio.ALL_COMPLETED)
+    """Wait until both directions of a relay are finished.
+
+    Two done-callbacks and one future, held for the life of every relayed connection: lighter
+    than ``asyncio.wait`` (which also builds a set, a counter closure and wrapper state), and a
+    cancelled waiter never cancels the leg's or the stream's own futures.
+    """
+    a, b = leg.closed, stream.done
+    if a.done() and b.done():
+        return
+    both: asyncio.Future[None] = a.get_loop().create_future()
+
+    def check(_: object) -> None:
+        if a.done() and b.done() and not both.done():
+            both.set_result(None)
+
+    a.add_done_callback(check)
+    b.add_done_callback(check)
+    try:
+        await both
+    finally:
+        a.remove_done_callback(check)
+        b.remove_done_callback(check)
 
 
 async def connect_and_relay(

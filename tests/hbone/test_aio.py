@@ -255,6 +255,49 @@ async def test_slow_reader_slows_writer(
     conn.close()
 
 
+async def test_open_stream_fails_when_the_connection_dies_before_the_answer(
+    client_cred: Credential, server_cred: Credential
+) -> None:
+    arrived = asyncio.Event()
+
+    async def never_answer(inbound: InboundStream) -> None:
+        arrived.set()
+        await asyncio.Event().wait()
+
+    srv = HboneServer(never_answer, server_context(server_cred), "cluster.local")
+    await srv.listen("127.0.0.1", 0)
+    try:
+        conn = await dial(srv, client_cred)
+        opening = asyncio.create_task(conn.open_stream("127.0.0.1:9"))
+        await asyncio.wait_for(arrived.wait(), 5)
+        for proto in srv.connections:
+            proto.abort(StreamError("test: server gone"))
+        with pytest.raises(StreamError):
+            await asyncio.wait_for(opening, 5)
+        assert not conn.streams
+    finally:
+        await srv.close()
+
+
+async def test_cancelled_relay_waiter_leaves_the_relay_alone(
+    server: HboneServer, client_cred: Credential, backend: Backend
+) -> None:
+    """Cancelling whoever waits on a relay must not cancel the leg's or the stream's futures."""
+    from mesh.hbone.aio import TcpLeg, wait_relay
+
+    conn = await dial(server, client_cred)
+    st = await conn.open_stream(f"127.0.0.1:{backend.echo_port}")
+    leg = TcpLeg(asyncio.get_running_loop())
+    waiter = asyncio.create_task(wait_relay(leg, st))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert not leg.closed.cancelled() and not st.done.cancelled()
+    assert await roundtrip(st, b"still relaying") == b"still relaying"
+    conn.close()
+
+
 class _KeepingSink:
     """Keeps the payload views it is handed (as a transport queue may), or copies them."""
 
