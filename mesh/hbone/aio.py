@@ -122,8 +122,7 @@ class Stream:
 
     def ack(self, n: int) -> None:
         """The sink consumed ``n`` bytes: return them to the peer's window."""
-        if n > 0 and not self._owner.dead:
-            self._owner.conn.acknowledge(self.stream_id, n)
+        if n > 0 and not self._owner.dead and self._owner.conn.acknowledge(self.stream_id, n):
             self._owner.flush()
 
     def _on_data(self, data: bytes | memoryview) -> None:
@@ -361,10 +360,8 @@ class HboneProtocol(asyncio.BufferedProtocol):
     # -- plumbing -------------------------------------------------------------------------------
 
     def flush(self) -> None:
-        if self.transport is not None and not self.dead:
-            out = self.conn.data_to_send()
-            if out:
-                self.transport.write(out)
+        if self.transport is not None and not self.dead and self.conn.has_output:
+            self.transport.write(self.conn.data_to_send())
 
     def _dispatch(self, ev: Event) -> None:
         if isinstance(ev, Data):

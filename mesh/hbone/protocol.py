@@ -311,11 +311,16 @@ class HboneConnection:
                 self._preface_left -= k
                 i += k
             elif state == _HEADER:
-                k = min(_FRAME_HEADER - len(self._hdr), n - i)
-                self._hdr += mv[i : i + k]
-                i += k
-                if len(self._hdr) == _FRAME_HEADER:
-                    self._frame_header(out)
+                if not self._hdr and n - i >= _FRAME_HEADER:
+                    i += _FRAME_HEADER  # the usual case: the whole header is here, no copy
+                    self._frame_header(mv[i - _FRAME_HEADER : i], out)
+                else:
+                    k = min(_FRAME_HEADER - len(self._hdr), n - i)
+                    self._hdr += mv[i : i + k]
+                    i += k
+                    if len(self._hdr) == _FRAME_HEADER:
+                        self._frame_header(self._hdr, out)
+                        self._hdr.clear()
             elif state == _FAST:
                 k = min(self._remaining, n - i)
                 self._deliver(mv[i : i + k], out)
@@ -365,8 +370,7 @@ class HboneConnection:
                     self._state = _HEADER
                     self._window_update(self._cur_sid, int.from_bytes(self._wu, "big") & _MAX_WINDOW, out)
 
-    def _frame_header(self, out: list[Event]) -> None:
-        hdr = self._hdr
+    def _frame_header(self, hdr: bytearray | memoryview, out: list[Event]) -> None:
         length = int.from_bytes(hdr[0:3], "big")
         ftype, flags = hdr[3], hdr[4]
         sid = int.from_bytes(hdr[5:9], "big") & _MAX_WINDOW
@@ -395,7 +399,6 @@ class HboneConnection:
             self._feed_h2(bytes(hdr), out)
             self._remaining = length
             self._state = _H2 if length else _HEADER
-        hdr.clear()
 
     def _deliver(self, payload: memoryview, out: list[Event]) -> None:
         st = self._cur
@@ -572,9 +575,15 @@ class HboneConnection:
 
     def _drain_h2(self) -> None:
         """Move h2's pending output into ours, so raw frames we add later keep their order."""
-        pending = self._h2.data_to_send()
-        if pending:
-            self._out.append(pending)
+        # h2's data_to_send() copies and replaces its buffer even when it is empty; this runs
+        # several times per DATA frame, so look at the buffer first (h2 4.x keeps it here).
+        if self._h2._data_to_send:
+            self._out.append(self._h2.data_to_send())
+
+    @property
+    def has_output(self) -> bool:
+        """Whether ``data_to_send()`` would return bytes."""
+        return bool(self._out) or bool(self._h2._data_to_send)
 
     def data_to_send(self) -> bytes:
         self._drain_h2()
@@ -617,23 +626,27 @@ class HboneConnection:
             except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
                 pass
 
-    def acknowledge(self, stream_id: int, n: int) -> None:
-        """The application consumed ``n`` bytes of a stream: give the peer window back."""
+    def acknowledge(self, stream_id: int, n: int) -> bool:
+        """The application consumed ``n`` bytes of a stream: give the peer window back.
+
+        Returns whether that queued output (a WINDOW_UPDATE; on the fast path one per quarter
+        window, so most calls queue nothing and need no flush).
+        """
         st = self._streams.get(stream_id)
         if st is not None:
             n = min(n, st.unacked)
             st.unacked -= n
         if n <= 0:
-            return
+            return False
         if not self._fast:
             self._h2.acknowledge_received_data(n, stream_id)
-            return
+            return True
         self._conn_to_credit += n
         if st is not None:
             st.to_credit += n
-        self._send_credit(stream_id, st)
+        return self._send_credit(stream_id, st)
 
-    def _send_credit(self, sid: int, st: _StreamState | None) -> None:
+    def _send_credit(self, sid: int, st: _StreamState | None) -> bool:
         frames = []
         if st is not None and st.to_credit >= _STREAM_CREDIT_BATCH and not st.remote_ended:
             frames.append(_window_update(sid, st.to_credit))
@@ -646,6 +659,8 @@ class HboneConnection:
         if frames and not self._terminated:
             self._drain_h2()
             self._out.extend(frames)
+            return True
+        return False
 
     def ping(self, payload: bytes = b"\0" * 8) -> None:
         self._h2.ping(payload)

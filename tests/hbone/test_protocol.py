@@ -38,7 +38,17 @@ class Pair:
     def __init__(self, fast: bool = True) -> None:
         self.client = ClientConnection(fast=fast)
         self.server = ServerConnection(fast=fast)
+        self.to_server: list[bytes] = []  # everything the server received, for replay_server()
         self.pump()
+
+    def replay_server(self, fast: bool, answered: int) -> ServerConnection:
+        """A new server in ``self.server``'s state: fed what it received, stream ``answered`` 200."""
+        twin = ServerConnection(fast=fast)
+        for chunk in self.to_server:
+            twin.receive_data(chunk)
+        twin.respond(answered, 200)
+        twin.data_to_send()
+        return twin
 
     def pump(self) -> tuple[list[Event], list[Event]]:
         """Move bytes both ways until quiet; returns (events at client, events at server)."""
@@ -50,6 +60,7 @@ class Pair:
             if not c2s and not s2c:
                 return at_client, at_server
             if c2s:
+                self.to_server.append(c2s)
                 at_server += self.server.receive_data(c2s)
             if s2c:
                 at_client += self.client.receive_data(s2c)
@@ -350,3 +361,33 @@ def test_streams_opened_after_goaway_are_refused(fast: bool) -> None:
     assert not only(s_evs, ConnectRequest)
     resets = only(c_evs, StreamReset)
     assert resets and resets[0].stream_id == late and resets[0].error_code == 7  # type: ignore[attr-defined]
+
+
+@settings(max_examples=60, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=1, max_value=4000), max_size=40), fast=st.booleans())
+def test_any_split_of_the_byte_stream_gives_the_same_events(cuts: list[int], fast: bool) -> None:
+    """Frame headers and payloads cut anywhere (as TCP may) parse exactly as when whole."""
+    p = Pair(fast)
+    sid = p.open()
+    payloads = [b"a" * 3, bytes(range(256)) * 9, b"z" * 1500]
+    for data in payloads:
+        p.client.send_data(sid, data)
+    p.client.end_stream(sid)
+    wire = p.client.data_to_send()
+
+    def merged(events: list[Event]) -> tuple[bytes, list[type]]:
+        body = b"".join(bytes(e.data) for e in events if isinstance(e, Data))
+        return body, [type(e) for e in events if not isinstance(e, Data)]
+
+    whole = p.replay_server(fast, answered=sid)
+    reference = merged(whole.receive_data(wire))
+    assert reference[0] == b"".join(payloads)
+
+    split = p.replay_server(fast, answered=sid)
+    events: list[Event] = []
+    i = 0
+    for cut in cuts:
+        events += split.receive_data(wire[i : i + cut])
+        i += cut
+    events += split.receive_data(wire[i:])
+    assert merged(events) == reference
