@@ -48,9 +48,76 @@ class CredentialError(Exception):
     """A credential directory is unusable; the message names the file and the problem."""
 
 
+class ClientContext(ssl.SSLContext):
+    """A client context that resumes TLS sessions (RFC 8446 tickets) on new HBONE connections.
+
+    A pooled connection needs one handshake for its whole life; when the pool dials the same
+    peer again (after an idle close, a GOAWAY or a dead connection), offering the last session's
+    ticket saves the certificate exchange and signatures of a full handshake. asyncio and uvloop
+    take no ``session`` argument for a connection; they call :meth:`wrap_bio` with the
+    ``server_hostname`` passed to ``create_connection``. :meth:`offer` therefore registers the
+    session under a one-use token which the dialer passes as ``server_hostname``; ``wrap_bio``
+    swaps it for the session and sends no SNI (HBONE sends none).
+
+    Sessions are kept per *resume key* — the peer's address and the identity it must have — so
+    a ticket is only ever offered to the peer that issued it, and a resumed connection is still
+    checked by :func:`verify_peer` (the session carries the peer's verified certificate).
+    """
+
+    MAX_SESSIONS = 1024
+
+    def __new__(cls, protocol: int = ssl.PROTOCOL_TLS_CLIENT) -> ClientContext:
+        return super().__new__(cls, protocol)
+
+    def __init__(self, protocol: int = ssl.PROTOCOL_TLS_CLIENT) -> None:
+        self._sessions: dict[object, ssl.SSLSession] = {}
+        self._offers: dict[str, ssl.SSLSession] = {}
+        self._tokens = 0
+
+    def remember(self, key: object, session: ssl.SSLSession | None) -> None:
+        """Keep ``session`` for the next connection to ``key`` (only if it can be resumed)."""
+        if session is None or not session.has_ticket:
+            return
+        self._sessions.pop(key, None)
+        self._sessions[key] = session
+        while len(self._sessions) > self.MAX_SESSIONS:
+            del self._sessions[next(iter(self._sessions))]
+
+    def offer(self, key: object) -> str | None:
+        """A ``server_hostname`` token that makes the next ``wrap_bio`` resume ``key``'s session."""
+        session = self._sessions.get(key)
+        if session is None:
+            return None
+        self._tokens += 1
+        token = f"resume-{self._tokens}.invalid"
+        self._offers[token] = session
+        return token
+
+    def withdraw(self, token: str | None) -> None:
+        """Forget an offer that was not used (the dial failed before the handshake started)."""
+        if token is not None:
+            self._offers.pop(token, None)
+
+    def forget(self, key: object) -> None:
+        self._sessions.pop(key, None)
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        if isinstance(server_hostname, str) and server_hostname in self._offers:
+            session = self._offers.pop(server_hostname)
+            server_hostname = None
+        return super().wrap_bio(incoming, outgoing, server_side, server_hostname or None, session)
+
+
 def _new_context(purpose: ssl.Purpose) -> ssl.SSLContext:
     server = purpose is ssl.Purpose.CLIENT_AUTH
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER) if server else ClientContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.set_alpn_protocols([ALPN_H2])

@@ -370,3 +370,27 @@ def test_hbone_tool_does_not_import_cryptography() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+class _FakeSession:
+    def __init__(self, has_ticket: bool = True) -> None:
+        self.has_ticket = has_ticket
+
+
+def test_client_context_keeps_a_bounded_number_of_resumable_sessions() -> None:
+    from typing import Any, cast
+
+    from mesh.tls import ClientContext
+
+    ctx = ClientContext()
+    ctx.MAX_SESSIONS = 3
+    ctx.remember("no-ticket", cast(Any, _FakeSession(has_ticket=False)))
+    assert ctx.offer("no-ticket") is None  # nothing to resume from a session without a ticket
+    for key in ("a", "b", "c", "d"):
+        ctx.remember(key, cast(Any, _FakeSession()))
+    assert ctx.offer("a") is None  # the oldest went
+    token = ctx.offer("d")
+    assert token is not None and token.endswith(".invalid")
+    ctx.withdraw(token)
+    ctx.forget("d")
+    assert ctx.offer("d") is None

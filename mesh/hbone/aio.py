@@ -50,7 +50,7 @@ from mesh.hbone.protocol import (
 )
 from mesh.identity import Identity
 from mesh.tasks import Supervisor
-from mesh.tls import PeerRejected, describe_tls_error, verify_peer
+from mesh.tls import ClientContext, PeerRejected, describe_tls_error, verify_peer
 
 log = structlog.get_logger(__name__)
 
@@ -470,6 +470,9 @@ class ClientProtocol(HboneProtocol):
         super().__init__(loop, **kw)
         self.conn = ClientConnection()
         self._responses: dict[int, asyncio.Future[Response]] = {}
+        self.resumed = False  # the TLS handshake resumed an earlier session (no certificates sent)
+        # Where to keep this connection's TLS session when it ends, for the next dial to resume.
+        self._resume: tuple[ClientContext, object, ssl.SSLObject] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
@@ -513,6 +516,10 @@ class ClientProtocol(HboneProtocol):
                 fut.set_result(ev)
 
     def _teardown(self, error: StreamError) -> None:
+        if self._resume is not None:
+            ctx, key, ssl_object = self._resume
+            self._resume = None
+            ctx.remember(key, ssl_object.session)
         for fut in self._responses.values():
             if not fut.done():
                 fut.set_exception(error)
@@ -535,6 +542,9 @@ async def open_connection(
     loop = asyncio.get_running_loop()
     # Our protocol object is kept here: with ssl, uvloop hands back its own SSL protocol instead.
     proto = ClientProtocol(loop, ping_interval=ping_interval, ping_timeout=ping_timeout)
+    resume_key = (host, port, expect)
+    resuming = ssl_ctx if isinstance(ssl_ctx, ClientContext) else None
+    token = resuming.offer(resume_key) if resuming is not None else None
     try:
         async with asyncio.timeout(timeout):
             if sock is None:
@@ -550,9 +560,16 @@ async def open_connection(
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await loop.sock_connect(sock, target)
             transport, _ = await loop.create_connection(
-                lambda: proto, sock=sock, ssl=ssl_ctx, server_hostname="", ssl_handshake_timeout=timeout
+                lambda: proto,
+                sock=sock,
+                ssl=ssl_ctx,
+                server_hostname=token or "",
+                ssl_handshake_timeout=timeout,
             )
     except BaseException as e:
+        if resuming is not None:
+            resuming.withdraw(token)
+            resuming.forget(resume_key)  # a failed dial starts over with a full handshake
         if sock is not None:
             sock.close()
         if isinstance(e, TimeoutError):
@@ -567,8 +584,13 @@ async def open_connection(
         proto.peer = verify_peer(ssl_object, trust_domain, expect)
     except PeerRejected as e:
         log.warning("hbone server refused", server=f"{host}:{port}", reason=str(e))
+        if resuming is not None:
+            resuming.forget(resume_key)
         transport.abort()
         raise
+    if resuming is not None:
+        proto.resumed = ssl_object.session_reused
+        proto._resume = (resuming, resume_key, ssl_object)
     proto.start(transport)
     return proto
 

@@ -203,6 +203,71 @@ async def test_one_dial_per_key(server: HboneServer, client_cred: Credential, ba
     await pool.aclose()
 
 
+async def _dial_and_close(server: HboneServer, ctx: ssl.SSLContext, backend: Backend) -> ClientProtocol:
+    host, port = server.address
+    conn = await open_connection(host, port, ctx, "cluster.local", SERVER_ID)
+    st = await conn.open_stream(f"127.0.0.1:{backend.echo_port}")
+    assert await roundtrip(st, b"ticket") == b"ticket"  # by now the session ticket has arrived
+    conn.close()
+    await asyncio.wait_for(conn.closed, 5)
+    return conn
+
+
+async def test_redial_resumes_the_tls_session(
+    server: HboneServer, client_cred: Credential, backend: Backend
+) -> None:
+    ctx = client_context(client_cred)
+    first = await _dial_and_close(server, ctx, backend)
+    assert not first.resumed
+    server.connections.clear()
+    host, port = server.address
+    again = await open_connection(host, port, ctx, "cluster.local", SERVER_ID)
+    assert again.resumed and again.peer == SERVER_ID
+    st = await again.open_stream(f"127.0.0.1:{backend.echo_port}")
+    assert await roundtrip(st, b"resumed") == b"resumed"
+    # The server checked the client's identity from the resumed session, as after a full one.
+    assert [p.peer for p in server.connections] == [CLIENT_ID]
+    again.close()
+
+
+async def test_sessions_are_only_offered_to_the_peer_that_issued_them(
+    server: HboneServer, client_cred: Credential, server_cred: Credential, backend: Backend
+) -> None:
+    ctx = client_context(client_cred)
+    await _dial_and_close(server, ctx, backend)
+    other = HboneServer(connect_and_relay, server_context(server_cred), "cluster.local")
+    await other.listen("127.0.0.1", 0)
+    try:
+        host, port = other.address
+        conn = await open_connection(host, port, ctx, "cluster.local", SERVER_ID)
+        assert not conn.resumed  # another address: no ticket offered
+        conn.close()
+    finally:
+        await other.close()
+
+
+async def test_a_refused_ticket_falls_back_to_a_full_handshake(
+    client_cred: Credential, server_cred: Credential, backend: Backend
+) -> None:
+    """A server that cannot decrypt the ticket (restarted: new ticket keys) does a full handshake."""
+    ctx = client_context(client_cred)
+    first = HboneServer(connect_and_relay, server_context(server_cred), "cluster.local")
+    await first.listen("127.0.0.1", 0)
+    host, port = first.address
+    await _dial_and_close(first, ctx, backend)
+    await first.close()
+    restarted = HboneServer(connect_and_relay, server_context(server_cred), "cluster.local")
+    await restarted.listen(host, port)
+    try:
+        conn = await open_connection(host, port, ctx, "cluster.local", SERVER_ID)
+        assert not conn.resumed and conn.peer == SERVER_ID
+        st = await conn.open_stream(f"127.0.0.1:{backend.echo_port}")
+        assert await roundtrip(st, b"full") == b"full"
+        conn.close()
+    finally:
+        await restarted.close()
+
+
 async def test_idle_connection_closed(server: HboneServer, client_cred: Credential, backend: Backend) -> None:
     host, port = server.address
     ctx = client_context(client_cred)
