@@ -17,6 +17,7 @@ CONNECT stream behave like a TCP connection:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -74,6 +75,7 @@ class LocalProtocolError(Exception):
     """We asked for something the protocol state does not allow (e.g. data on a closed stream)."""
 
 
+@functools.lru_cache(maxsize=1024)  # every CONNECT parses one; most repeat (bounded: peers pick them)
 def parse_authority(authority: str) -> tuple[str, int]:
     """Split ``host:port`` / ``[v6]:port``; raise ValueError naming the problem."""
     if authority.startswith("["):
