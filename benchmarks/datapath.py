@@ -74,12 +74,25 @@ FIGURES: list[tuple[str, str]] = [  # key, column title
     ("rss_1000_mib", "RSS +N conns MiB (pair)"),
 ]
 DETAILS: list[tuple[str, str]] = [
+    ("cpu_user_us_per_rt", "pair CPU per 1 KiB round trip, user µs"),
+    ("cpu_sys_us_per_rt", "pair CPU per 1 KiB round trip, system µs"),
+    ("cpu_user_us_per_conn", "pair CPU per new connection, user µs"),
+    ("cpu_sys_us_per_conn", "pair CPU per new connection, system µs"),
     ("rss_idle_server_mib", "RSS idle MiB, server-side process"),
     ("rss_idle_client_mib", "RSS idle MiB, client-side process"),
     ("conn_errors", "failed new connections"),
 ]
 PROFILE_MODES = [("python", "--nonblocking"), ("native", "--native")]
+# What --profile records: the processes of a configuration, [server side, client side], with titles.
+PROFILED = {"ours": ("serve", "forward"), "ztunnel": ("ztunnel-node-b", "ztunnel-node-a")}
+PROFILE_TITLES = {
+    "forward": "`hbone forward`",
+    "serve": "`hbone serve`",
+    "ztunnel-node-a": "ztunnel node-a (client side)",
+    "ztunnel-node-b": "ztunnel node-b (server side)",
+}
 PAIR_ONLY = {"cpu_s_per_gb", "rss_idle_mib", "rss_1000_mib"}
+CPU_PER_OP = ["cpu_user_us_per_rt", "cpu_sys_us_per_rt", "cpu_user_us_per_conn", "cpu_sys_us_per_conn"]
 
 
 @dataclass
@@ -215,6 +228,23 @@ def cpu_seconds(pids: list[int]) -> float:
             fields = f.read().rsplit(")", 1)[1].split()
         total += int(fields[11]) + int(fields[12])  # utime, stime (all threads)
     return total / CLK_TCK
+
+
+def cpu_split(pids: list[int]) -> tuple[float, float]:
+    """User and system CPU seconds of ``pids`` (all threads)."""
+    user = system = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        user += int(fields[11])
+        system += int(fields[12])
+    return user / CLK_TCK, system / CLK_TCK
+
+
+def per_op_us(before: tuple[float, float], after: tuple[float, float], ops: float) -> tuple[float, float]:
+    """(user µs, system µs) per operation between two ``cpu_split`` readings."""
+    n = max(ops, 1)
+    return (after[0] - before[0]) / n * 1e6, (after[1] - before[1]) / n * 1e6
 
 
 def rss_mib(pid: int) -> float:
@@ -512,7 +542,8 @@ class Bench:
             if pair.pids:
                 out["cpu_s_per_gb"] = (cpu1 - cpu0) / ((one["bytes"] + four["bytes"]) / GB)
             if profile_dir is not None:
-                self.profile(pair, iperf_port, profile_dir)
+                names = PROFILED["ztunnel"] if fixed_pids else PROFILED["ours"]
+                self.profile(pair, iperf_port, profile_dir, names, site)
         finally:
             self.stop_pair(pair)
 
@@ -526,6 +557,7 @@ class Bench:
                     server_rss, client_rss = (rss_mib(pid) for pid in pair.pids)
                     out["rss_idle_mib"] = max(server_rss, client_rss)
                     out["rss_idle_server_mib"], out["rss_idle_client_mib"] = server_rss, client_rss
+                cpu0 = cpu_split(pair.pids)
                 lat = self.run_json(
                     "latency",
                     [
@@ -545,6 +577,11 @@ class Bench:
                     timeout=120,
                 )
                 out["p50_us"], out["p99_us"] = lat["p50_us"], lat["p99_us"]
+                if pair.pids:
+                    trips = s.latency_count + s.latency_warmup
+                    cpu1 = cpu_split(pair.pids)
+                    out["cpu_user_us_per_rt"], out["cpu_sys_us_per_rt"] = per_op_us(cpu0, cpu1, trips)
+                    cpu0 = cpu1
                 rate = self.run_json(
                     "connrate",
                     [
@@ -565,6 +602,10 @@ class Bench:
                 )
                 out["conn_per_s"] = rate["conn_per_s"]
                 out["conn_errors"] = rate["errors"]
+                if pair.pids:
+                    conns = rate["connections"] + rate["errors"]
+                    cpu1 = cpu_split(pair.pids)
+                    out["cpu_user_us_per_conn"], out["cpu_sys_us_per_conn"] = per_op_us(cpu0, cpu1, conns)
                 if pair.pids:
                     out["rss_1000_mib"] = self.hold_delta(pair, site)
             finally:
@@ -595,7 +636,7 @@ class Bench:
 
     # -- configuration 5: two ztunnels between two netns nodes -----------------------------------
 
-    def measure_netns(self) -> dict[str, dict[str, float]]:
+    def measure_netns(self, profile_dir: Path | None = None) -> dict[str, dict[str, float]]:
         """The local mesh of ``ambientctl demo`` (ambientctl/localmesh): control plane, nodes
         node-a and node-b as network namespaces joined by a veth wire, a cni agent and a ztunnel
         per node, pods as network namespaces. First the pods are only sandboxes (no CNI plugin run
@@ -640,7 +681,7 @@ class Bench:
             mesh.enroll_pods()
             # [server side, client side], as for the pairs.
             pids = [mesh.procs.pid(f"ztunnel-{spec.pod(k).node}") for k in (DST_POD, SRC_POD)]
-            out["ztunnel"] = self.measure("ztunnel", None, site, fixed_pids=pids)
+            out["ztunnel"] = self.measure("ztunnel", profile_dir, site, fixed_pids=pids)
         except (DemoError, ProcError, TopologyError, subprocess.SubprocessError) as e:
             raise BenchError(f"local mesh: {e}\n(build log: {build_log.read_text()[-1500:]})") from e
         finally:
@@ -658,8 +699,16 @@ class Bench:
 
     # -- profile ----------------------------------------------------------------------------------
 
-    def profile(self, pair: Pair, iperf_port: int, profile_dir: Path) -> None:
-        """py-spy on both processes of our pair, each mode during one more single-stream iperf3 run.
+    def profile(
+        self,
+        pair: Pair,
+        iperf_port: int,
+        profile_dir: Path,
+        names: tuple[str, str],
+        site: Site = LOOPBACK_SITE,
+    ) -> None:
+        """py-spy on both processes of a pair (ours, or the two ztunnels), each mode during one
+        more single-stream iperf3 run. ``names``: [server side, client side], as ``pair.pids``.
 
         ``python``: Python frames only, ``--nonblocking`` (the target is never paused).
         ``native``: with C frames (uvloop, OpenSSL, libc); py-spy pauses the target per sample.
@@ -668,13 +717,13 @@ class Bench:
         secs = self.s.profile_seconds
         for mode, flag in PROFILE_MODES:
             spies = []
-            for name, pid in zip(["serve", "forward"], pair.pids, strict=True):
+            for name, pid in zip(names, pair.pids, strict=True):
                 outfile = profile_dir / f"{name}-{mode}.txt"
                 argv = [pyspy, "record", "-p", str(pid), "-d", str(secs), "-r", "200", flag]
                 argv += ["--format", "raw", "-o", str(outfile)]
                 spies.append((name, outfile, self.procs.start(f"py-spy-{name}-{mode}", argv)))
             # iperf runs a little longer than the recording, so that every sample is under load.
-            self.iperf(iperf_port, pair.listen_port, 1, secs + 2)
+            self.iperf(iperf_port, pair.listen_port, 1, secs + 2, site)
             for _, _, proc in spies:
                 proc.wait(timeout=30)
                 self.procs.stop(proc)
@@ -722,30 +771,36 @@ def _function(frame: str) -> str:
     return f"{name} ({Path(path).name})"
 
 
-def profile_markdown(profile_dir: Path, top: int = 15) -> str:
+def profile_markdown(profile_dirs: list[Path], top: int = 15) -> str:
     lines = [
-        "## Profile of our pair under single-stream load (py-spy, own time)",
+        "## Profiles under single-stream load (py-spy, own time)",
         "",
         "Samples are counted only while a thread was busy (py-spy drops idle samples). Python"
         " frames: own time of `Runner.run` is time inside uvloop's C event loop (socket system"
         " calls, C transport code), `SSLObject.read`/`write` is OpenSSL plus the copies around it."
         " Native frames (`--native`) split that C time further; unnamed libc/libcrypto addresses"
-        " are grouped per library (in libc these are mostly memcpy/memmove).",
+        " are grouped per library (in libc these are mostly memcpy/memmove). The two ztunnels"
+        " (configuration 5) are recorded the same way, during a single-stream run between the pods.",
         "",
     ]
-    for mode, _ in PROFILE_MODES:
-        for name in ("forward", "serve"):
-            path = profile_dir / f"{name}-{mode}.txt"
-            if not path.exists():
-                continue
-            total, ranked = summarize_profile(path, top)
-            lines += [f"### `hbone {name}`, {mode} frames ({total} busy samples)", ""]
-            lines += ["| # | function | own % | incl. % |", "|---|---|---:|---:|"]
-            for i, (fn, n, inc) in enumerate(ranked, 1):
-                fn_md = fn.replace("|", "\\|")
-                lines.append(f"| {i} | `{fn_md}` | {100 * n / total:.1f} | {100 * inc / total:.1f} |")
-            lines.append("")
+    for profile_dir in profile_dirs:
+        for mode, _ in PROFILE_MODES:
+            for name in ("forward", "serve", "ztunnel-node-a", "ztunnel-node-b"):
+                lines += _profile_table(profile_dir / f"{name}-{mode}.txt", name, mode, top)
     return "\n".join(lines)
+
+
+def _profile_table(path: Path, name: str, mode: str, top: int) -> list[str]:
+    if not path.exists():
+        return []
+    total, ranked = summarize_profile(path, top)
+    lines = [f"### {PROFILE_TITLES[name]}, {mode} frames ({total} busy samples)", ""]
+    lines += ["| # | function | own % | incl. % |", "|---|---|---:|---:|"]
+    for i, (fn, n, inc) in enumerate(ranked, 1):
+        fn_md = fn.replace("|", "\\|")
+        lines.append(f"| {i} | `{fn_md}` | {100 * n / total:.1f} | {100 * inc / total:.1f} |")
+    lines.append("")
+    return lines
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -872,6 +927,22 @@ def report(
         *(row(c, lambda k, c=c: ratio(medians[c].get(k), medians["stunnel"].get(k))) for c in LOOPBACK[1:]),
         "",
         "(The ztunnel row is not divided by stunnel: it crosses network namespaces, the pairs loopback.)",
+        "",
+        "## CPU per operation (median, the pair's processes summed)",
+        "",
+        "What one 1 KiB round trip (warm-up included) and one new connection cost the pair, from"
+        " /proc utime and stime across the latency and connection-rate runs; the clients and the"
+        " echo backend are not counted. It explains the latency and connection-rate figures: on 2"
+        " cores every process shares the CPU.",
+        "",
+        "| configuration | round trip, user µs | round trip, system µs | connection, user µs |"
+        " connection, system µs |",
+        "|---|---:|---:|---:|---:|",
+        *(
+            f"| {LABELS[c]} | " + " | ".join(fmt(k, medians[c].get(k)) for k in CPU_PER_OP) + " |"
+            for c in RESULTS
+            if c not in ("direct", "netns-direct")
+        ),
         "",
         "## Targets from issue 11 (ours)",
         "",
@@ -1001,23 +1072,22 @@ def main(argv: list[str]) -> int:
         procs = Processes(work / "logs")
         try:
             bench = Bench(settings, work, procs, make_creds(work / "creds"))
-            profile_dir: Path | None = None
+            profiled: dict[str, Path] = {}  # configuration -> its profiles (the first repeat's)
             for i, order in enumerate(orders(settings.repeat)):
                 for config in order:
-                    want_profile = args.profile and config == "ours" and profile_dir is None
-                    pdir = work / "profile" if want_profile else None
-                    if pdir is not None:
+                    pdir = None
+                    if args.profile and config in ("ours", "netns") and config not in profiled:
+                        pdir = profiled[config] = work / f"profile-{config}"
                         pdir.mkdir()
                     print(
                         f"[{time.monotonic() - t0:6.1f}s] repeat {i + 1}/{settings.repeat}: {config}",
                         file=sys.stderr,
                     )
                     if config == "netns":
-                        for name, figures in bench.measure_netns().items():
+                        for name, figures in bench.measure_netns(pdir).items():
                             runs[name].append(figures)
                     else:
                         runs[config].append(bench.measure(config, pdir))
-                    profile_dir = profile_dir or pdir
             medians = {
                 c: {k: statistics.median(r[k] for r in runs[c]) for k in (runs[c][0] if runs[c] else {})}
                 for c in RESULTS
@@ -1025,8 +1095,8 @@ def main(argv: list[str]) -> int:
             text = report(
                 medians, runs, settings, command, started, time.monotonic() - t0, args.quick, load_start
             )
-            if profile_dir is not None:
-                text += "\n" + profile_markdown(profile_dir)
+            if profiled:
+                text += "\n" + profile_markdown([profiled[c] for c in ("ours", "netns") if c in profiled])
         except BenchError as e:
             print(f"datapath: {e}", file=sys.stderr)
             return 1

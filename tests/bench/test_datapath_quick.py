@@ -23,7 +23,15 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ["direct", "stunnel", "haproxy", "ours", "netns-direct", "ztunnel"]
 NO_PAIR = {"direct", "netns-direct"}  # no processes in between: no CPU-s/GB or RSS figures
 ALL_FIGURES = ["tput1_gbps", "tput4_gbps", "p50_us", "p99_us", "conn_per_s"]
-PAIR_FIGURES = ["cpu_s_per_gb", "rss_idle_mib", "rss_1000_mib"]
+PAIR_FIGURES = [
+    "cpu_s_per_gb",
+    "rss_idle_mib",
+    "rss_1000_mib",
+    "cpu_user_us_per_rt",
+    "cpu_sys_us_per_rt",
+    "cpu_user_us_per_conn",
+    "cpu_sys_us_per_conn",
+]
 NUMBER = re.compile(r"^-?\d+(\.\d+)?\u00d7?$")
 
 pytestmark = [
@@ -45,7 +53,16 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, 
     out = tmp_path_factory.mktemp("bench")
     report, raw = out / "report.md", out / "raw.json"
     proc = subprocess.run(
-        [sys.executable, "benchmarks/datapath.py", "--quick", "--output", str(report), "--json", str(raw)],
+        [
+            sys.executable,
+            "benchmarks/datapath.py",
+            "--quick",
+            "--profile",
+            "--output",
+            str(report),
+            "--json",
+            str(raw),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -101,3 +118,30 @@ def test_markdown_table_has_numbers_and_ratios(
     (to_netns,) = rows["two ztunnels ÷ direct TCP between the same pod netns"]
     assert all(NUMBER.match(c) for c in to_netns[:5]), to_netns
     assert "not measured" not in report
+    # CPU per round trip and per connection, for every configuration with processes in between
+    cpu_rows = {}
+    for line in report.split("## CPU per operation", 1)[1].split("## Targets", 1)[0].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and all(NUMBER.match(c) for c in cells[1:]):
+            cpu_rows[cells[0]] = cells[1:]
+    assert sorted(cpu_rows) == sorted(
+        ["stunnel pair", "haproxy pair", "ours (hbone forward → serve)", "two ztunnels (netns nodes)"]
+    )
+
+
+def test_profiles_of_our_pair_and_of_the_ztunnels(
+    quick_run: tuple[str, dict[str, list[dict[str, float]]]],
+) -> None:
+    report, _ = quick_run
+    profiles = report.split("## Profiles under single-stream load", 1)[1]
+    for title in (
+        "`hbone forward`",
+        "`hbone serve`",
+        "ztunnel node-a (client side)",
+        "ztunnel node-b (server side)",
+    ):
+        for mode in ("python", "native"):
+            head = f"### {title}, {mode} frames ("
+            assert head in profiles, head
+            table = profiles.split(head, 1)[1].split("###", 1)[0]
+            assert re.search(r"^\| 1 \| `.+` \| \d+\.\d \| \d+\.\d \|$", table, re.M), (title, mode)
