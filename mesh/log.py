@@ -6,8 +6,11 @@ stay clean.
 
 from __future__ import annotations
 
+import json as jsonlib
 import logging
 import sys
+import time
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -43,23 +46,50 @@ class MeshLogger(structlog.BoundLoggerBase):
         return self._proxy_to_logger("error", event, **kw)
 
 
+# Per-line costs matter: ztunnel and ``hbone serve`` write an access-log line per connection.
+_ENCODER = jsonlib.JSONEncoder(default=repr)  # json.dumps(default=...) would build one per call
+
+
+def _json_line(event: Any, **_: Any) -> str:
+    return _ENCODER.encode(event)
+
+
+_stamp_second = -1
+_stamp_prefix = ""
+
+
+def _timestamp(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """``timestamp``: ISO 8601 UTC with milliseconds; the date and time part is formatted once a second."""
+    global _stamp_second, _stamp_prefix
+    now = time.time()
+    second = int(now)
+    if second != _stamp_second:
+        _stamp_second = second
+        _stamp_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    event["timestamp"] = f"{_stamp_prefix}.{int((now - second) * 1000):03d}Z"
+    return event
+
+
 def configure(level: str = "info", json: bool | None = None) -> None:
     """Set up structlog (and stdlib logging, for libraries) at ``level``."""
     if level not in LEVELS:
         raise ValueError(f"log level {level!r} is not one of {', '.join(LEVELS)}")
     if json is None:
         json = not sys.stderr.isatty()
-    renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+    renderer: Any = (
+        structlog.processors.JSONRenderer(serializer=_json_line) if json else structlog.dev.ConsoleRenderer()
+    )
+    printer = structlog.PrintLogger(file=sys.stderr)  # one for every logger: made per call otherwise
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _timestamp,
             structlog.processors.format_exc_info,
             renderer,
         ],
         wrapper_class=MeshLogger,
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=lambda *args: printer,
         cache_logger_on_first_use=False,
     )
     set_level(level)

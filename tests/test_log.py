@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -11,13 +12,15 @@ import pytest
 
 SCRIPT = textwrap.dedent(
     """
+    from pathlib import PurePosixPath
+
     import structlog
     from mesh import log as meshlog
 
     meshlog.configure("info", json=True)
     log = structlog.get_logger("t")
     log.debug("hidden at info")
-    log.info("shown", n=1)
+    log.info("shown", n=1, path=PurePosixPath("/x"))
     meshlog.set_level("debug")
     log.debug("shown after set_level")
     meshlog.set_level("warning")
@@ -54,7 +57,10 @@ def test_level_filters_and_changes_at_run_time(lines: list[dict[str, object]]) -
 
 def test_lines_carry_level_timestamp_and_bound_values(lines: list[dict[str, object]]) -> None:
     first = lines[0]
-    assert first["level"] == "info" and first["n"] == 1 and str(first["timestamp"]).endswith("Z")
+    assert first["level"] == "info" and first["n"] == 1
+    assert first["path"] == "PurePosixPath('/x')"  # what JSON cannot carry is logged as its repr
+    for line in lines:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", str(line["timestamp"])), line
     assert lines[3]["peer"] == "p1" and lines[3]["level"] == "error"
 
 
