@@ -16,6 +16,7 @@ import os
 import re
 import ssl
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,6 +194,21 @@ def _identity_of(cert: Mapping[str, object]) -> Identity:
         raise _NotAMeshCertificate(f"certificate URI SAN is not a mesh identity: {e}") from None
 
 
+def _check_validity_now(cert: Mapping[str, object]) -> None:
+    """A resumed session skips certificate verification, and its ticket may be hours old: the
+    validity period the original handshake checked may have ended since. Check it again."""
+    try:
+        not_before = ssl.cert_time_to_seconds(str(cert["notBefore"]))
+        not_after = ssl.cert_time_to_seconds(str(cert["notAfter"]))
+    except (KeyError, ValueError):
+        raise PeerRejected("resumed session's peer certificate has no readable validity period") from None
+    now = time.time()
+    if now > not_after:
+        raise PeerRejected("peer certificate has expired (resumed session)")
+    if now < not_before:
+        raise PeerRejected("peer certificate is not yet valid (resumed session)")
+
+
 def verify_peer(
     ssl_object: ssl.SSLObject | ssl.SSLSocket,
     trust_domain: str,
@@ -211,6 +227,8 @@ def verify_peer(
     if not cert:
         # Only a context that does not verify peers (CERT_NONE) hands back an empty dict.
         raise PeerRejected("peer certificate was not verified (the TLS context must require it)")
+    if ssl_object.session_reused:
+        _check_validity_now(cert)
     try:
         ident = _identity_of(cert)
     except _NotAMeshCertificate as e:

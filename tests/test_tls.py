@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import ssl
 import subprocess
 import sys
@@ -394,3 +395,51 @@ def test_client_context_keeps_a_bounded_number_of_resumable_sessions() -> None:
     ctx.withdraw(token)
     ctx.forget("d")
     assert ctx.offer("d") is None
+
+
+class _ResumedSession:
+    """What verify_peer reads from an SSLObject whose handshake resumed a session."""
+
+    def __init__(self, not_before: str, not_after: str) -> None:
+        self.session_reused = True
+        self._cert = {
+            "subjectAltName": (("URI", "spiffe://cluster.local/ns/shop/sa/web"),),
+            "notBefore": not_before,
+            "notAfter": not_after,
+        }
+
+    def selected_alpn_protocol(self) -> str:
+        return "h2"
+
+    def getpeercert(self) -> dict[str, object]:
+        return self._cert
+
+
+@pytest.mark.parametrize(
+    ("not_before", "not_after", "reason"),
+    [
+        ("Jan  1 00:00:00 2020 GMT", "Jan  1 00:00:00 2021 GMT", "expired (resumed session)"),
+        ("Jan  1 00:00:00 2999 GMT", "Jan  1 00:00:00 3000 GMT", "not yet valid (resumed session)"),
+        ("yesterday", "tomorrow", "no readable validity period"),
+    ],
+)
+def test_resumed_session_is_refused_once_the_certificate_is_out_of_date(
+    not_before: str, not_after: str, reason: str
+) -> None:
+    from typing import Any, cast
+
+    from mesh.tls import PeerRejected, verify_peer
+
+    with pytest.raises(PeerRejected, match=re.escape(reason)):
+        verify_peer(cast(Any, _ResumedSession(not_before, not_after)), "cluster.local")
+
+
+def test_resumed_session_with_a_current_certificate_is_accepted() -> None:
+    from typing import Any, cast
+
+    from mesh.tls import verify_peer
+
+    ident = verify_peer(
+        cast(Any, _ResumedSession("Jan  1 00:00:00 2020 GMT", "Jan  1 00:00:00 2999 GMT")), "cluster.local"
+    )
+    assert str(ident) == "spiffe://cluster.local/ns/shop/sa/web"
