@@ -8,6 +8,7 @@ what is wrong, and nothing else escapes.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 SCHEME = "spiffe://"
@@ -106,3 +107,17 @@ class Identity:
                 f"{principal!r} is not of the form <trust-domain>/ns/<namespace>/sa/<service-account>"
             )
         return cls(trust_domain=parts[0], namespace=parts[2], service_account=parts[4])
+
+
+def identity_from_uri_sans(uris: Sequence[str]) -> Identity:
+    """The identity a certificate proves, from its URI SANs: exactly one, a mesh SPIFFE ID.
+
+    Shared by the ``cryptography`` reader (``mesh.pki.identity_of``) and the ``ssl`` one
+    (``mesh.tls.verify_peer``) so that both refuse the same certificates in the same words.
+    """
+    if len(uris) != 1:
+        raise IdentityError(f"certificate has {len(uris)} URI SANs, want exactly one SPIFFE URI")
+    try:
+        return Identity.parse(uris[0])
+    except IdentityError as e:
+        raise IdentityError(f"certificate URI SAN is not a mesh identity: {e}") from None

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from mesh.files import write_atomic
-from mesh.identity import Identity, IdentityError
+from mesh.identity import Identity, IdentityError, identity_from_uri_sans
 
 DEFAULT_LEAF_TTL = dt.timedelta(hours=24)
 MAX_LEAF_TTL = dt.timedelta(hours=24)
@@ -96,13 +96,10 @@ def identity_of(cert: x509.Certificate) -> Identity:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         raise PkiError("certificate has no subjectAltName") from None
-    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    if len(uris) != 1:
-        raise PkiError(f"certificate has {len(uris)} URI SANs, want exactly one SPIFFE URI")
     try:
-        return Identity.parse(uris[0])
+        return identity_from_uri_sans(san.get_values_for_type(x509.UniformResourceIdentifier))
     except IdentityError as e:
-        raise PkiError(f"certificate URI SAN is not a mesh identity: {e}") from None
+        raise PkiError(str(e)) from None
 
 
 def make_csr(identity: Identity, key: ec.EllipticCurvePrivateKey | None = None) -> tuple[bytes, bytes]:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from mesh.identity import Identity, IdentityError
+from mesh.identity import Identity, IdentityError, identity_from_uri_sans
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -185,13 +185,10 @@ def _identity_of(cert: Mapping[str, object]) -> Identity:
     if not san:
         raise _NotAMeshCertificate("certificate has no subjectAltName")
     assert isinstance(san, tuple)
-    uris = [value for kind, value in san if kind == "URI"]
-    if len(uris) != 1:
-        raise _NotAMeshCertificate(f"certificate has {len(uris)} URI SANs, want exactly one SPIFFE URI")
     try:
-        return Identity.parse(uris[0])
+        return identity_from_uri_sans([value for kind, value in san if kind == "URI"])
     except IdentityError as e:
-        raise _NotAMeshCertificate(f"certificate URI SAN is not a mesh identity: {e}") from None
+        raise _NotAMeshCertificate(str(e)) from None
 
 
 def _check_validity_now(cert: Mapping[str, object]) -> None:
