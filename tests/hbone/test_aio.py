@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import os
@@ -16,6 +17,7 @@ from mesh.hbone.aio import (
     BufferedSink,
     ClientProtocol,
     ConnectRefused,
+    Handler,
     HboneServer,
     InboundStream,
     Stream,
@@ -31,12 +33,23 @@ from tests.hbone.conftest import CLIENT_ID, SERVER_ID, Backend
 from tests.pkihelpers import forged_credential
 
 
+@contextlib.asynccontextmanager
+async def serving(
+    cred: Credential, handler: Handler = connect_and_relay, port: int = 0
+) -> AsyncIterator[HboneServer]:
+    """An HBONE server on loopback for the duration of the block."""
+    srv = HboneServer(handler, server_context(cred), "cluster.local")
+    await srv.listen("127.0.0.1", port)
+    try:
+        yield srv
+    finally:
+        await srv.close()
+
+
 @pytest.fixture
 async def server(server_cred: Credential) -> AsyncIterator[HboneServer]:
-    srv = HboneServer(connect_and_relay, server_context(server_cred), "cluster.local")
-    await srv.listen("127.0.0.1", 0)
-    yield srv
-    await srv.close()
+    async with serving(server_cred) as srv:
+        yield srv
 
 
 async def dial(
@@ -82,16 +95,12 @@ async def test_server_sees_client_identity(
         seen.append(inbound.peer)
         await connect_and_relay(inbound)
 
-    srv = HboneServer(handler, server_context(server_cred), "cluster.local")
-    await srv.listen()
-    try:
+    async with serving(server_cred, handler) as srv:
         conn = await dial(srv, client_cred)
         st = await conn.open_stream(f"127.0.0.1:{backend.echo_port}")
         assert await roundtrip(st, b"ping") == b"ping"
         assert seen == [CLIENT_ID]
         conn.close()
-    finally:
-        await srv.close()
 
 
 async def test_half_close_keeps_other_direction(
@@ -235,15 +244,11 @@ async def test_sessions_are_only_offered_to_the_peer_that_issued_them(
 ) -> None:
     ctx = client_context(client_cred)
     await _dial_and_close(server, ctx, backend)
-    other = HboneServer(connect_and_relay, server_context(server_cred), "cluster.local")
-    await other.listen("127.0.0.1", 0)
-    try:
+    async with serving(server_cred) as other:
         host, port = other.address
         conn = await open_connection(host, port, ctx, "cluster.local", SERVER_ID)
         assert not conn.resumed  # another address: no ticket offered
         conn.close()
-    finally:
-        await other.close()
 
 
 async def test_a_refused_ticket_falls_back_to_a_full_handshake(
@@ -251,21 +256,15 @@ async def test_a_refused_ticket_falls_back_to_a_full_handshake(
 ) -> None:
     """A server that cannot decrypt the ticket (restarted: new ticket keys) does a full handshake."""
     ctx = client_context(client_cred)
-    first = HboneServer(connect_and_relay, server_context(server_cred), "cluster.local")
-    await first.listen("127.0.0.1", 0)
-    host, port = first.address
-    await _dial_and_close(first, ctx, backend)
-    await first.close()
-    restarted = HboneServer(connect_and_relay, server_context(server_cred), "cluster.local")
-    await restarted.listen(host, port)
-    try:
+    async with serving(server_cred) as first:
+        host, port = first.address
+        await _dial_and_close(first, ctx, backend)
+    async with serving(server_cred, port=port):
         conn = await open_connection(host, port, ctx, "cluster.local", SERVER_ID)
         assert not conn.resumed and conn.peer == SERVER_ID
         st = await conn.open_stream(f"127.0.0.1:{backend.echo_port}")
         assert await roundtrip(st, b"full") == b"full"
         conn.close()
-    finally:
-        await restarted.close()
 
 
 async def test_idle_connection_closed(server: HboneServer, client_cred: Credential, backend: Backend) -> None:
@@ -329,9 +328,7 @@ async def test_open_stream_fails_when_the_connection_dies_before_the_answer(
         arrived.set()
         await asyncio.Event().wait()
 
-    srv = HboneServer(never_answer, server_context(server_cred), "cluster.local")
-    await srv.listen("127.0.0.1", 0)
-    try:
+    async with serving(server_cred, never_answer) as srv:
         conn = await dial(srv, client_cred)
         opening = asyncio.create_task(conn.open_stream("127.0.0.1:9"))
         await asyncio.wait_for(arrived.wait(), 5)
@@ -340,8 +337,6 @@ async def test_open_stream_fails_when_the_connection_dies_before_the_answer(
         with pytest.raises(StreamError):
             await asyncio.wait_for(opening, 5)
         assert not conn.streams
-    finally:
-        await srv.close()
 
 
 async def test_cancelled_relay_waiter_leaves_the_relay_alone(
@@ -521,10 +516,6 @@ async def test_client_refuses_expired_server(ca: CertificateAuthority, client_cr
     bad = forged_credential(
         ca, SERVER_ID, not_before=now - dt.timedelta(hours=2), not_after=now - dt.timedelta(hours=1)
     )
-    srv = HboneServer(connect_and_relay, server_context(bad), "cluster.local")
-    await srv.listen()
-    try:
+    async with serving(bad) as srv:
         with pytest.raises(PeerRejected, match="expired"):
             await dial(srv, client_cred)
-    finally:
-        await srv.close()
