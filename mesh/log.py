@@ -54,19 +54,19 @@ def _json_line(event: Any, **_: Any) -> str:
     return _ENCODER.encode(event)
 
 
-_stamp_second = -1
-_stamp_prefix = ""
+_stamp: tuple[int, str] = (-1, "")  # (second, its formatted date and time), replaced as one
 
 
 def _timestamp(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """``timestamp``: ISO 8601 UTC with milliseconds; the date and time part is formatted once a second."""
-    global _stamp_second, _stamp_prefix
+    global _stamp
     now = time.time()
-    second = int(now)
-    if second != _stamp_second:
-        _stamp_second = second
-        _stamp_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    event["timestamp"] = f"{_stamp_prefix}.{int((now - second) * 1000):03d}Z"
+    second, prefix = _stamp
+    if int(now) != second:
+        second = int(now)
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _stamp = (second, prefix)  # one assignment: a thread never sees a second with another's text
+    event["timestamp"] = f"{prefix}.{int((now - second) * 1000):03d}Z"
     return event
 
 
