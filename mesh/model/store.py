@@ -32,6 +32,7 @@ from mesh.model.objects import (
     Workload,
 )
 from mesh.model.policy import AuthorizationPolicy, PeerAuthentication, RequestAuthentication
+from mesh.subscribers import Subscribers
 
 log = structlog.get_logger(__name__)
 
@@ -567,7 +568,7 @@ class Store:
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._snapshot = Snapshot()
-        self._subscribers: tuple[Callable[[Delta], None], ...] = ()
+        self._subscribers: Subscribers[Delta] = Subscribers()
         self._notifying = False
 
     @property
@@ -688,7 +689,7 @@ class Store:
     def _notify(self, delta: Delta) -> None:
         self._notifying = True
         try:
-            for callback in self._subscribers:
+            for callback in self._subscribers.snapshot:
                 try:
                     callback(delta)
                 except Exception:
@@ -702,14 +703,7 @@ class Store:
 
     def subscribe(self, callback: Callable[[Delta], None]) -> Unsubscribe:
         """Call ``callback`` with every future delta; returns the function that stops it."""
-        with self._lock:
-            self._subscribers = (*self._subscribers, callback)
-
-        def unsubscribe() -> None:
-            with self._lock:
-                self._subscribers = tuple(s for s in self._subscribers if s is not callback)
-
-        return unsubscribe
+        return self._subscribers.add(callback)
 
     def subscribe_queue(self) -> DeltaQueue:
         """An asyncio queue of future deltas (call from inside the event loop)."""

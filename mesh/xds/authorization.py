@@ -23,6 +23,7 @@ from types import MappingProxyType
 import structlog
 
 from mesh.model.frozen import tuple_fields
+from mesh.subscribers import Subscribers
 
 log = structlog.get_logger(__name__)
 
@@ -170,7 +171,7 @@ class AuthorizationStore:
         self._lock = threading.Lock()
         self._version = 0
         self._policies: Mapping[str, Authorization] = MappingProxyType({})
-        self._subscribers: tuple[Callable[[int], None], ...] = ()
+        self._subscribers: Subscribers[int] = Subscribers()
 
     @property
     def version(self) -> int:
@@ -191,7 +192,7 @@ class AuthorizationStore:
                 return False
             self._policies = MappingProxyType(new)
             self._version += 1
-            version, subscribers = self._version, self._subscribers
+            version, subscribers = self._version, self._subscribers.snapshot
         for callback in subscribers:
             try:
                 callback(version)
@@ -201,11 +202,4 @@ class AuthorizationStore:
 
     def subscribe(self, callback: Callable[[int], None]) -> Callable[[], None]:
         """Call ``callback(version)`` after every change; returns the function that stops it."""
-        with self._lock:
-            self._subscribers = (*self._subscribers, callback)
-
-        def unsubscribe() -> None:
-            with self._lock:
-                self._subscribers = tuple(s for s in self._subscribers if s is not callback)
-
-        return unsubscribe
+        return self._subscribers.add(callback)
