@@ -72,6 +72,15 @@ class _Entry:
         self.last_error = ""
         self.rotations = 0
 
+    async def sleep(self, delay: float) -> None:
+        """Wait ``delay`` seconds, or less if ``wake`` is set meanwhile."""
+        self.wake.clear()
+        try:
+            async with asyncio.timeout(delay):
+                await self.wake.wait()
+        except TimeoutError:
+            pass
+
 
 class CertManager:
     def __init__(
@@ -164,12 +173,7 @@ class CertManager:
                     "certificate fetch failed", identity=str(identity), error=str(err), retry_in_s=delay
                 )
                 attempt += 1
-                e.wake.clear()
-                try:
-                    async with asyncio.timeout(delay):
-                        await e.wake.wait()
-                except TimeoutError:
-                    pass
+                await e.sleep(delay)
 
     async def _refresher(self, identity: Identity, e: _Entry) -> None:
         while True:
@@ -193,12 +197,7 @@ class CertManager:
                 not_after=cred.not_after.isoformat(),
                 refresh_in_s=round(delay, 1),
             )
-            e.wake.clear()
-            try:
-                async with asyncio.timeout(delay):
-                    await e.wake.wait()
-            except TimeoutError:
-                pass
+            await e.sleep(delay)
 
     def dump(self) -> list[dict[str, Any]]:
         """For ``/config_dump``."""
