@@ -28,6 +28,18 @@ MAX_LEAF_TTL = dt.timedelta(hours=24)
 ROOT_TTL = dt.timedelta(days=3650)
 # Certificates are back-dated a little so that a peer whose clock runs slightly behind accepts them.
 CLOCK_SKEW = dt.timedelta(minutes=1)
+# What a CA certificate (root or intermediate) may do: sign certificates and CRLs.
+CA_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=True,
+    crl_sign=True,
+    encipher_only=False,
+    decipher_only=False,
+)
 
 # Istio's file names, for workload credentials and for a plugged-in CA ("cacerts").
 CERT_CHAIN_FILE = "cert-chain.pem"
@@ -196,20 +208,7 @@ class CertificateAuthority:
             .not_valid_before(now - CLOCK_SKEW)
             .not_valid_after(now + ttl)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            .add_extension(CA_KEY_USAGE, critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256())
         )

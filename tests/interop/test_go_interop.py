@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
 from mesh.identity import Identity
-from mesh.pki import CLOCK_SKEW, CertificateAuthority, generate_key, write_credential
+from mesh.pki import CA_KEY_USAGE, CLOCK_SKEW, CertificateAuthority, generate_key, write_credential
 
 REPO = Path(__file__).resolve().parents[2]
 GO_SRC = Path(__file__).resolve().parent / "go"
@@ -137,20 +137,7 @@ def _intermediate_ca(root: CertificateAuthority) -> CertificateAuthority:
         .not_valid_before(now - CLOCK_SKEW)
         .not_valid_after(now + dt.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(CA_KEY_USAGE, critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(root.key.public_key()),
