@@ -469,7 +469,6 @@ class ClientProtocol(HboneProtocol):
     def __init__(self, loop: asyncio.AbstractEventLoop, **kw: float) -> None:
         super().__init__(loop, **kw)
         self.conn = ClientConnection()
-        self._responses: dict[int, asyncio.Future[Response]] = {}
         self.resumed = False  # the TLS handshake resumed an earlier session (no certificates sent)
         # Where to keep this connection's TLS session when it ends, for the next dial to resume.
         self._resume: tuple[ClientContext, object, ssl.SSLObject] | None = None
@@ -493,8 +492,7 @@ class ClientProtocol(HboneProtocol):
         st = Stream(self, sid)
         self.streams[sid] = st
         fut: asyncio.Future[Response] = self.loop.create_future()
-        self._responses[sid] = fut
-        st._response = fut  # a reset before the response fails it
+        st._response = fut  # answered by handle_event; a reset (or the connection dying) fails it
         self.flush()
         try:
             resp = await fut
@@ -502,7 +500,6 @@ class ClientProtocol(HboneProtocol):
             st.reset()
             raise
         finally:
-            self._responses.pop(sid, None)
             st._response = None
         if resp.status != STATUS_OK:
             st._on_reset(StreamError(f"refused with status {resp.status}"))
@@ -511,7 +508,8 @@ class ClientProtocol(HboneProtocol):
 
     def handle_event(self, ev: Event) -> None:
         if isinstance(ev, Response):
-            fut = self._responses.get(ev.stream_id)
+            st = self.streams.get(ev.stream_id)
+            fut = st._response if st is not None else None
             if fut is not None and not fut.done():
                 fut.set_result(ev)
 
@@ -520,10 +518,7 @@ class ClientProtocol(HboneProtocol):
             ctx, key, ssl_object = self._resume
             self._resume = None
             ctx.remember(key, ssl_object.session)
-        for fut in self._responses.values():
-            if not fut.done():
-                fut.set_exception(error)
-        super()._teardown(error)
+        super()._teardown(error)  # resets every stream, failing any response still awaited
 
 
 async def open_connection(
