@@ -166,7 +166,7 @@ _NOT_INDEXED = frozenset({"forwarded"})
 
 
 def _outbound_header(name: str, value: str) -> tuple[str, str] | hpack.NeverIndexedHeaderTuple:
-    """A caller's extra CONNECT header, checked here (h2's outbound validation is off)."""
+    """A caller's extra request or response header, checked here (h2's outbound validation is off)."""
     if not _TOKEN.fullmatch(name):
         raise LocalProtocolError(f"header name {name!r} is not a lowercase HTTP token")
     if _BAD_VALUE.search(value):
@@ -788,7 +788,8 @@ class ServerConnection(HboneConnection):
         """Answer a ``ConnectRequest``: 200 opens the tunnel; anything else closes the stream."""
         if stream_id not in self._streams:
             raise LocalProtocolError(f"stream {stream_id} is not awaiting a response")
+        extra = [_outbound_header(name, value) for name, value in headers]
         ok = status == STATUS_OK
-        self._h2.send_headers(stream_id, [(":status", str(status)), *headers], end_stream=not ok)
+        self._h2.send_headers(stream_id, [(":status", str(status)), *extra], end_stream=not ok)
         if not ok:
             self._reset(stream_id, NO_ERROR)

@@ -125,6 +125,11 @@ def test_bad_extra_headers_are_refused_before_anything_is_sent(name: str, value:
     with pytest.raises(LocalProtocolError, match=reason):
         p.client.connect("10.0.0.2:8080", [(name, value)])
     assert p.client.data_to_send() == b"" and p.client.open_streams == 0
+    sid = p.client.connect("10.0.0.2:8080")
+    p.pump()
+    with pytest.raises(LocalProtocolError, match=reason):  # the server's answer is checked alike
+        p.server.respond(sid, 200, [(name, value)])
+    assert p.server.data_to_send() == b""
 
 
 def test_data_both_ways_and_half_close(fast: bool) -> None:
