@@ -49,7 +49,8 @@ from mesh import runtime
 from mesh.files import write_atomic
 from mesh.identity import Identity, IdentityError
 from mesh.model import Delta, Kind, Store
-from mesh.pki import ROOT_CERT_FILE, CertificateAuthority, PkiError
+from mesh.pki import CertificateAuthority, PkiError
+from mesh.tls import ROOT_CERT_FILE
 
 log = structlog.get_logger(__name__)
 

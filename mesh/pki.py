@@ -22,6 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from mesh.files import write_atomic
 from mesh.identity import Identity, IdentityError, identity_from_uri_sans
+from mesh.tls import CERT_CHAIN_FILE, KEY_FILE, ROOT_CERT_FILE  # defined with the ssl-only loader
 
 DEFAULT_LEAF_TTL = dt.timedelta(hours=24)
 MAX_LEAF_TTL = dt.timedelta(hours=24)
@@ -42,9 +43,6 @@ CA_KEY_USAGE = x509.KeyUsage(
 )
 
 # Istio's file names, for workload credentials and for a plugged-in CA ("cacerts").
-CERT_CHAIN_FILE = "cert-chain.pem"
-KEY_FILE = "key.pem"
-ROOT_CERT_FILE = "root-cert.pem"
 CA_CERT_FILE = "ca-cert.pem"
 CA_KEY_FILE = "ca-key.pem"
 

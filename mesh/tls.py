@@ -35,7 +35,7 @@ log = structlog.get_logger(__name__)
 
 ALPN_H2 = "h2"
 
-# Istio's file names for a workload credential: the same as mesh.pki's (which needs cryptography).
+# Istio's file names for a workload credential (mesh.pki uses these too).
 CERT_CHAIN_FILE = "cert-chain.pem"
 KEY_FILE = "key.pem"
 ROOT_CERT_FILE = "root-cert.pem"
