@@ -240,15 +240,27 @@ def verify_peer(
     return ident
 
 
+def _verify_kind(e: ssl.SSLCertVerificationError) -> str:
+    """Why OpenSSL refused a chain: "expired", "not yet valid", "untrusted" or "other"."""
+    msg = (e.verify_message or "").lower()
+    if "expired" in msg:
+        return "expired"
+    if "not yet valid" in msg:
+        return "not yet valid"
+    if "issuer" in msg or "self-signed" in msg or "self signed" in msg or "signature" in msg:
+        return "untrusted"
+    return "other"
+
+
 def describe_tls_error(exc: BaseException) -> str:
     """A short, specific reason for a failed handshake, for logs and errors users read."""
     if isinstance(exc, ssl.SSLCertVerificationError):
-        msg = (exc.verify_message or "").lower()
-        if "expired" in msg:
+        kind = _verify_kind(exc)
+        if kind == "expired":
             return "peer certificate has expired"
-        if "not yet valid" in msg:
+        if kind == "not yet valid":
             return "peer certificate is not yet valid"
-        if "issuer" in msg or "self-signed" in msg or "self signed" in msg or "signature" in msg:
+        if kind == "untrusted":
             return f"peer certificate is not signed by the mesh root ({exc.verify_message})"
         return f"peer certificate rejected: {exc.verify_message or exc}"
     if isinstance(exc, ssl.SSLError):
@@ -346,14 +358,14 @@ def _dir_context(purpose: ssl.Purpose, chain: Path, key: Path, roots: str) -> ss
 
 
 def _verify_failure(e: ssl.SSLCertVerificationError, chain: Path, root: Path, *, server_side: bool) -> str:
-    msg = (e.verify_message or "").lower()
-    if "expired" in msg:
+    kind = _verify_kind(e)
+    if kind == "expired":
         reason = "a certificate has expired"
-    elif "not yet valid" in msg:
+    elif kind == "not yet valid":
         reason = "a certificate is not yet valid"
-    elif "issuer" in msg or "self-signed" in msg or "self signed" in msg or "signature" in msg:
+    elif kind == "untrusted":
         reason = f"it is not signed by a certificate in {root.name} ({e.verify_message})"
-    elif server_side and "purpose" in msg:
+    elif server_side and "purpose" in (e.verify_message or "").lower():
         return (
             f"{chain}: the leaf certificate cannot be used as a TLS client certificate ({e.verify_message})"
         )
