@@ -222,12 +222,8 @@ def free_port() -> int:
 
 
 def cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime (all threads)
-    return total / CLK_TCK
+    """User plus system CPU seconds of ``pids`` (all threads)."""
+    return sum(cpu_split(pids))
 
 
 def cpu_split(pids: list[int]) -> tuple[float, float]:
