@@ -6,6 +6,13 @@ from typing import Any
 
 import pytest
 import uvloop
+from hypothesis import HealthCheck, settings
+
+# CI runs on a loaded 2-core machine: no per-example deadline, and slow input generation is
+# not a failure. Every test run uses this profile (developers' machines are loaded too when
+# the netns tests run beside them); a test may still lower max_examples for itself.
+settings.register_profile("ci", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci")
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Mapping[str, Callable[[], Any]]:
