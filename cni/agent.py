@@ -39,7 +39,7 @@ from cni.plugin import AgentReply, AgentRequest
 from cni.zds_server import Op
 from mesh import zds
 from mesh.model import Store, Workload
-from mesh.model.store import Delta
+from mesh.model import Delta
 from mesh.tasks import Supervisor
 
 log = structlog.get_logger(__name__)

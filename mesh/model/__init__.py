@@ -51,15 +51,8 @@ from mesh.model.policy import (
     WorkloadSelector,
     oldest_first,
 )
-from mesh.model.store import (
-    Delta,
-    DeltaQueue,
-    MeshObject,
-    Snapshot,
-    Store,
-    StoreError,
-    Unsubscribe,
-)
+from mesh.model.snapshot import Delta, MeshObject, Snapshot
+from mesh.model.store import DeltaQueue, Store, StoreError, Unsubscribe
 
 __all__ = [
     "ANNOTATION_REDIRECTION",

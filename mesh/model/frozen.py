@@ -62,13 +62,6 @@ class FrozenMap(Mapping[K, V]):
         return f"FrozenMap({self._data!r})"
 
 
-def freeze(data: Mapping[K, V]) -> FrozenMap[K, V]:
-    """``data`` itself when already frozen, otherwise a frozen copy."""
-    if isinstance(data, FrozenMap):
-        return data
-    return FrozenMap(data)
-
-
 def freeze_fields(obj: Any, *names: str) -> None:
     """Replace the named mapping attributes of a frozen dataclass by frozen copies.
 

@@ -16,8 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh.model import Kind, MeshObject, Node, Service, ServicePort, Snapshot, Store, Workload
-from mesh.model import store as store_module
-from mesh.model.store import _EndpointIndexes, _ServiceIndexes, _WorkloadIndexes
+from mesh.model.indexes import EndpointIndexes, ServiceIndexes, WorkloadIndexes
 
 UIDS = [f"uid-{i}" for i in range(12)]
 IPS = [f"10.0.0.{i}" for i in range(6)]  # few, so pods collide on IPs
@@ -78,9 +77,9 @@ def _plain(value: Any) -> Any:
 
 
 def assert_same_as_full_build(snap: Snapshot) -> None:
-    w_full = _WorkloadIndexes.build(snap.workloads)
-    s_full = _ServiceIndexes.build(snap.services)
-    e_full = _EndpointIndexes.build(snap.services, snap.workloads)
+    w_full = WorkloadIndexes.build(snap.workloads)
+    s_full = ServiceIndexes.build(snap.services)
+    e_full = EndpointIndexes.build(snap.services, snap.workloads)
     got_w, got_e = snap._workload_idx, snap._endpoint_idx
     for field in ("by_ip", "by_name", "by_node", "accounts", "ip_claims", "name_claims"):
         assert _plain(getattr(got_w, field)) == _plain(getattr(w_full, field)), field
@@ -150,8 +149,8 @@ def test_a_one_pod_write_does_not_rebuild_the_indexes(monkeypatch: pytest.Monkey
     def refuse(*args: object) -> None:
         raise AssertionError("full rebuild on a one-pod write")
 
-    monkeypatch.setattr(store_module._WorkloadIndexes, "build", refuse)
-    monkeypatch.setattr(store_module._EndpointIndexes, "build", refuse)
+    monkeypatch.setattr(WorkloadIndexes, "build", refuse)
+    monkeypatch.setattr(EndpointIndexes, "build", refuse)
     store.upsert(_pod(3, app="y", node="node-2", ip="10.1.0.200"))  # relabel, move, new IP
     store.delete(Kind.WORKLOAD, "uid-004")
     store.apply(upserts=[_pod(100, app="x")], deletes=[(Kind.WORKLOAD, "uid-005")])
@@ -170,15 +169,15 @@ def test_large_batches_and_service_changes_still_rebuild_in_full() -> None:
     # of course agree as well.
     store = _store()
     calls: list[str] = []
-    real = store_module._EndpointIndexes.build.__func__  # type: ignore[attr-defined]
+    real = EndpointIndexes.build.__func__  # type: ignore[attr-defined]
 
-    def counting(cls: type[_EndpointIndexes], *args: Any) -> _EndpointIndexes:
+    def counting(cls: type[EndpointIndexes], *args: Any) -> EndpointIndexes:
         calls.append("build")
-        result: _EndpointIndexes = real(cls, *args)
+        result: EndpointIndexes = real(cls, *args)
         return result
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(store_module._EndpointIndexes, "build", classmethod(counting))
+        mp.setattr(EndpointIndexes, "build", classmethod(counting))
         store.upsert(*(_pod(i, app="z") for i in range(20)))  # half of the pods
         store.upsert(Service(namespace="a", name="z", vips=("10.96.0.3",), selector={"app": "y"}))
     assert calls == ["build", "build"]

@@ -1,0 +1,240 @@
+"""The immutable snapshots of mesh state that everybody reads, and the deltas between them.
+
+A :class:`Snapshot` holds every object at one version, with the indexes the lookups need
+(mesh.model.indexes); a :class:`Delta` says what one change did. Only the store makes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TypeAlias, TypeVar, cast
+
+from mesh.model.indexes import EndpointIndexes, ServiceIndexes, WorkloadIndexes
+from mesh.model.objects import (
+    Gateway,
+    Kind,
+    Namespace,
+    Node,
+    Service,
+    ServiceAccount,
+    Workload,
+)
+from mesh.model.policy import AuthorizationPolicy, PeerAuthentication, RequestAuthentication
+
+MeshObject: TypeAlias = (
+    Node
+    | Namespace
+    | ServiceAccount
+    | Workload
+    | Service
+    | Gateway
+    | PeerAuthentication
+    | AuthorizationPolicy
+    | RequestAuthentication
+)
+
+_T = TypeVar("_T")
+_EMPTY: Mapping[str, MeshObject] = MappingProxyType({})
+_NO_KEYS: frozenset[str] = frozenset()
+
+
+def _readonly(d: dict[str, _T]) -> Mapping[str, _T]:
+    return MappingProxyType(d)
+
+
+# Above one touched workload in this many, a full rebuild is cheaper than updating in place.
+_INCREMENTAL_FRACTION = 4
+
+_EMPTY_WORKLOAD_INDEXES = WorkloadIndexes.build({})
+_EMPTY_SERVICE_INDEXES = ServiceIndexes.build({})
+_EMPTY_ENDPOINT_INDEXES = EndpointIndexes.build({}, {})
+
+
+class Snapshot:
+    """All mesh state at one version, with the lookups the data and control planes need.
+
+    Immutable: mappings are read-only views of dictionaries no one else holds. IP arguments
+    must be in canonical ``str(ipaddress.ip_address(...))`` form, as the model stores them.
+    """
+
+    __slots__ = ("_endpoint_idx", "_objects", "_service_idx", "_version", "_workload_idx")
+
+    _version: int
+    _objects: Mapping[Kind, Mapping[str, MeshObject]]
+    _workload_idx: WorkloadIndexes
+    _service_idx: ServiceIndexes
+    _endpoint_idx: EndpointIndexes
+
+    def __init__(
+        self,
+        version: int = 0,
+        objects: Mapping[Kind, Mapping[str, MeshObject]] | None = None,
+        *,
+        _previous: Snapshot | None = None,
+        _changed: frozenset[Kind] = frozenset(),
+        _touched: Mapping[Kind, frozenset[str]] | None = None,
+    ) -> None:
+        """Build a snapshot; ``_previous``/``_changed`` let the store reuse unchanged indexes.
+
+        ``_touched`` (keys upserted or removed, per kind, relative to ``_previous``; given by
+        :meth:`Store.apply`) lets a small workload change update the workload and endpoint
+        indexes in place of rebuilding them over every pod and service.
+        """
+        by_kind = dict.fromkeys(Kind, _EMPTY)
+        for kind, objs in (objects or {}).items():
+            by_kind[kind] = objs if isinstance(objs, MappingProxyType) else _readonly(dict(objs))
+        self._version = version
+        self._objects = MappingProxyType(by_kind)
+        workloads = cast(Mapping[str, Workload], by_kind[Kind.WORKLOAD])
+        services = cast(Mapping[str, Service], by_kind[Kind.SERVICE])
+        prev = _previous
+        touched_workloads = _touched.get(Kind.WORKLOAD) if _touched is not None else None
+        incremental = (
+            prev is not None
+            and touched_workloads is not None
+            and Kind.SERVICE not in _changed
+            and len(touched_workloads) * _INCREMENTAL_FRACTION <= len(prev.workloads)
+        )
+        if prev is not None and Kind.WORKLOAD not in _changed:
+            self._workload_idx = prev._workload_idx
+        elif incremental and prev is not None and touched_workloads is not None:
+            self._workload_idx = (
+                prev._workload_idx.updated(prev.workloads, workloads, touched_workloads)
+                if workloads
+                else _EMPTY_WORKLOAD_INDEXES
+            )
+        else:
+            self._workload_idx = WorkloadIndexes.build(workloads) if workloads else _EMPTY_WORKLOAD_INDEXES
+        if prev is not None and Kind.SERVICE not in _changed:
+            self._service_idx = prev._service_idx
+        else:
+            self._service_idx = ServiceIndexes.build(services) if services else _EMPTY_SERVICE_INDEXES
+        if prev is not None and not {Kind.WORKLOAD, Kind.SERVICE} & _changed:
+            self._endpoint_idx = prev._endpoint_idx
+        elif incremental and prev is not None and touched_workloads is not None and services and workloads:
+            self._endpoint_idx = prev._endpoint_idx.workloads_updated(
+                prev.workloads, workloads, touched_workloads
+            )
+        else:
+            self._endpoint_idx = (
+                EndpointIndexes.build(services, workloads)
+                if services and workloads
+                else _EMPTY_ENDPOINT_INDEXES
+            )
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{k.value}={len(v)}" for k, v in self._objects.items() if v)
+        return f"<Snapshot v{self._version} {counts}>"
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    # --- by kind ---------------------------------------------------------------------------
+
+    def objects(self, kind: Kind) -> Mapping[str, MeshObject]:
+        return self._objects[kind]
+
+    def get(self, kind: Kind, key: str) -> MeshObject | None:
+        return self._objects[kind].get(key)
+
+    @property
+    def nodes(self) -> Mapping[str, Node]:
+        return cast(Mapping[str, Node], self._objects[Kind.NODE])
+
+    @property
+    def namespaces(self) -> Mapping[str, Namespace]:
+        return cast(Mapping[str, Namespace], self._objects[Kind.NAMESPACE])
+
+    @property
+    def service_accounts(self) -> Mapping[str, ServiceAccount]:
+        return cast(Mapping[str, ServiceAccount], self._objects[Kind.SERVICE_ACCOUNT])
+
+    @property
+    def workloads(self) -> Mapping[str, Workload]:
+        """By uid."""
+        return cast(Mapping[str, Workload], self._objects[Kind.WORKLOAD])
+
+    @property
+    def services(self) -> Mapping[str, Service]:
+        """By ``namespace/name``, like every namespaced kind below."""
+        return cast(Mapping[str, Service], self._objects[Kind.SERVICE])
+
+    @property
+    def gateways(self) -> Mapping[str, Gateway]:
+        return cast(Mapping[str, Gateway], self._objects[Kind.GATEWAY])
+
+    @property
+    def peer_authentications(self) -> Mapping[str, PeerAuthentication]:
+        return cast(Mapping[str, PeerAuthentication], self._objects[Kind.PEER_AUTHENTICATION])
+
+    @property
+    def authorization_policies(self) -> Mapping[str, AuthorizationPolicy]:
+        return cast(Mapping[str, AuthorizationPolicy], self._objects[Kind.AUTHORIZATION_POLICY])
+
+    @property
+    def request_authentications(self) -> Mapping[str, RequestAuthentication]:
+        return cast(Mapping[str, RequestAuthentication], self._objects[Kind.REQUEST_AUTHENTICATION])
+
+    # --- lookups ---------------------------------------------------------------------------
+
+    def workload_by_ip(self, ip: str) -> Workload | None:
+        """The pod that owns ``ip``; hostNetwork pods are never returned (shared IP)."""
+        return self._workload_idx.by_ip.get(ip)
+
+    def workload_by_name(self, namespace: str, name: str) -> Workload | None:
+        return self._workload_idx.by_name.get((namespace, name))
+
+    def workloads_on_node(self, node: str) -> tuple[Workload, ...]:
+        return self._workload_idx.by_node.get(node, ())
+
+    def service_accounts_on_node(self, node: str) -> Mapping[str, Mapping[str, int]]:
+        """namespace -> service account -> pods on ``node``: what the CA may issue there."""
+        return self._workload_idx.accounts.get(node, MappingProxyType({}))
+
+    def pods_on_node(self, node: str, namespace: str, service_account: str) -> int:
+        return self.service_accounts_on_node(node).get(namespace, {}).get(service_account, 0)
+
+    def service_by_address(self, vip: str, port: int) -> Service | None:
+        """The service reached by dialing ``vip:port`` (TCP)."""
+        return self._service_idx.by_address.get((vip, port))
+
+    def services_by_vip(self, vip: str) -> tuple[Service, ...]:
+        return self._service_idx.by_vip.get(vip, ())
+
+    def service_by_hostname(self, hostname: str) -> Service | None:
+        return self._service_idx.by_hostname.get(hostname)
+
+    def endpoints(self, service_key: str) -> tuple[Workload, ...]:
+        """Workloads the service's selector picks, by uid; healthy or not, IP or not."""
+        return self._endpoint_idx.endpoints.get(service_key, ())
+
+    def services_for_workload(self, uid: str) -> tuple[Service, ...]:
+        return self._endpoint_idx.services_of.get(uid, ())
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """What one change did: keys upserted (added or changed) and removed, per kind.
+
+    Carries both snapshots so a subscriber can look at the old value of what changed (e.g.
+    to retract the IPs a deleted pod had) without keeping its own copy of the state.
+    """
+
+    version: int
+    upserted: Mapping[Kind, frozenset[str]]
+    removed: Mapping[Kind, frozenset[str]]
+    previous: Snapshot
+    snapshot: Snapshot
+
+    @property
+    def kinds(self) -> frozenset[Kind]:
+        return frozenset(self.upserted) | frozenset(self.removed)
+
+    def upserted_keys(self, kind: Kind) -> frozenset[str]:
+        return self.upserted.get(kind, _NO_KEYS)
+
+    def removed_keys(self, kind: Kind) -> frozenset[str]:
+        return self.removed.get(kind, _NO_KEYS)
