@@ -17,19 +17,12 @@ from typing import Any, cast
 import structlog
 
 from mesh import runtime
-from mesh.hbone.aio import (
-    BufferedSink,
-    ClientProtocol,
-    HboneServer,
-    InboundStream,
-    StreamError,
-    TcpLeg,
-    connect_and_relay,
-    open_connection,
-    wait_relay,
-)
+from mesh.hbone.client import ClientProtocol, open_connection
 from mesh.hbone.pool import HbonePool, PoolKey
 from mesh.hbone.protocol import format_authority, parse_authority
+from mesh.hbone.relay import TcpLeg, connect_and_relay, wait_relay
+from mesh.hbone.server import HboneServer, InboundStream
+from mesh.hbone.stream import BufferedSink, StreamError
 from mesh.identity import Identity, IdentityError
 from mesh.netaddr import parse_hostport
 from mesh.tasks import Supervisor

@@ -365,7 +365,7 @@ def test_encrypted_key_is_refused_without_prompting(tmp_path: Path, ca: Certific
 
 def test_hbone_tool_does_not_import_cryptography() -> None:
     code = (
-        "import sys, ambientctl.main, ambientctl.hbone, mesh.tls, mesh.hbone.aio, mesh.hbone.pool\n"
+        "import sys, ambientctl.main, ambientctl.hbone, mesh.tls, mesh.hbone.client, mesh.hbone.server, mesh.hbone.relay, mesh.hbone.pool\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'cryptography'))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)

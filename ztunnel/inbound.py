@@ -1,6 +1,6 @@
 """Inbound HBONE (port 15008 in the pod netns).
 
-The TLS handshake and client identity check happen in :class:`mesh.hbone.aio.HboneServer`; here:
+The TLS handshake and client identity check happen in :class:`mesh.hbone.server.HboneServer`; here:
 the CONNECT must name this pod, :func:`ztunnel.routing.decide_inbound` must allow it, and then we
 dial the app from inside the pod netns *as the client* — an ``IP_TRANSPARENT`` socket marked
 0x111 bound to the client's IP from the ``forwarded`` header — so the app sees the real source.
@@ -17,7 +17,8 @@ import ssl
 
 import structlog
 
-from mesh.hbone.aio import HboneServer, InboundStream, TcpLeg, wait_relay
+from mesh.hbone.relay import TcpLeg, wait_relay
+from mesh.hbone.server import HboneServer, InboundStream
 from mesh.hbone.protocol import format_authority
 from mesh.netns import MARK_TPROXY
 from ztunnel.metrics import ConnectionRecord

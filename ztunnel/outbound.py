@@ -15,7 +15,9 @@ import socket
 import structlog
 
 from mesh.caclient import CaError
-from mesh.hbone.aio import ClientProtocol, ConnectRefused, StreamError, TcpLeg, open_connection, wait_relay
+from mesh.hbone.client import ClientProtocol, ConnectRefused, open_connection
+from mesh.hbone.relay import TcpLeg, wait_relay
+from mesh.hbone.stream import StreamError
 from mesh.hbone.pool import HbonePool, PoolKey
 from mesh.hbone.protocol import format_authority
 from mesh.netns import MARK_SKIP

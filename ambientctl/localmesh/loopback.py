@@ -11,15 +11,11 @@ import asyncio
 import os
 from typing import Any
 
-from mesh.hbone.aio import (
-    BufferedSink,
-    ClientProtocol,
-    HboneServer,
-    InboundStream,
-    connect_and_relay,
-    open_connection,
-)
+from mesh.hbone.client import ClientProtocol, open_connection
 from mesh.hbone.pool import HbonePool, PoolKey
+from mesh.hbone.relay import connect_and_relay
+from mesh.hbone.server import HboneServer, InboundStream
+from mesh.hbone.stream import BufferedSink
 from mesh.identity import Identity
 from mesh.pki import CertificateAuthority
 from mesh.tls import client_context, server_context

@@ -1,7 +1,9 @@
 """HBONE: mutual-TLS HTTP/2 CONNECT tunnels, the mesh's data-plane protocol (port 15008).
 
-``protocol`` is the sans-IO core (bytes in, events out); ``aio`` runs it on asyncio sockets with a
-server, a client connection pool and a flow-controlled relay.
+``protocol`` is the sans-IO core (bytes in, events out). On asyncio: ``connection`` runs it on a
+TLS transport, ``stream`` holds one tunnel's bytes each way, ``client`` dials (``open_connection``)
+and ``pool`` shares client connections, ``server`` accepts (``HboneServer``), and ``relay`` joins a
+stream to a TCP connection with backpressure both ways.
 """
 
 from mesh.hbone.events import (

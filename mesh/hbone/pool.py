@@ -16,10 +16,14 @@ from dataclasses import dataclass
 
 import structlog
 
-from mesh.hbone.aio import POOL_IDLE_TIMEOUT, ClientProtocol, HboneProtocol, Stream, StreamError
+from mesh.hbone.client import ClientProtocol
+from mesh.hbone.connection import HboneProtocol
+from mesh.hbone.stream import Stream, StreamError
 from mesh.identity import Identity
 
 log = structlog.get_logger(__name__)
+
+POOL_IDLE_TIMEOUT = 300.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,7 @@
 
 Bytes go in through :meth:`HboneConnection.receive_data`, events come out; bytes to send are taken
 with :meth:`HboneConnection.data_to_send`. No sockets, no clocks: the asyncio adapter in
-``mesh.hbone.aio`` moves the bytes, and tests drive this class directly with transcripts.
+``mesh.hbone.connection`` moves the bytes, and tests drive this class directly with transcripts.
 
 HTTP/2 framing and HPACK are the ``h2`` library's job. On top of it this layer adds what makes a
 CONNECT stream behave like a TCP connection:
@@ -56,6 +56,8 @@ NO_ERROR = h2.errors.ErrorCodes.NO_ERROR
 CANCEL = h2.errors.ErrorCodes.CANCEL
 CONNECT_ERROR = h2.errors.ErrorCodes.CONNECT_ERROR
 REFUSED_STREAM = h2.errors.ErrorCodes.REFUSED_STREAM
+PROTOCOL_ERROR = h2.errors.ErrorCodes.PROTOCOL_ERROR
+FLOW_CONTROL_ERROR = h2.errors.ErrorCodes.FLOW_CONTROL_ERROR
 
 STATUS_OK = 200
 STATUS_BAD_REQUEST = 400
@@ -295,7 +297,7 @@ class HboneConnection:
     def _protocol_error(self, reason: str) -> ProtocolError:
         self._terminated = True
         try:
-            self._h2.close_connection(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            self._h2.close_connection(PROTOCOL_ERROR)
         except h2.exceptions.ProtocolError:
             pass
         return ProtocolError(reason)
@@ -393,7 +395,9 @@ class HboneConnection:
             self._cur, self._cur_sid, self._remaining = st, sid, length
             self._cur_end = bool(flags & _FLAG_END_STREAM)
             self._state = _PADLEN if flags & _FLAG_PADDED else _FAST
-        elif ftype == _WINDOW_UPDATE and length == 4 and self._fast:
+        elif ftype == _WINDOW_UPDATE and length == 4:
+            # Read here on both paths: on the h2-only one, only to answer a zero increment on a
+            # stream (which h2 would make a connection error) before handing the frame to h2.
             self._cur_sid = sid
             self._wu.clear()
             self._state = _WINUPD
@@ -432,6 +436,9 @@ class HboneConnection:
             self._terminated = True
 
     def _window_update(self, sid: int, inc: int, out: list[Event]) -> None:
+        if not self._fast and (inc or sid not in self._streams):
+            self._feed_h2(_window_update(sid, inc), out)  # h2 keeps the windows on this path
+            return
         if sid == 0:
             if inc == 0:
                 raise self._protocol_error("WINDOW_UPDATE with a zero increment on the connection")
@@ -444,10 +451,10 @@ class HboneConnection:
         if st is None:
             return  # allowed for streams that are already closed
         if inc == 0 or st.send_window + inc > _MAX_WINDOW:
-            self._reset(
-                sid, h2.errors.ErrorCodes.FLOW_CONTROL_ERROR if inc else h2.errors.ErrorCodes.PROTOCOL_ERROR
-            )
-            out.append(StreamReset(sid, int(h2.errors.ErrorCodes.FLOW_CONTROL_ERROR), remote=False))
+            # A stream error (RFC 9113 §6.9, §6.9.1): reset it, and report the code we sent.
+            code = FLOW_CONTROL_ERROR if inc else PROTOCOL_ERROR
+            self._reset(sid, code)
+            out.append(StreamReset(sid, int(code), remote=False))
             return
         st.send_window += inc
         self._flush_opened(sid, out)
@@ -487,7 +494,9 @@ class HboneConnection:
         elif isinstance(ev, h2.events.RemoteSettingsChanged):
             changed = ev.changed_settings.get(h2.settings.SettingCodes.INITIAL_WINDOW_SIZE)
             if changed is not None:
-                delta = changed.new_value - (changed.original_value or DEFAULT_WINDOW)
+                # An original value of 0 is a window of 0, not "unset" (RFC 9113 §6.9.2).
+                old = DEFAULT_WINDOW if changed.original_value is None else changed.original_value
+                delta = changed.new_value - old
                 for st in self._streams.values():
                     st.send_window += delta
                 self._flush_opened(0, out)

@@ -13,19 +13,11 @@ from collections.abc import AsyncIterator
 import pytest
 from structlog.testing import capture_logs
 
-from mesh.hbone.aio import (
-    BufferedSink,
-    ClientProtocol,
-    ConnectRefused,
-    Handler,
-    HboneServer,
-    InboundStream,
-    Stream,
-    StreamError,
-    connect_and_relay,
-    open_connection,
-)
+from mesh.hbone.client import ClientProtocol, ConnectRefused, open_connection
 from mesh.hbone.pool import HbonePool, PoolKey
+from mesh.hbone.relay import connect_and_relay
+from mesh.hbone.server import Handler, HboneServer, InboundStream
+from mesh.hbone.stream import BufferedSink, Stream, StreamError
 from mesh.identity import Identity
 from mesh.pki import CertificateAuthority, Credential
 from mesh.tls import PeerRejected, client_context, server_context
@@ -343,7 +335,7 @@ async def test_cancelled_relay_waiter_leaves_the_relay_alone(
     server: HboneServer, client_cred: Credential, backend: Backend
 ) -> None:
     """Cancelling whoever waits on a relay must not cancel the leg's or the stream's futures."""
-    from mesh.hbone.aio import TcpLeg, wait_relay
+    from mesh.hbone.relay import TcpLeg, wait_relay
 
     conn = await dial(server, client_cred)
     st = await conn.open_stream(f"127.0.0.1:{backend.echo_port}")

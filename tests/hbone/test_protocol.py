@@ -396,3 +396,97 @@ def test_any_split_of_the_byte_stream_gives_the_same_events(cuts: list[int], fas
         i += cut
     events += split.receive_data(wire[i:])
     assert merged(events) == reference
+
+
+# -- flow-control edge cases (RFC 9113 §6.5.2, §6.9) -------------------------------------------------
+
+
+def _settings_frame(initial_window: int) -> bytes:
+    """A peer SETTINGS frame carrying only SETTINGS_INITIAL_WINDOW_SIZE."""
+    return b"\x00\x00\x06\x04\x00\x00\x00\x00\x00" + b"\x00\x04" + initial_window.to_bytes(4, "big")
+
+
+def _window_update_frame(stream_id: int, increment: int) -> bytes:
+    return b"\x00\x00\x04\x08\x00" + stream_id.to_bytes(4, "big") + increment.to_bytes(4, "big")
+
+
+def _frames(wire: bytes) -> list[tuple[int, int, bytes]]:
+    """(type, stream id, payload) of each frame in ``wire``."""
+    out = []
+    i = 0
+    while i < len(wire):
+        length = int.from_bytes(wire[i : i + 3], "big")
+        out.append((wire[i + 3], int.from_bytes(wire[i + 5 : i + 9], "big"), wire[i + 9 : i + 9 + length]))
+        i += 9 + length
+    return out
+
+
+def _data_sent(wire: bytes, sid: int) -> int:
+    return sum(len(payload) for ftype, s, payload in _frames(wire) if ftype == 0x0 and s == sid)
+
+
+@pytest.mark.parametrize("repeat", [1, 2], ids=["once", "twice"])
+def test_initial_window_of_zero_sends_nothing_until_window_update(fast: bool, repeat: int) -> None:
+    """SETTINGS_INITIAL_WINDOW_SIZE = 0 (sent once, or again: a change from 0 to 0) leaves every
+    stream without window; each WINDOW_UPDATE then lets out exactly its increment."""
+    p = Pair(fast)
+    sid = p.open()
+    for _ in range(repeat):
+        p.client.receive_data(_settings_frame(0))
+    assert only(p.client.receive_data(b""), Data) == []
+    wire = p.client.data_to_send()  # SETTINGS ACKs only
+    assert {ftype for ftype, _, _ in _frames(wire)} == {0x4}
+    p.client.send_data(sid, b"x" * 1000)
+    assert _data_sent(p.client.data_to_send(), sid) == 0
+    assert p.client.send_window(sid) == 0 and p.client.pending(sid) == 1000
+    evs = p.client.receive_data(_window_update_frame(sid, 300))
+    assert WindowOpened(sid) in evs
+    assert _data_sent(p.client.data_to_send(), sid) == 300
+    assert p.client.pending(sid) == 700
+    p.client.receive_data(_window_update_frame(sid, 700))
+    assert _data_sent(p.client.data_to_send(), sid) == 700
+    assert p.client.pending(sid) == 0
+
+
+def test_initial_window_raised_from_zero_opens_streams_by_the_new_value(fast: bool) -> None:
+    """A later SETTINGS changes every stream's window by new - old, and old is 0 here, not 65,535."""
+    p = Pair(fast)
+    sid = p.open()
+    p.client.receive_data(_settings_frame(0))
+    p.client.send_data(sid, b"y" * 1000)
+    assert _data_sent(p.client.data_to_send(), sid) == 0
+    p.client.receive_data(_settings_frame(100))
+    assert _data_sent(p.client.data_to_send(), sid) == 100
+    p.client.receive_data(_window_update_frame(sid, 900))
+    assert _data_sent(p.client.data_to_send(), sid) == 900
+    assert p.client.pending(sid) == 0
+
+
+def test_zero_window_update_on_a_stream_resets_that_stream(fast: bool) -> None:
+    """A stream error (§6.9): RST_STREAM PROTOCOL_ERROR, reported as the reset it is; the
+    connection and its other streams carry on."""
+    p = Pair(fast)
+    sid = p.open()
+    other = p.open()
+    evs = p.client.receive_data(_window_update_frame(sid, 0))
+    assert only(evs, StreamReset) == [StreamReset(sid, 0x1, remote=False)]  # PROTOCOL_ERROR
+    wire = p.client.data_to_send()
+    assert _frames(wire) == [(0x3, sid, b"\x00\x00\x00\x01")]
+    assert only(p.server.receive_data(wire), StreamReset) == [StreamReset(sid, 0x1, remote=True)]
+    assert not p.client.terminated and p.client.open_streams == 1
+    p.client.send_data(other, b"still fine")
+    _, s_evs = p.pump()
+    assert Data(other, b"still fine") in s_evs
+
+
+def test_zero_window_update_on_the_connection_is_a_connection_error(fast: bool) -> None:
+    """A connection error (§6.9): GOAWAY PROTOCOL_ERROR, and ProtocolError raised to the caller."""
+    p = Pair(fast)
+    sid = p.open()
+    with pytest.raises(ProtocolError):
+        p.client.receive_data(_window_update_frame(0, 0))
+    assert p.client.terminated
+    (goaway,) = _frames(p.client.data_to_send())
+    assert goaway[0] == 0x7 and goaway[1] == 0
+    assert int.from_bytes(goaway[2][4:8], "big") == 0x1  # PROTOCOL_ERROR
+    assert p.client.receive_data(_window_update_frame(sid, 10)) == []  # nothing more is read

@@ -17,7 +17,7 @@ import pytest_asyncio
 import structlog
 
 from mesh import zds
-from mesh.hbone.aio import HboneServer, InboundStream
+from mesh.hbone.server import HboneServer, InboundStream
 from mesh.model import WAYPOINT_GATEWAY_CLASS, Gateway, WaypointRef
 from mesh.tls import server_context
 from tests.netns.mesh import Mesh
