@@ -38,8 +38,7 @@ from cni.enroll import Decision, decide
 from cni.plugin import AgentReply, AgentRequest
 from cni.zds_server import Op
 from mesh import zds
-from mesh.model import Store, Workload
-from mesh.model import Delta
+from mesh.model import Delta, Store, Workload
 from mesh.tasks import Supervisor
 
 log = structlog.get_logger(__name__)

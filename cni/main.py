@@ -1,7 +1,7 @@
 """Entry point of the `ambient-cni` node agent process.
 
-Runs, until SIGTERM/SIGINT: a source of pods and namespaces (the control plane's local YAML file,
-or the Kubernetes API) feeding its own store, the :class:`~cni.agent.NodeAgent`, the CNI plugin
+Runs, until SIGTERM/SIGINT: a source of pods and namespaces (a :class:`sources.WorkloadSource`:
+the control plane's local YAML file, or the Kubernetes API) feeding its own store, the :class:`~cni.agent.NodeAgent`, the CNI plugin
 server it answers ADD/DEL on, and the ZDS server ztunnel connects to. Optionally installs the
 CNI plugin into the host's CNI directories first. Stopping leaves every redirection rule in
 place: enrolled pods keep failing closed until the agent is back.
@@ -24,6 +24,7 @@ from cni.zds_server import ZdsServer
 from mesh import log as meshlog
 from mesh import runtime, zds
 from mesh.model import Store
+from sources import WorkloadSource
 
 log = structlog.get_logger(__name__)
 
@@ -72,73 +73,80 @@ def kubernetes_annotator(api_client: Any) -> Annotate:
     return annotate
 
 
+SYNC_TIMEOUT = 120.0
+
+
+def local_source(args: argparse.Namespace, store: Store) -> WorkloadSource:
+    """The control plane's file, loaded now: a file it refuses stops the agent before it starts."""
+    from sources.convert import ConfigError
+    from sources.local import LocalSource
+
+    local = LocalSource(args.local_config, store, poll_interval=args.poll_interval)
+    try:
+        local.load()
+    except ConfigError as e:
+        raise StartupError(f"--local-config: {e}") from None
+    return local
+
+
+def kubernetes_source(store: Store) -> tuple[WorkloadSource, Annotate]:
+    """Namespaces and pods from the API server (no status write-back), and the pod annotator."""
+    from kubernetes import client
+    from kubernetes import config as kconfig
+
+    from sources.kubernetes import NAMESPACES, PODS, KubernetesSource
+
+    config: Any = kconfig
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    api = client.ApiClient()
+    source = KubernetesSource(api, store, resources=(NAMESPACES, PODS), write_status=False)
+    return source, kubernetes_annotator(api)
+
+
 async def serve(args: argparse.Namespace) -> int:
     stop = runtime.stop_on_signals()
     store = Store()
     annotate: Annotate | None = None
-    local: Any = None
-    kube: Any = None
+    source: WorkloadSource
     if args.local_config:
-        from controlplane.convert import ConfigError
-        from controlplane.localsource import LocalSource
-
-        local = LocalSource(args.local_config, store, poll_interval=args.poll_interval)
-        try:
-            local.load()
-        except ConfigError as e:
-            raise StartupError(f"--local-config: {e}") from None
+        source = local_source(args, store)
     else:
-        from kubernetes import client
-        from kubernetes import config as kconfig
-
-        config: Any = kconfig
-        from controlplane.k8ssource import NAMESPACES, PODS, KubernetesSource
-
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        api = client.ApiClient()
-        kube = KubernetesSource(api, store, resources=(NAMESPACES, PODS), write_status=False)
-        kube.start()
-        annotate = kubernetes_annotator(api)
-        # Without a full list the agent would take every persisted pod for deleted.
-        if not await kube.wait_synced(timeout=120.0):
-            await kube.astop()
-            raise StartupError("kubernetes source did not sync within 120 s")
-
-    if args.install_plugin:
-        try:
-            install.install(
-                install.InstallConfig(args.cni_bin_dir, args.cni_conf_dir, agent_socket=args.plugin_socket)
-            )
-        except (install.InstallError, OSError) as e:
-            raise StartupError(f"--install-plugin: {e}") from None
-
-    agent = NodeAgent(
-        args.node,
-        store,
-        zds_path=args.zds_socket,
-        plugin_socket=args.plugin_socket,
-        state_dir=args.state_dir,
-        annotate=annotate,
-    )
-    zds_server = ZdsServer(args.zds_socket, agent)
-    agent.attach_zds(zds_server)
+        source, annotate = kubernetes_source(store)
+    source.start()
     try:
+        # Without a full list the agent would take every persisted pod for deleted.
+        if not await source.wait_synced(timeout=SYNC_TIMEOUT):
+            raise StartupError(f"the pod source did not sync within {SYNC_TIMEOUT:g} s")
+
+        if args.install_plugin:
+            try:
+                install.install(
+                    install.InstallConfig(args.cni_bin_dir, args.cni_conf_dir, agent_socket=args.plugin_socket)
+                )
+            except (install.InstallError, OSError) as e:
+                raise StartupError(f"--install-plugin: {e}") from None
+
+        agent = NodeAgent(
+            args.node,
+            source.store,
+            zds_path=args.zds_socket,
+            plugin_socket=args.plugin_socket,
+            state_dir=args.state_dir,
+            annotate=annotate,
+        )
+        zds_server = ZdsServer(args.zds_socket, agent)
+        agent.attach_zds(zds_server)
         async with agent, zds_server, PluginServer(args.plugin_socket, agent.handle_plugin):
-            if local is not None:
-                local.start()
             runtime.write_ready_file(args.ready_file, f"{args.plugin_socket}\n{args.zds_socket}\n")
             log.info("cni agent ready", node=args.node)
             await stop.wait()
             log.info("stopping; redirection rules stay in place")
             agent.log_status()
     finally:
-        if local is not None:
-            await local.stop()
-        if kube is not None:
-            await kube.astop()
+        await source.astop()
     return 0
 
 

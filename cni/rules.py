@@ -29,6 +29,8 @@ from typing import Any
 
 import structlog
 
+from mesh.netns import MARK_MASK, MARK_SKIP, MARK_TPROXY
+
 log = structlog.get_logger(__name__)
 
 TABLE_FAMILY = "inet"
@@ -39,9 +41,6 @@ INBOUND_PLAINTEXT_PORT = 15006
 INBOUND_HBONE_PORT = 15008
 DNS_PORT = 15053
 
-MARK_MASK = 0xFFF
-MARK_SKIP = 0x539  # ztunnel's own upstream sockets
-MARK_TPROXY = 0x111  # transparent inbound relay sockets
 ROUTE_TABLE = 133
 KUBELET_PROBE_SOURCE = "169.254.7.127"
 

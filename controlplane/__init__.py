@@ -1,4 +1,4 @@
 """controlplane: the node-bound CA, workload/policy discovery (delta xDS), and the waypoint controller.
 
-Sources: a local YAML file of Kubernetes objects (local mode) or the Kubernetes API.
+Its source of truth (a local YAML file, or the Kubernetes API) comes from the `sources` package.
 """

@@ -39,9 +39,6 @@ from controlplane.auth import (
     TokenReviewAuthenticator,
 )
 from controlplane.ca import bearer_token
-from controlplane.convert import ConfigError, ConvertOptions
-from controlplane.k8ssource import KubernetesSource
-from controlplane.localsource import DEFAULT_POLL_INTERVAL, LocalSource
 from controlplane.server import DEFAULT_PORT, ServerError, parse_listen, start_server
 from controlplane.tokens import DEFAULT_TOKEN_TTL, TokenError, TokenIssuer
 from mesh import log as meshlog
@@ -51,6 +48,10 @@ from mesh.identity import Identity, IdentityError
 from mesh.model import Delta, Kind, Store
 from mesh.pki import CertificateAuthority, PkiError
 from mesh.tls import ROOT_CERT_FILE
+from sources import WorkloadSource
+from sources.convert import ConfigError, ConvertOptions
+from sources.kubernetes import KubernetesSource
+from sources.local import DEFAULT_POLL_INTERVAL, LocalSource
 
 log = structlog.get_logger(__name__)
 
@@ -162,7 +163,7 @@ class Prepared:
 
     ca: CertificateAuthority
     store: Store
-    source: LocalSource | KubernetesSource
+    source: WorkloadSource
     authenticator: Authenticator
     issuer: TokenIssuer | None  # local mode only
     token_ttl: dt.timedelta
@@ -264,9 +265,9 @@ async def serve(args: argparse.Namespace, p: Prepared) -> int:
         raise StartupError(str(e)) from None
     try:
         p.source.start()
-        # Kubernetes mode serves only a complete picture: before the first full list, every node
-        # would be refused certificates for pods it does run.
-        if isinstance(p.source, KubernetesSource) and not await p.source.wait_synced(args.sync_timeout):
+        # Serve only a complete picture: before the first full list, every node would be refused
+        # certificates for pods it does run. (The local file was loaded by prepare(): no wait.)
+        if not await p.source.wait_synced(args.sync_timeout):
             raise StartupError(
                 f"--kubernetes: the API server was not fully listed within {args.sync_timeout:g}s "
                 "(see the log for the failing resource)"
@@ -284,11 +285,9 @@ async def serve(args: argparse.Namespace, p: Prepared) -> int:
         log.info("stopping control plane")
     finally:
         unsubscribe()
-        if isinstance(p.source, KubernetesSource):
-            await p.source.astop()
+        await p.source.astop()
+        if p.api_client is not None:
             p.api_client.close()
-        else:
-            await p.source.stop()
         for s in servicers:
             s.close()
         await server.stop()

@@ -23,7 +23,9 @@ IP_TRANSPARENT = 19
 SO_ORIGINAL_DST = 80
 SO_MARK = getattr(socket, "SO_MARK", 36)
 
-# Marks shared with the redirection rules (PROTOCOLS.md "Redirection inside the pod netns").
+# Marks shared with the redirection rules (PROTOCOLS.md "Redirection inside the pod netns"):
+# the one definition, cni.rules matches on these.
+MARK_MASK = 0xFFF  # the bits of the mark the rules compare
 MARK_SKIP = 0x539  # ztunnel's own upstream sockets: never redirected
 MARK_TPROXY = 0x111  # transparent sockets carrying a client's source IP to the app
 
@@ -40,12 +42,12 @@ def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
         raise OSError(err, f"setns: {os.strerror(err)}")
 
 
-def _family_of(addr: str) -> socket.AddressFamily:
+def family_of(addr: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in addr else socket.AF_INET
 
 
 def _make_listener(addr: str, port: int, transparent: bool, backlog: int) -> socket.socket:
-    sock = socket.socket(_family_of(addr), socket.SOCK_STREAM)
+    sock = socket.socket(family_of(addr), socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if transparent:

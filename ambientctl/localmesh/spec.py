@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from controlplane.convert import pod_uid
+from sources.convert import pod_uid
 
 TRUST_DOMAIN = "cluster.local"
 MARKER = "SECRET-ORDER-4242"

@@ -1,6 +1,6 @@
 """The mesh's view of Kubernetes objects: what routing, identity and enrollment need, typed.
 
-These are not Kubernetes objects (that is :mod:`controlplane.convert`'s job): every field is
+These are not Kubernetes objects (that is :mod:`sources.convert`'s job): every field is
 already validated and defaulted, so code that reads them can trust them. Labels and annotations
 are kept whole because enrollment and waypoint selection are decided from them elsewhere.
 All are frozen, slotted and hashable so the store can share one instance with every reader

@@ -7,8 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cni.enroll import REDIRECTION_ANNOTATION, Decision, decide, decide_node
-from controlplane.localsource import parse_manifest
 from mesh.model import Namespace, Store, Workload
+from sources.local import parse_manifest
 
 NODE = "node-a"
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from controlplane.localsource import parse_manifest
 from mesh.identity import Identity
 from mesh.model import Store
+from sources.local import parse_manifest
 
 TD = "cluster.local"
 WEB = Identity(TD, "shop", "web")  # runs on node-a only

@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from controlplane.k8ssource import Backoff, KubernetesSource, WatchTiming
 from mesh.model import Snapshot, Store
+from sources.kubernetes import Backoff, KubernetesSource, WatchTiming
 from tests.k8s.fakeapi import FakeApiServer
 
 FAST_BACKOFF = Backoff(initial=0.005, maximum=0.05)

@@ -11,15 +11,15 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from controlplane.convert import ConvertOptions, authorization_policy_from_k8s
-from controlplane.k8ssource import (
+from mesh.model import AuthorizationPolicy, Kind, MtlsMode, Snapshot, Store, WorkloadStatus
+from sources.convert import ConvertOptions, authorization_policy_from_k8s
+from sources.kubernetes import (
     CONDITION_ZTUNNEL_ACCEPTED,
     RESOURCES,
     Backoff,
     KubernetesSource,
     ztunnel_condition,
 )
-from mesh.model import AuthorizationPolicy, Kind, MtlsMode, Snapshot, Store, WorkloadStatus
 from tests.k8s.fakeapi import FakeApiServer
 from tests.k8s.helpers import (
     FAST_BACKOFF,
@@ -429,7 +429,7 @@ def test_status_write_failure_is_retried_on_next_event(fake: FakeApiServer, stor
 
 
 def _policy(spec: dict[str, Any], action: str = "ALLOW") -> AuthorizationPolicy:
-    from controlplane.convert import _Fields
+    from sources.convert import _Fields
 
     obj = {"metadata": {"name": "p", "namespace": "shop"}, "spec": {"action": action, **spec}}
     return authorization_policy_from_k8s(_Fields(obj), ConvertOptions())

@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 import yaml
 
-from controlplane.convert import ConfigError, ConvertOptions, convert, is_supported, pod_uid
 from mesh.model import (
     AuthorizationAction,
     AuthorizationPolicy,
@@ -27,6 +26,7 @@ from mesh.model import (
     WorkloadSelector,
     WorkloadStatus,
 )
+from sources.convert import ConfigError, ConvertOptions, convert, is_supported, pod_uid
 
 
 def obj(text: str) -> dict[str, Any]:

@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from controlplane.convert import ConfigError, ConvertOptions
-from controlplane.localsource import LoadResult, LocalSource, parse_manifest
 from mesh.model import (
     AuthorizationAction,
     Gateway,
@@ -21,6 +19,8 @@ from mesh.model import (
     TunnelProtocol,
     WaypointRef,
 )
+from sources.convert import ConfigError, ConvertOptions
+from sources.local import LoadResult, LocalSource, parse_manifest
 
 TIMEOUT = 5.0
 
@@ -517,10 +517,52 @@ async def test_start_stop(tmp_path: Path) -> None:
         source.start()
     result = await watcher.next()  # the first poll loads the file
     assert result.ok and store.version == 1
-    await source.stop()
-    await source.stop()  # idempotent
+    await source.astop()
+    await source.astop()  # idempotent
     source.start()  # and restartable
-    await source.stop()
+    await source.astop()
+
+
+async def test_wait_synced_once_a_version_of_the_file_is_in_force(tmp_path: Path) -> None:
+    path = tmp_path / "mesh.yaml"
+    write(path, "kind: [")  # refused: nothing of it is in force
+    store = Store()
+    source = LocalSource(path, store, poll_interval=0.01)
+    source.start()
+    assert not await source.wait_synced(timeout=0.05)
+    write(path, EXAMPLE)
+    assert await source.wait_synced(timeout=TIMEOUT)
+    assert store.version == 1
+    write(path, "kind: [")  # a refused reload keeps the last good state: still synced
+    assert await source.wait_synced(timeout=0)
+    await source.astop()
+
+
+async def test_wait_synced_at_once_after_load_and_false_once_stopped(tmp_path: Path) -> None:
+    path = tmp_path / "mesh.yaml"
+    write(path, EXAMPLE)
+    loaded = LocalSource(path, Store())
+    loaded.load()
+    assert await loaded.wait_synced(timeout=0)
+    missing = LocalSource(tmp_path / "missing.yaml", Store(), poll_interval=0.01)
+    missing.start()
+    waiting = asyncio.create_task(missing.wait_synced())
+    await asyncio.sleep(0)
+    await missing.astop()
+    assert await asyncio.wait_for(waiting, TIMEOUT) is False
+
+
+def test_both_sources_are_workload_sources(tmp_path: Path) -> None:
+    """mypy checks the classes against the protocol; this checks that the check exists."""
+    import typing
+
+    from sources import WorkloadSource, kubernetes, local
+
+    for module, cls in ((local, local.LocalSource), (kubernetes, kubernetes.KubernetesSource)):
+        hints = typing.get_type_hints(module._conforms)
+        assert hints["source"] is cls and hints["return"] is WorkloadSource
+    store = Store()
+    assert LocalSource(tmp_path / "mesh.yaml", store).store is store
 
 
 async def test_a_failing_listener_does_not_stop_the_watch(tmp_path: Path) -> None:
@@ -546,8 +588,8 @@ async def test_a_failing_listener_does_not_stop_the_watch(tmp_path: Path) -> Non
 
 def test_local_mode_marks_enrolled_pods_hbone(tmp_path: Path) -> None:
     """No API server to annotate: the enrollment labels decide HBONE in local mode."""
-    from controlplane.localsource import LocalSource
     from mesh.model import Store, TunnelProtocol
+    from sources.local import LocalSource
 
     f = tmp_path / "mesh.yaml"
     f.write_text(

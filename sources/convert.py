@@ -1,7 +1,7 @@
 """Kubernetes objects (plain dicts, as the API or a YAML file gives them) -> model objects.
 
-Both sources use this module: the local YAML file today, the Kubernetes API watch later, so
-a manifest means the same thing in both modes. This is the edge where input is validated:
+Both sources use this module, the local YAML file (:mod:`sources.local`) and the Kubernetes API
+watch (:mod:`sources.kubernetes`), so a manifest means the same thing in both modes. This is the edge where input is validated:
 every problem raises :class:`ConfigError` naming the field path (``spec.ports[0].port``) and
 the reason, and whatever comes out is a fully defaulted model object the rest of the mesh
 trusts. Fields we do not use are ignored, as Kubernetes clients do; fields we use are
@@ -371,7 +371,11 @@ def _waypoint(labels: Mapping[str, str], own_namespace: str) -> WaypointRef | No
 
 
 def pod_uid(namespace: str, name: str) -> str:
-    """The UID a pod gets when its manifest has none."""
+    """The UID a pod gets when its manifest has none.
+
+    The one derivation: the workload the local source makes and the pod the cni side announces
+    to ztunnel over ZDS must carry the same uid, so every caller uses this function.
+    """
     return str(uuid.uuid5(POD_UID_NAMESPACE, f"{namespace}/{name}"))
 
 

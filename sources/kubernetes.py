@@ -5,7 +5,7 @@ that follows the protocol every Kubernetes controller follows: LIST, make that t
 the kind in the store (so deletions that happened while we were away are applied), then
 WATCH from the list's resourceVersion with bookmarks; resume a dropped watch from the last
 resourceVersion seen, relist when the API server says 410 Gone, back off with jitter on any
-other error. Objects go through :func:`controlplane.convert.convert`, the same conversion the
+other error. Objects go through :func:`sources.convert.convert`, the same conversion the
 local file source uses, so a manifest means the same thing in both modes.
 
 Unlike a local file, the API server's state is not ours to refuse as a whole: one object the
@@ -45,7 +45,6 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines as _iter_resp_lines
 
-from controlplane.convert import ConfigError, ConvertOptions, convert
 from mesh.model import (
     AuthorizationAction,
     AuthorizationPolicy,
@@ -53,6 +52,8 @@ from mesh.model import (
     MeshObject,
     Store,
 )
+from sources import WorkloadSource
+from sources.convert import ConfigError, ConvertOptions, convert
 
 log = structlog.get_logger(__name__)
 
@@ -374,6 +375,10 @@ class KubernetesSource:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
+    @property
+    def store(self) -> Store:
+        return self._store
+
     # --- sync state ---------------------------------------------------------------------------
 
     def resource_versions(self) -> Mapping[str, str | None]:
@@ -508,6 +513,11 @@ class KubernetesSource:
 
     def _forget_policy(self, ref: str) -> None:
         self._status_written.pop(ref, None)
+
+
+def _conforms(source: KubernetesSource) -> WorkloadSource:
+    """Never called: where mypy checks that KubernetesSource satisfies the seam."""
+    return source
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

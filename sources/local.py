@@ -4,7 +4,7 @@ The file is the whole state: loading it replaces everything in the :class:`Store
 object removed from the file is deleted from the mesh. Loading is all or nothing: one bad
 document refuses the whole file (a half-applied file could, say, drop a DENY policy while
 keeping the workloads it protected), and on a reload the last good state stays in force.
-Beyond what :mod:`controlplane.convert` checks per object, this checks what the API server
+Beyond what :mod:`sources.convert` checks per object, this checks what the API server
 would have guaranteed across objects: no duplicates, no IP used twice, pods on known nodes.
 """
 
@@ -24,9 +24,10 @@ from typing import Any
 import structlog
 import yaml
 
-from controlplane.convert import ConfigError, ConvertOptions, convert, describe, type_of
 from mesh.enrollment import decide
 from mesh.model import Delta, Kind, MeshObject, Namespace, Service, Store, TunnelProtocol, Workload
+from sources import WorkloadSource
+from sources.convert import ConfigError, ConvertOptions, convert, describe, type_of
 
 log = structlog.get_logger(__name__)
 
@@ -222,6 +223,8 @@ def assume_local_redirection(objects: list[MeshObject]) -> list[MeshObject]:
 class LocalSource:
     """Keeps the store equal to the file: :meth:`load` once, then :meth:`start` to follow it.
 
+    A :class:`~sources.WorkloadSource`: synced once a version of the file is in force.
+
     Changes are found by polling (stat, then a content hash), which works the same on every
     filesystem, inside containers and across editors' replace-by-rename saves, where inotify
     needs care. ``on_load`` is called after every attempt that read new contents.
@@ -246,10 +249,18 @@ class LocalSource:
         self._read_at_ns = 0
         self._digest: str | None = None  # of the contents last attempted
         self._last_error: ConfigError | None = None
+        self._synced = False  # a version of the file is in force in the store
+        # Set once synced, or once stopped: what wait_synced() waits for. Not bound to a loop
+        # until awaited, so load() may run before the event loop does.
+        self._settled = asyncio.Event()
 
     @property
     def path(self) -> Path:
         return self._path
+
+    @property
+    def store(self) -> Store:
+        return self._store
 
     @property
     def last_error(self) -> ConfigError | None:
@@ -287,6 +298,8 @@ class LocalSource:
             self._last_error = None
             delta = self._store.replace_all(parsed)
             result = LoadResult(str(self._path), digest, delta=delta)
+            self._synced = True
+            self._settled.set()
         self._log(result)
         if self._on_load is not None:
             self._on_load(result)
@@ -371,12 +384,29 @@ class LocalSource:
             await asyncio.sleep(self._poll_interval)
 
     def start(self) -> None:
-        """Start following the file in a task this object owns; :meth:`stop` ends it."""
+        """Start following the file in a task this object owns; :meth:`astop` ends it."""
         if self._task is not None:
             raise RuntimeError("LocalSource already started")
-        self._task = asyncio.get_running_loop().create_task(self.run(), name=f"localsource:{self._path}")
+        if not self._synced:
+            self._settled.clear()  # stopped before, never loaded: wait for this run
+        self._task = asyncio.get_running_loop().create_task(self.run(), name=f"sources.local:{self._path}")
 
-    async def stop(self) -> None:
+    async def wait_synced(self, timeout: float | None = None) -> bool:
+        """Wait until a version of the file is in force: at once after a successful :meth:`load`.
+
+        While the file is refused (or missing) the store holds nothing of it, so this keeps
+        waiting for a good version. False on timeout, or when stopped before that.
+        """
+        if not self._settled.is_set():
+            try:
+                await asyncio.wait_for(self._settled.wait(), timeout)
+            except TimeoutError:
+                return False
+        return self._synced
+
+    async def astop(self) -> None:
+        """Stop following the file and wait for the task to end; idempotent."""
+        self._settled.set()
         task, self._task = self._task, None
         if task is None:
             return
@@ -399,4 +429,9 @@ class LocalSource:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.stop()
+        await self.astop()
+
+
+def _conforms(source: LocalSource) -> WorkloadSource:
+    """Never called: where mypy checks that LocalSource satisfies the seam."""
+    return source
