@@ -7,8 +7,8 @@ The control plane runs in a child process (this file with ``--serve``): it gener
 deterministic mesh (seeded), loads it into a :class:`mesh.model.Store`, and serves the CA and
 the delta-xDS servicer on one TLS gRPC port with ``controlplane.server.start_server``, exactly
 as ``ambient-controlplane`` does. The parent is the node side: one ``XdsClient`` (TLS, mesh
-root) and ``GrpcCaClient``s with real node tokens. Parent and child talk over a pipe of JSON
-lines; the child's RSS is read from /proc. See docs/benchmarks-controlplane.md.
+root) writing a ``ProxyState``, as ztunnel's, and ``GrpcCaClient``s with real node tokens.
+Parent and child talk over a pipe of JSON lines; the child's RSS is read from /proc. See docs/benchmarks-controlplane.md.
 """
 
 from __future__ import annotations
@@ -359,6 +359,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from mesh.caclient import GrpcCaClient
     from mesh.identity import Identity
     from mesh.xds.client import AppliedUpdate, XdsClient, secure_channel_factory
+    from mesh.xds.state import ProxyState
 
     quiet_logs()
     results: dict[str, Any] = {}
@@ -385,7 +386,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         fut.set_result(now)
 
             client = XdsClient(
-                Store(),
+                ProxyState(),
                 node_id="ztunnel~bench",
                 node_name=ready["nodes"][0],
                 channel_factory=secure_channel_factory(address, root, "controlplane.istio-system.svc"),
@@ -395,14 +396,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             task = asyncio.create_task(client.run())
             await asyncio.wait_for(client.synced.wait(), args.timeout)
             results["sync_s"] = time.perf_counter() - t0
-            snap = client.store.snapshot()
+            snap = client.state.snapshot()
             results["client_workloads"] = len(snap.workloads)
             results["client_services"] = len(snap.services)
-            results["client_authorizations"] = len(client.authorizations.snapshot())
+            results["client_authorizations"] = len(snap.authorizations)
             results["rss_client_before"] = rss_client_before
             results["rss_client_synced"] = _rss_bytes()
 
-            # Delta latency: store write in the control plane -> applied in the client's store.
+            # Delta latency: store write in the control plane -> applied in the client's state.
             totals: list[float] = []
             upserts: list[float] = []
             client_ok = 0
@@ -416,13 +417,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 if fut is None:  # not applied yet (the usual case): wait for it
                     fut = pending[uid] = loop.create_future()
                     # It may already be there if the update raced the pipe answer.
-                    w = client.store.snapshot().workloads.get(uid)
-                    if w is not None and msg["ip"] in w.ips:
+                    w = client.state.snapshot().workloads.get(uid)
+                    if w is not None and msg["ip"] in w.addresses:
                         pending.pop(uid, None)
                         fut.set_result(time.perf_counter())
                 t_applied = await asyncio.wait_for(fut, args.timeout)
-                w = client.store.snapshot().workloads[uid]
-                client_ok += msg["ip"] in w.ips
+                w = client.state.snapshot().workloads[uid]
+                client_ok += msg["ip"] in w.addresses
                 totals.append(t_applied - t_send)
                 upserts.append(msg["upsert_s"])
             results["changes"] = args.changes
@@ -434,7 +435,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             results["upsert_p99_s"] = _pct(upserts, 0.99)
 
             # CreateCertificate rate: a few node proxies, each asking for identities on its node.
-            snap = client.store.snapshot()
+            snap = client.state.snapshot()
             per_node: dict[str, list[Identity]] = {}
             for w in snap.workloads.values():
                 per_node.setdefault(w.node, [])
@@ -520,8 +521,8 @@ def report(args: argparse.Namespace, r: dict[str, Any], command: str) -> str:
         f"| initial sync, `XdsClient` start → `synced` (TLS) | {r['sync_s'] * ms:,.0f} ms |",
         f"| resources at the client | {r['client_workloads']:,} workloads, {r['client_services']:,} services, "
         f"{r['client_authorizations']:,} authorizations |",
-        f"| one-pod change, store write → client store: median | {r['delta_p50_s'] * ms:,.1f} ms |",
-        f"| one-pod change, store write → client store: p99 (max) | {r['delta_p99_s'] * ms:,.1f} ms "
+        f"| one-pod change, store write → client state: median | {r['delta_p50_s'] * ms:,.1f} ms |",
+        f"| one-pod change, store write → client state: p99 (max) | {r['delta_p99_s'] * ms:,.1f} ms "
         f"({r['delta_max_s'] * ms:,.1f} ms) |",
         f"| of which `Store.upsert` in the control plane: median / p99 | {r['upsert_p50_s'] * ms:,.2f} ms / "
         f"{r['upsert_p99_s'] * ms:,.2f} ms |",

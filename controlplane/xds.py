@@ -33,21 +33,20 @@ from typing import Any
 import grpc
 import structlog
 
+from controlplane.lowering import (
+    PeerAuthenticationIndex,
+    SelectorPolicyIndex,
+    lower_policies,
+    service_state,
+    workload_state,
+)
 from mesh.model import Delta, Kind, Snapshot, Store
-from mesh.proto import discovery_pb2, discovery_pb2_grpc, workload_pb2
-from mesh.xds.authorization import Authorization, Scope
+from mesh.proto import discovery_pb2, discovery_pb2_grpc
 from mesh.xds.convert import (
     ADDRESS_TYPE_URL,
     AUTHORIZATION_TYPE_URL,
-    PeerAuthenticationIndex,
-    SelectorPolicy,
-    SelectorPolicyIndex,
     address_to_any,
     authorization_to_any,
-    lower_authorization_policy,
-    service_resource_name,
-    service_to_proto,
-    workload_to_proto,
 )
 
 log = structlog.get_logger(__name__)
@@ -105,8 +104,8 @@ def _workload_entry(
     selector_policies: SelectorPolicyIndex,
     peer_authentications: PeerAuthenticationIndex,
 ) -> Entry:
-    pb = workload_to_proto(snapshot.workloads[uid], snapshot, selector_policies, peer_authentications)
-    return _entry(uid, address_to_any(workload_pb2.Address(workload=pb)))
+    w = workload_state(snapshot.workloads[uid], snapshot, selector_policies, peer_authentications)
+    return _entry(uid, address_to_any(w))
 
 
 class ResourceCache:
@@ -170,44 +169,22 @@ class ResourceCache:
         )
 
     def _render(self, snapshot: Snapshot) -> Resources:
-        authorizations: dict[str, Entry] = {}
-        selector_policies: list[SelectorPolicy] = []
-        warned: dict[str, tuple[str, ...]] = {}
-        for key, policy in sorted(snapshot.authorization_policies.items()):
-            lowered = lower_authorization_policy(policy)
-            if lowered.warnings:
-                warned[key] = lowered.warnings
-                if self._warned.get(key) != lowered.warnings:
-                    for warning in lowered.warnings:
-                        log.warning(
-                            "authorization policy not fully enforceable by ztunnel",
-                            policy=key,
-                            detail=warning,
-                        )
-            a: Authorization | None = lowered.authorization
-            if a is None:
-                continue
-            authorizations[a.key] = _entry(a.key, authorization_to_any(a))
-            if a.scope is Scope.WORKLOAD_SELECTOR and policy.selector is not None:
-                selector_policies.append(SelectorPolicy(a.key, a.namespace, policy.selector))
-        self._peer_auth = PeerAuthenticationIndex(snapshot.peer_authentications.values())
-        if self._peer_auth.warnings:
-            warned["PeerAuthentication"] = self._peer_auth.warnings
-            if self._warned.get("PeerAuthentication") != self._peer_auth.warnings:
-                for warning in self._peer_auth.warnings:
-                    log.warning("peer authentication ignored in part", detail=warning)
-        for a in self._peer_auth.authorizations():
-            authorizations[a.key] = _entry(a.key, authorization_to_any(a))
-        self._warned = warned
-        self._selector_policies = SelectorPolicyIndex(selector_policies)
+        lowered = lower_policies(snapshot)
+        for key, warnings in lowered.warnings.items():
+            if self._warned.get(key) != warnings:
+                for warning in warnings:
+                    log.warning("policy not fully enforceable by ztunnel", policy=key, detail=warning)
+        self._warned = dict(lowered.warnings)
+        self._selector_policies = lowered.selector_policies
+        self._peer_auth = lowered.peer_authentications
+        authorizations = {a.key: _entry(a.key, authorization_to_any(a)) for a in lowered.authorizations}
 
         addresses: dict[str, Entry] = {}
         for uid in snapshot.workloads:
             addresses[uid] = _workload_entry(uid, snapshot, self._selector_policies, self._peer_auth)
         for service in snapshot.services.values():
-            name = service_resource_name(service)
-            pb = service_to_proto(service, snapshot)
-            addresses[name] = _entry(name, address_to_any(workload_pb2.Address(service=pb)))
+            svc = service_state(service, snapshot)
+            addresses[svc.key] = _entry(svc.key, address_to_any(svc))
         return Resources(
             snapshot.version,
             MappingProxyType(

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from mesh.model import (
+    ANNOTATION_DRY_RUN,
     ANNOTATION_REDIRECTION,
     DEFAULT_CLUSTER_DOMAIN,
     DEFAULT_SERVICE_ACCOUNT,
@@ -700,6 +701,11 @@ def authorization_policy_from_k8s(obj: _Fields, options: ConvertOptions) -> Auth
         raise spec.error("provider", "required when action is CUSTOM")
     if action is not AuthorizationAction.CUSTOM and provider_name is not None:
         raise spec.error("provider", f"only allowed with action CUSTOM, not {action.value}")
+    dry_run = meta.annotations.get(ANNOTATION_DRY_RUN, "false").lower()
+    if dry_run not in ("true", "false"):
+        raise obj.error(
+            f'metadata.annotations["{ANNOTATION_DRY_RUN}"]', f'must be "true" or "false", not {dry_run!r}'
+        )
     return AuthorizationPolicy(
         namespace=meta.namespace,
         name=meta.name,
@@ -709,6 +715,7 @@ def authorization_policy_from_k8s(obj: _Fields, options: ConvertOptions) -> Auth
         provider=provider_name,
         rules=tuple(_rule(r) for r in spec.objs("rules")),
         creation_timestamp=meta.creation_timestamp,
+        dry_run=dry_run == "true",
     )
 
 

@@ -46,6 +46,9 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines as _iter_resp_lines
 
 from mesh.model import (
+    L4_CONDITION_KEYS,
+    L7_OPERATION_FIELDS,
+    L7_SOURCE_FIELDS,
     AuthorizationAction,
     AuthorizationPolicy,
     Kind,
@@ -80,24 +83,6 @@ _HTTP_DENY_BOILERPLATE = (
 _HTTP_ALLOW_BOILERPLATE = (
     "Within an ALLOW policy, rules matching HTTP attributes are omitted. "
     "This will be more restrictive than requested."
-)
-# `when` keys ztunnel evaluates; any other key needs a waypoint.
-L4_WHEN_KEYS = frozenset(
-    {"source.ip", "source.namespace", "source.principal", "destination.ip", "destination.port"}
-)
-_L7_SOURCE_FIELDS = (
-    ("remote_ip_blocks", "remoteIpBlocks"),
-    ("not_remote_ip_blocks", "notRemoteIpBlocks"),
-    ("request_principals", "requestPrincipals"),
-    ("not_request_principals", "notRequestPrincipals"),
-)
-_L7_OPERATION_FIELDS = (
-    ("hosts", "hosts"),
-    ("not_hosts", "notHosts"),
-    ("methods", "methods"),
-    ("not_methods", "notMethods"),
-    ("paths", "paths"),
-    ("not_paths", "notPaths"),
 )
 
 
@@ -240,10 +225,10 @@ def l7_attributes(policy: AuthorizationPolicy) -> list[str]:
     found: set[str] = set()
     for rule in policy.rules:
         for f in rule.from_:
-            found.update(api for attr, api in _L7_SOURCE_FIELDS if getattr(f.source, attr))
+            found.update(api for attr, api in L7_SOURCE_FIELDS if getattr(f.source, attr))
         for t in rule.to:
-            found.update(api for attr, api in _L7_OPERATION_FIELDS if getattr(t.operation, attr))
-        found.update(w.key for w in rule.when if w.key not in L4_WHEN_KEYS)
+            found.update(api for attr, api in L7_OPERATION_FIELDS if getattr(t.operation, attr))
+        found.update(w.key for w in rule.when if w.key not in L4_CONDITION_KEYS)
     return sorted(found)
 
 

@@ -1,22 +1,23 @@
 """One ztunnel: certificate manager, pods (via ZDS), admin/metrics/readiness servers, shutdown.
 
-Built from seams so tests can run two of them in one process: the ``Store`` (fed by xDS in
-production), the ``CaClient`` and the socket factory maker.
+Built from seams so tests can run two of them in one process: the ``ProxyState`` (written by
+the discovery client, in tests too), the ``CaClient`` and the socket factory maker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mesh.caclient import CaClient
-from mesh.model import Store
 from mesh.tasks import Supervisor
+from mesh.xds.dump import to_json
+from mesh.xds.state import ProxyState
 from ztunnel.admin import HttpServer, Response, json_response, logging_route
 from ztunnel.certs import CertManager
 from ztunnel.inpod import FactoryMaker, Ports, WorkloadManager, ZdsClient, netns_factory
@@ -35,25 +36,13 @@ class Addresses:
     readiness: tuple[str, int] = ("0.0.0.0", 15021)
 
 
-def _plain(obj: Any) -> Any:
-    if is_dataclass(obj) and not isinstance(obj, type):
-        return {k: _plain(v) for k, v in asdict(obj).items()}
-    if isinstance(obj, dict | tuple | list):
-        if isinstance(obj, dict):
-            return {str(k): _plain(v) for k, v in obj.items()}
-        return [_plain(v) for v in obj]
-    if hasattr(obj, "items"):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    return obj if isinstance(obj, str | int | float | bool | type(None)) else str(obj)
-
-
 class Ztunnel:
     def __init__(
         self,
         *,
         node: str,
         trust_domain: str,
-        store: Store,
+        state: ProxyState,
         ca: CaClient,
         zds_path: str,
         ports: Ports | None = None,
@@ -63,11 +52,11 @@ class Ztunnel:
         process_metrics: bool = False,
         prefer_same_node: bool = True,
     ) -> None:
-        self.store = store
+        self.state = state
         self.certs = CertManager(ca)
         self.metrics = Metrics(process=process_metrics)
         self.node = NodeContext(
-            node, trust_domain, store, self.certs, self.metrics, prefer_same_node=prefer_same_node
+            node, trust_domain, state, self.certs, self.metrics, prefer_same_node=prefer_same_node
         )
         self.drain_seconds = drain_seconds
         self.manager = WorkloadManager(
@@ -85,36 +74,40 @@ class Ztunnel:
 
     @property
     def ready(self) -> bool:
-        """Ready once it has state (a store written at least once), the pods and their certs."""
-        return self.store.version > 0 and self.manager.snapshot_received and self.certs.ready
+        """Ready once it has state (discovery applied at least once), the pods and their certs."""
+        return self.state.version > 0 and self.manager.snapshot_received and self.certs.ready
 
     def config_dump(self) -> dict[str, Any]:
-        snap = self.store.snapshot()
-        local = {p.ctx.uid for p in self.manager.pods.values()}
-        return {
-            "node": self.node.node,
-            "trust_domain": self.node.trust_domain,
-            "version": snap.version,
-            "ready": self.ready,
-            "pods": [
+        """What this node holds and enforces: exactly the discovery state, plus its pods."""
+        snap = self.state.snapshot()
+        pods = []
+        for p in self.manager.pods.values():
+            w = p.ctx.workload(snap)
+            pods.append(
                 {
                     "uid": p.ctx.uid,
                     "name": p.ctx.name,
                     "namespace": p.ctx.namespace,
                     "identity": str(p.ctx.identity),
                     "listeners": {k: f"{a[0]}:{a[1]}" for k, a in p.addresses.items()},
+                    "workload_known": w is not None,
+                    "authorizations": list(snap.policy_keys_for(w)) if w is not None else [],
+                    "missing_authorizations": list(snap.missing_policies(w)) if w is not None else [],
                 }
-                for p in self.manager.pods.values()
-            ],
+            )
+        local = {p.ctx.uid for p in self.manager.pods.values()}
+        return {
+            "node": self.node.node,
+            "trust_domain": self.node.trust_domain,
+            "version": snap.version,
+            "ready": self.ready,
+            "pods": pods,
             "workloads": [
-                {**_plain(w), "local": w.uid in local}
+                {**to_json(w), "local": w.uid in local}
                 for w in sorted(snap.workloads.values(), key=lambda w: w.uid)
             ],
-            "services": [_plain(s) for s in snap.services.values()],
-            "policies": {
-                "peer_authentications": [_plain(p) for p in snap.peer_authentications.values()],
-                "authorization_policies": [_plain(p) for p in snap.authorization_policies.values()],
-            },
+            "services": [to_json(s) for _, s in sorted(snap.services.items())],
+            "authorizations": [to_json(a) for _, a in sorted(snap.authorizations.items())],
             "certificates": self.certs.dump(),
         }
 
@@ -160,6 +153,7 @@ class Ztunnel:
         await self.manager.stop_accepting()
         self.draining.set()
         await self.manager.aclose(drain)
+        self.node.connections.close()
         await self.certs.aclose()
         for srv in self._servers:
             with contextlib.suppress(OSError):

@@ -1,10 +1,10 @@
 """Inbound HBONE (port 15008 in the pod netns).
 
-The TLS handshake and client identity check happen in :class:`mesh.hbone.server.HboneServer`; here:
-the CONNECT must name this pod, :func:`ztunnel.routing.decide_inbound` must allow it, and then we
-dial the app from inside the pod netns *as the client* — an ``IP_TRANSPARENT`` socket marked
-0x111 bound to the client's IP from the ``forwarded`` header — so the app sees the real source.
-Status codes: 400 not for this pod, 401 denied, 503 app unreachable.
+The TLS handshake and client identity check happen in the HBONE server; here, per CONNECT
+stream: the CONNECT must name this pod, :func:`ztunnel.authorize.authorize` must allow it, and
+then we dial the app from inside the pod netns *as the client* — an ``IP_TRANSPARENT`` socket
+marked 0x111 bound to the client's IP (:func:`ztunnel.authorize.source_ip`) — so the app sees
+the real source. Status codes: 400 not for this pod, 401 denied, 503 app unreachable.
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ import ssl
 
 import structlog
 
+from mesh.authz import Connection
+from mesh.hbone.protocol import format_authority
 from mesh.hbone.relay import TcpLeg, wait_relay
 from mesh.hbone.server import HboneServer, InboundStream
-from mesh.hbone.protocol import format_authority
-from mesh.netns import MARK_TPROXY
+from mesh.netns import MARK_TPROXY, family_of
+from ztunnel.authorize import authorize, source_ip
 from ztunnel.metrics import ConnectionRecord
-from ztunnel.routing import decide_inbound
 from ztunnel.state import PodContext
 
 log = structlog.get_logger(__name__)
@@ -48,8 +49,8 @@ async def connect_as(
 ) -> socket.socket:
     """A socket connected to ``target`` inside the pod netns, from ``client_ip`` when given."""
     loop = asyncio.get_running_loop()
-    family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
-    transparent = client_ip is not None and (":" in client_ip) == (family == socket.AF_INET6)
+    family = family_of(target[0])
+    transparent = client_ip is not None and family_of(client_ip) == family
     sock = await pod.factory.tcp_socket(
         family, mark=MARK_TPROXY if transparent else None, transparent=transparent
     )
@@ -85,60 +86,67 @@ class Inbound:
 
     async def handle(self, inbound: InboundStream) -> None:
         node = self.pod.node
-        loop = asyncio.get_running_loop()
         req = inbound.request
-        peer_addr = inbound._proto.peer_addr
-        client_ip = forwarded_for(req.header("forwarded")) or peer_addr[0]
+        peer_ip = inbound._proto.peer_addr[0]
         snapshot = node.snapshot()
         dst = self.pod.workload(snapshot)
-        src = snapshot.workload_by_ip(client_ip)
+        client_ip = (
+            source_ip(snapshot, dst, inbound.peer, peer_ip, forwarded_for(req.header("forwarded")))
+            if dst is not None
+            else peer_ip
+        )
         rec = ConnectionRecord(
             reporter="destination",
             direction="inbound",
             src_addr=client_ip,
             dst_addr=req.authority,
-            src_workload=src,
+            src_workload=snapshot.workload_by_ip(client_ip),
             src_identity=inbound.peer,
             dst_workload=dst,
             dst_identity=self.pod.identity,
             mtls=True,
         )
-        if dst is not None:
-            svcs = snapshot.services_for_workload(dst.uid)
-            rec.service = svcs[0] if svcs else None
-        node.metrics.open(rec)
-        if dst is None or req.host not in dst.ips:
-            rec.fail(f"CONNECT {req.authority} is not for this pod", "NR")
-            inbound.refuse(400)
-        else:
-            decision = decide_inbound(snapshot, dst, inbound.peer, client_ip, req.port)
-            if not decision.allow:
-                rec.fail(f"denied: {decision.reason}", "DENY")
-                inbound.refuse(401)
+        if dst is not None and dst.services:
+            rec.service = snapshot.services.get(next(iter(dst.services)))
+        with node.metrics.connection(rec):
+            if dst is None or req.host not in dst.addresses:
+                rec.fail(f"CONNECT {req.authority} is not for this pod", "NR")
+                inbound.refuse(400)
             else:
-                try:
-                    sock = await connect_as(
-                        self.pod, client_ip, (req.host, req.port), self.app_connect_timeout
-                    )
-                    _, leg = await loop.create_connection(lambda: TcpLeg(loop), sock=sock)
-                except (OSError, TimeoutError) as e:
-                    rec.fail(f"app {req.authority} unreachable: {str(e) or 'timeout'}", "UF")
-                    inbound.refuse(503)
+                conn = Connection.of(inbound.peer, client_ip, req.host, req.port)
+                decision = authorize(snapshot, dst, conn)
+                if not decision.allow:
+                    rec.fail(decision.reason, "DENY")
+                    inbound.refuse(401)
                 else:
-                    st = inbound.accept()
-                    leg.attach(st)
-                    try:
-                        await wait_relay(leg, st)
-                    finally:
-                        # From the destination's point of view "sent" is towards the app.
-                        rec.bytes_sent, rec.bytes_received = st.bytes_received, st.bytes_sent
-                        if leg.error is not None:
-                            rec.fail(str(leg.error), "UR")
-                        if leg.transport is not None:
-                            leg.transport.close()
-        if rec.result != "ok" and rec.response_flags != "UR":
-            log.info("inbound connection refused", src=client_ip, dst=req.authority, reason=rec.reason)
-        node.metrics.close(rec)
+                    task = asyncio.current_task()
+                    assert task is not None
+                    with node.connections.track(dst.uid, conn, rec, task.cancel):
+                        await self._relay(inbound, client_ip, rec)
+            if rec.result != "ok" and rec.response_flags != "UR":
+                log.info("inbound connection refused", src=client_ip, dst=req.authority, reason=rec.reason)
+
+    async def _relay(self, inbound: InboundStream, client_ip: str, rec: ConnectionRecord) -> None:
+        loop = asyncio.get_running_loop()
+        req = inbound.request
+        try:
+            sock = await connect_as(self.pod, client_ip, (req.host, req.port), self.app_connect_timeout)
+            _, leg = await loop.create_connection(lambda: TcpLeg(loop), sock=sock)
+        except (OSError, TimeoutError) as e:
+            rec.fail(f"app {req.authority} unreachable: {str(e) or 'timeout'}", "UF")
+            inbound.refuse(503)
+            return
+        st = inbound.accept()
+        leg.attach(st)
+        try:
+            await wait_relay(leg, st)
+        finally:
+            # From the destination's point of view "sent" is towards the app.
+            rec.bytes_sent, rec.bytes_received = st.bytes_received, st.bytes_sent
+            if leg.error is not None and rec.result == "ok":
+                rec.fail(str(leg.error), "UR")
+            if leg.transport is not None:
+                leg.transport.close()
 
     @property
     def address(self) -> str:

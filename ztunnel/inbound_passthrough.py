@@ -1,19 +1,24 @@
-"""Inbound plaintext (port 15006 in the pod netns): only when no STRICT PeerAuthentication applies.
+"""Inbound plaintext (port 15006 in the pod netns): a connection without peer identity.
 
-The redirected connection is relayed to its original destination from a transparent socket bound
+:func:`ztunnel.authorize.authorize` decides it like any other, with no identity: under STRICT
+the destination lists the converted static STRICT policy (deny without identity), so it is
+refused; under PERMISSIVE it is allowed unless another policy denies. The redirected connection
+is relayed to its original destination from a transparent socket bound
 to the client's IP, like inbound HBONE, so the app sees the real source either way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import structlog
 
+from mesh.authz import Connection
 from mesh.hbone.protocol import format_authority
+from ztunnel.authorize import authorize
 from ztunnel.inbound import connect_as
 from ztunnel.metrics import ConnectionRecord
-from ztunnel.routing import decide_inbound, plaintext_allowed
 from ztunnel.state import PodContext, redirected_connection, relay_sockets
 
 log = structlog.get_logger(__name__)
@@ -42,27 +47,28 @@ class InboundPassthrough:
             dst_workload=dst,
             dst_identity=self.pod.identity,
         )
-        node.metrics.open(rec)
-        if dst is None:
-            rec.fail("destination pod not known yet", "NR")
-        elif not plaintext_allowed(snapshot, dst):
-            rec.fail("plaintext refused: STRICT mTLS", "DENY")
-        elif not (decision := decide_inbound(snapshot, dst, None, peer[0], dst_port)).allow:
-            rec.fail(f"denied: {decision.reason}", "DENY")
-        if rec.result != "ok":
-            log.info("inbound plaintext refused", src=rec.src_addr, dst=rec.dst_addr, reason=rec.reason)
-            client.close()
-            node.metrics.close(rec)
-            return
-        try:
-            up = await connect_as(self.pod, peer[0], (dst_ip, dst_port), self.app_connect_timeout)
-        except (OSError, TimeoutError) as e:
-            rec.fail(f"app {rec.dst_addr} unreachable: {str(e) or 'timeout'}", "UF")
-            client.close()
-            node.metrics.close(rec)
-            return
-        res = await relay_sockets(client, up)
-        rec.bytes_sent, rec.bytes_received = res.sent, res.received
-        if res.error:
-            rec.fail(res.error, "UR")
-        node.metrics.close(rec)
+        with node.metrics.connection(rec):
+            if dst is None:
+                rec.fail("destination pod not known yet", "NR")
+            else:
+                conn = Connection.of(None, peer[0], dst_ip, dst_port)
+                decision = authorize(snapshot, dst, conn)
+                if not decision.allow:
+                    rec.fail(decision.reason, "DENY")
+            if rec.result != "ok":
+                log.info("inbound plaintext refused", src=rec.src_addr, dst=rec.dst_addr, reason=rec.reason)
+                client.close()
+                return
+            try:
+                up = await connect_as(self.pod, peer[0], (dst_ip, dst_port), self.app_connect_timeout)
+            except (OSError, TimeoutError) as e:
+                rec.fail(f"app {rec.dst_addr} unreachable: {str(e) or 'timeout'}", "UF")
+                client.close()
+                return
+            task = asyncio.current_task()
+            assert task is not None and dst is not None
+            with node.connections.track(dst.uid, conn, rec, task.cancel):
+                res = await relay_sockets(client, up)
+            rec.bytes_sent, rec.bytes_received = res.sent, res.received
+            if res.error and rec.result == "ok":
+                rec.fail(res.error, "UR")

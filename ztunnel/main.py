@@ -13,7 +13,7 @@ import structlog
 
 from mesh import log as meshlog
 from mesh import runtime
-from mesh.model import Store
+from mesh.xds.state import ProxyState
 from ztunnel.app import Addresses, Ztunnel, serve_until_stopped
 from ztunnel.config import Config, ConfigError, load
 
@@ -25,10 +25,10 @@ async def run(cfg: Config, roots: bytes, token_file: str) -> int:
     from mesh.xds.client import XdsClient
 
     stop = runtime.stop_on_signals()
-    store = Store()
+    state = ProxyState()
     ca = GrpcCaClient(cfg.ca_address, roots, token_file)
     xds = XdsClient(
-        store,
+        state,
         node_id=f"ztunnel~{cfg.node_name}",
         node_name=cfg.node_name,
         address=cfg.xds_address,
@@ -38,7 +38,7 @@ async def run(cfg: Config, roots: bytes, token_file: str) -> int:
     zt = Ztunnel(
         node=cfg.node_name,
         trust_domain=cfg.trust_domain,
-        store=store,
+        state=state,
         ca=ca,
         zds_path=cfg.zds_socket,
         addresses=Addresses(

@@ -1,14 +1,17 @@
 """Per-connection telemetry: Istio's ``istio_tcp_*`` metrics and one access-log line per connection.
 
 Each ztunnel has its own registry (tests run two in one process). A :class:`ConnectionRecord` is
-filled in by the proxy as the connection goes, then ``Metrics.closed`` counts bytes and writes
-the access log.
+filled in by the proxy as the connection goes inside ``with metrics.connection(rec):``, which
+counts it opened on entry and closed on exit — whatever ends it: a result, an error, or a
+cancellation at drain (recorded as such) — so opened and closed always match.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import structlog
@@ -16,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.process_collector import ProcessCollector
 
 from mesh.identity import Identity
-from mesh.model import Service, Workload
+from mesh.xds.state import Service, Workload
 
 access_log = structlog.get_logger("ztunnel.access")
 
@@ -120,10 +123,24 @@ class Metrics:
         finally:
             self._waiters = [(n, f) for n, f in self._waiters if f is not fut]
 
-    def open(self, rec: ConnectionRecord) -> None:
+    @contextmanager
+    def connection(self, rec: ConnectionRecord) -> Iterator[ConnectionRecord]:
+        """Count ``rec`` opened now and closed (with its access-log line) when the block ends."""
         self.opened.labels(**rec.labels()).inc()
+        try:
+            yield rec
+        except asyncio.CancelledError:
+            if rec.result == "ok":
+                rec.result, rec.reason, rec.response_flags = "drained", "cancelled while draining", "DC"
+            raise
+        except BaseException as e:
+            if rec.result == "ok":
+                rec.fail(f"internal error: {type(e).__name__}: {e}", "UF")
+            raise
+        finally:
+            self._closed(rec)
 
-    def close(self, rec: ConnectionRecord) -> None:
+    def _closed(self, rec: ConnectionRecord) -> None:
         labels = rec.labels()
         self.connections_closed += 1
         for n, fut in self._waiters:

@@ -16,11 +16,11 @@ import structlog
 
 from mesh.caclient import CaError
 from mesh.hbone.client import ClientProtocol, ConnectRefused, open_connection
-from mesh.hbone.relay import TcpLeg, wait_relay
-from mesh.hbone.stream import StreamError
 from mesh.hbone.pool import HbonePool, PoolKey
 from mesh.hbone.protocol import format_authority
-from mesh.netns import MARK_SKIP
+from mesh.hbone.relay import TcpLeg, wait_relay
+from mesh.hbone.stream import StreamError
+from mesh.netns import MARK_SKIP, family_of
 from mesh.tls import PeerRejected
 from ztunnel.metrics import ConnectionRecord
 from ztunnel.routing import Deny, Hbone, Passthrough, decide_outbound
@@ -36,7 +36,7 @@ class Outbound:
 
     async def _dial(self, key: PoolKey) -> ClientProtocol:
         certs = await self.pod.node.certs.get(key.src_identity)
-        sock = await self.pod.factory.tcp_socket(socket.AF_INET, mark=MARK_SKIP)
+        sock = await self.pod.factory.tcp_socket(family_of(key.dst_addr[0]), mark=MARK_SKIP)
         return await open_connection(
             key.dst_addr[0],
             key.dst_addr[1],
@@ -72,30 +72,31 @@ class Outbound:
             choose=random_choice,
             prefer_same_node=node.prefer_same_node,
         )
+        # Everything the labels say is known before the connection is counted opened.
         if isinstance(plan, Deny):
             rec.fail(plan.reason, "NR")
-            node.metrics.open(rec)
-            client.close()
-            node.metrics.close(rec)
-            return
-        if plan.note:
-            log.info("outbound: waypoint skipped, delivering directly", reason=plan.note)
-        rec.dst_workload = plan.dst_workload
-        rec.service = plan.service
-        if isinstance(plan, Hbone):
-            await self._hbone(client, peer, plan, rec)
         else:
-            await self._passthrough(client, plan, rec)
+            rec.dst_workload = plan.dst_workload
+            rec.service = plan.service
+        if isinstance(plan, Hbone):
+            rec.dst_identity = plan.expect
+            rec.mtls = True
+            rec.direction = "outbound_waypoint" if plan.waypoint is not None else "outbound"
+        elif isinstance(plan, Passthrough):
+            rec.direction = "passthrough"
+        with node.metrics.connection(rec):
+            if isinstance(plan, Deny):
+                log.warning("outbound connection refused", dst=rec.dst_addr, reason=plan.reason)
+                client.close()
+            elif isinstance(plan, Hbone):
+                await self._hbone(client, peer, plan, rec)
+            else:
+                await self._passthrough(client, plan, rec)
 
     async def _hbone(
         self, client: socket.socket, peer: tuple[str, int], plan: Hbone, rec: ConnectionRecord
     ) -> None:
-        node = self.pod.node
         loop = asyncio.get_running_loop()
-        rec.dst_identity = plan.expect
-        rec.mtls = True
-        rec.direction = "outbound_waypoint" if plan.via_waypoint else "outbound"
-        node.metrics.open(rec)
         key = PoolKey(self.pod.identity, plan.expect, peer[0], plan.to)
         headers = [("forwarded", f'for="{format_authority(peer[0], peer[1])}"')]
         try:
@@ -113,7 +114,6 @@ class Outbound:
                 stream.reset()
                 client.close()
                 rec.fail(f"client went away: {e}", "DC")
-                node.metrics.close(rec)
                 return
             leg.attach(stream)
             try:
@@ -124,33 +124,26 @@ class Outbound:
                     rec.fail(str(leg.error), "UR")
                 if leg.transport is not None:
                     leg.transport.close()
-            node.metrics.close(rec)
             return
         log.warning("outbound connection failed", dst=rec.dst_addr, reason=rec.reason)
         client.close()
-        node.metrics.close(rec)
 
     async def _passthrough(self, client: socket.socket, plan: Passthrough, rec: ConnectionRecord) -> None:
-        node = self.pod.node
         loop = asyncio.get_running_loop()
-        rec.direction = "passthrough"
-        node.metrics.open(rec)
-        up = await self.pod.factory.tcp_socket(socket.AF_INET, mark=MARK_SKIP)
+        up = await self.pod.factory.tcp_socket(family_of(plan.to[0]), mark=MARK_SKIP)
         try:
-            async with asyncio.timeout(node.connect_timeout):
+            async with asyncio.timeout(self.pod.node.connect_timeout):
                 await loop.sock_connect(up, plan.to)
         except (OSError, TimeoutError) as e:
             up.close()
             client.close()
             rec.fail(f"passthrough to {format_authority(*plan.to)} failed: {str(e) or 'timeout'}", "UF")
             log.warning("outbound connection failed", dst=rec.dst_addr, reason=rec.reason)
-            node.metrics.close(rec)
             return
         res = await relay_sockets(client, up)
         rec.bytes_sent, rec.bytes_received = res.sent, res.received
         if res.error:
             rec.fail(res.error, "UR")
-        node.metrics.close(rec)
 
     async def aclose(self) -> None:
         with contextlib.suppress(Exception):

@@ -1,7 +1,13 @@
-"""Decide-then-do routing: pure functions of (snapshot, connection facts) -> a plan.
+"""Decide-then-do outbound routing: a pure function of (state snapshot, connection facts) -> a plan.
 
-Nothing here touches a socket; ``outbound.py``/``inbound.py`` perform the plan. Every case is a
-table row in tests/ztunnel/test_routing.py.
+Nothing here touches a socket; ``outbound.py`` performs the plan. The state is what discovery
+carries (:mod:`mesh.xds.state`), so the rules are Istio's ztunnel's: a service VIP is
+resolved to the service, which goes to its waypoint when it names one, else to one of the
+workloads that list the service (on the target port they list); a pod IP goes to its
+waypoint when it names one, else to that pod. HBONE when the destination speaks it, plain TCP
+otherwise; unknown addresses pass through. A waypoint that discovery names but that cannot be
+reached is an error, not a reason to skip it (the control plane only names waypoints that
+exist). Every case is a table row in tests/ztunnel/test_routing.py.
 """
 
 from __future__ import annotations
@@ -11,47 +17,35 @@ from dataclasses import dataclass
 
 from mesh.hbone.protocol import format_authority
 from mesh.identity import Identity
-from mesh.model import (
-    ROOT_NAMESPACE,
-    MtlsMode,
-    Service,
-    Snapshot,
-    TunnelProtocol,
-    WaypointRef,
-    Workload,
-    WorkloadStatus,
-)
+from mesh.model import TunnelProtocol, WorkloadStatus
+from mesh.xds.state import HBONE_PORT, Endpoint, GatewayAddress, ProxySnapshot, Service, Workload
 
-HBONE_PORT = 15008
-
-Chooser = Callable[[Sequence[Workload]], Workload]
+Chooser = Callable[[Sequence[Endpoint]], Endpoint]
 
 
-def first(candidates: Sequence[Workload]) -> Workload:
+def first(candidates: Sequence[Endpoint]) -> Endpoint:
     return candidates[0]
 
 
 @dataclass(frozen=True, slots=True)
 class Hbone:
-    """Tunnel over HBONE to ``to`` (a pod's or a waypoint's :15008), CONNECT ``authority``."""
+    """Tunnel over HBONE to ``to`` (a pod's or a waypoint's HBONE port), CONNECT ``authority``."""
 
     to: tuple[str, int]
     authority: str
     expect: Identity
-    dst_workload: Workload
+    dst_workload: Workload | None  # None when a waypoint picks the service's endpoint
     service: Service | None = None
-    via_waypoint: bool = False
-    note: str = ""  # e.g. why a configured waypoint was skipped
+    waypoint: Workload | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Passthrough:
-    """Plain TCP to ``to`` (destination not in the mesh)."""
+    """Plain TCP to ``to`` (destination not in the mesh, or not speaking HBONE)."""
 
     to: tuple[str, int]
     dst_workload: Workload | None = None
     service: Service | None = None
-    note: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,75 +58,70 @@ class Deny:
 Plan = Hbone | Passthrough | Deny
 
 
-def _waypoint_ref(snapshot: Snapshot, own: WaypointRef | None, namespace: str) -> WaypointRef | None:
-    if own is not None:
-        return None if own.opts_out else own
-    ns = snapshot.namespaces.get(namespace)
-    ref = ns.waypoint if ns is not None else None
-    return None if ref is None or ref.opts_out else ref
-
-
-def _candidates(
-    endpoints: Sequence[Workload], src: Workload | None, prefer_same_node: bool
-) -> tuple[Workload, ...]:
-    usable = tuple(w for w in endpoints if w.ips)
-    healthy = tuple(w for w in usable if w.status == WorkloadStatus.HEALTHY) or usable
+def _candidates(endpoints: Sequence[Endpoint], src: Workload | None, prefer_same_node: bool) -> tuple[Endpoint, ...]:
+    usable = tuple(e for e in endpoints if e.workload.addresses)
+    healthy = tuple(e for e in usable if e.workload.status is WorkloadStatus.HEALTHY) or usable
     if prefer_same_node and src is not None and src.node:
-        local = tuple(w for w in healthy if w.node == src.node)
+        local = tuple(e for e in healthy if e.workload.node == src.node)
         if local:
             return local
     return healthy
 
 
+def _waypoint_endpoints(snapshot: ProxySnapshot, gw: GatewayAddress) -> tuple[Endpoint, ...]:
+    if gw.hostname:
+        return snapshot.endpoints(gw.service_key)
+    w = snapshot.workload_by_ip(gw.address)
+    return (Endpoint(w, ()),) if w is not None else ()
+
+
 def _to_waypoint(
-    snapshot: Snapshot,
-    ref: WaypointRef,
+    snapshot: ProxySnapshot,
+    gw: GatewayAddress,
     src: Workload | None,
     authority: str,
-    dst: Workload,
+    dst: Workload | None,
     service: Service | None,
     choose: Chooser,
     prefer_same_node: bool,
-) -> Hbone | str:
-    """An HBONE plan to the waypoint, or the reason it cannot be used (then: fail open)."""
-    gw = snapshot.gateways.get(ref.key)
-    if gw is None or not gw.is_waypoint:
-        return f"waypoint {ref.key} not found"
-    eps = _candidates(
-        [w for w in snapshot.endpoints(ref.key) if w.tunnel_protocol == TunnelProtocol.HBONE],
-        src,
-        prefer_same_node,
-    )
+) -> Hbone | Deny | None:
+    """An HBONE plan to the waypoint; None when the source is that waypoint (no loop)."""
+    endpoints = _waypoint_endpoints(snapshot, gw)
+    if src is not None and any(e.workload.uid == src.uid for e in endpoints):
+        return None
+    eps = _candidates(endpoints, src, prefer_same_node)
     if not eps:
-        return f"waypoint {ref.key} has no endpoints"
-    if src is not None and any(src.uid == w.uid for w in snapshot.endpoints(ref.key)):
-        return "source is the waypoint"
-    wp = choose(eps)
+        return Deny(f"waypoint {gw} has no usable endpoints")
+    wp = choose(eps).workload
     return Hbone(
-        to=(wp.ips[0], HBONE_PORT),
+        to=(gw.address or wp.addresses[0], gw.hbone_port),
         authority=authority,
         expect=wp.identity,
         dst_workload=dst,
         service=service,
-        via_waypoint=True,
+        waypoint=wp,
     )
 
 
-def _direct(w: Workload, ip: str, port: int, service: Service | None, note: str = "") -> Hbone | Passthrough:
-    if w.tunnel_protocol == TunnelProtocol.HBONE:
+def _direct(w: Workload, ip: str, port: int, service: Service | None) -> Hbone | Passthrough:
+    if w.tunnel_protocol is TunnelProtocol.HBONE:
         return Hbone(
             to=(ip, HBONE_PORT),
             authority=format_authority(ip, port),
             expect=w.identity,
             dst_workload=w,
             service=service,
-            note=note,
         )
-    return Passthrough(to=(ip, port), dst_workload=w, service=service, note=note)
+    return Passthrough(to=(ip, port), dst_workload=w, service=service)
+
+
+def _same_family(ips: Sequence[str], like: str) -> str:
+    v6 = ":" in like
+    return next((ip for ip in ips if (":" in ip) == v6), ips[0])
 
 
 def decide_outbound(
-    snapshot: Snapshot,
+    snapshot: ProxySnapshot,
     src: Workload | None,
     dst_ip: str,
     dst_port: int,
@@ -146,73 +135,27 @@ def decide_outbound(
     if svc is None and snapshot.services_by_vip(dst_ip):
         return Deny(f"service VIP {dst_ip} has no port {dst_port}")
     if svc is not None:
-        sp = svc.port(dst_port)
-        assert sp is not None
+        if svc.waypoint is not None:
+            plan = _to_waypoint(snapshot, svc.waypoint, src, authority, None, svc, choose, prefer_same_node)
+            if plan is not None:
+                return plan
         eps = _candidates(
-            [w for w in snapshot.endpoints(svc.key) if sp.target_for(w) is not None],
+            [e for e in snapshot.endpoints(svc.key) if e.workload.target_port(svc, dst_port) is not None],
             src,
             prefer_same_node,
         )
         if not eps:
             return Deny(f"service {svc.key} has no endpoints for port {dst_port}")
-        dst = choose(eps)
-        note = ""
-        ref = _waypoint_ref(snapshot, svc.waypoint, svc.namespace)
-        if ref is not None:
-            gw = snapshot.gateways.get(ref.key)
-            if gw is None or gw.waypoint_for in ("service", "all"):
-                wp = _to_waypoint(snapshot, ref, src, authority, dst, svc, choose, prefer_same_node)
-                if isinstance(wp, Hbone):
-                    return wp
-                note = wp
-        target = sp.target_for(dst)
+        dst = choose(eps).workload
+        target = dst.target_port(svc, dst_port)
         assert target is not None
-        return _direct(dst, dst.ips[0], target, svc, note)
+        return _direct(dst, _same_family(dst.addresses, dst_ip), target, svc)
     w = snapshot.workload_by_ip(dst_ip)
     if w is None:
         return Passthrough(to=(dst_ip, dst_port))
-    note = ""
-    ref = _waypoint_ref(snapshot, w.waypoint, w.namespace)
-    if ref is not None:
-        gw = snapshot.gateways.get(ref.key)
-        if gw is not None and gw.waypoint_for in ("workload", "all"):
-            wp = _to_waypoint(snapshot, ref, src, authority, w, None, choose, prefer_same_node)
-            if isinstance(wp, Hbone):
-                return wp
-            note = wp
+    if w.waypoint is not None:
+        plan = _to_waypoint(snapshot, w.waypoint, src, authority, w, None, choose, prefer_same_node)
+        if plan is not None:
+            return plan
     # The pod was addressed by one of its IPs: dial exactly that one.
-    return _direct(w, dst_ip, dst_port, None, note)
-
-
-@dataclass(frozen=True, slots=True)
-class InboundDecision:
-    allow: bool
-    reason: str = ""
-
-
-def decide_inbound(
-    snapshot: Snapshot, dst: Workload, src_identity: Identity | None, src_ip: str, dst_port: int
-) -> InboundDecision:
-    """L4 authorization hook: allow everything for now (the policy issue fills this in)."""
-    return InboundDecision(True)
-
-
-def plaintext_allowed(snapshot: Snapshot, dst: Workload) -> bool:
-    """Whether plaintext (port 15006) may reach ``dst``: not under a STRICT PeerAuthentication.
-
-    Most specific wins: a selector policy in the workload's namespace, then its namespace-wide
-    policy, then the mesh-wide one in the root namespace. UNSET defers to the next level.
-    """
-    levels: list[MtlsMode] = [MtlsMode.UNSET, MtlsMode.UNSET, MtlsMode.UNSET]
-    for pa in snapshot.peer_authentications.values():
-        if pa.namespace == dst.namespace and pa.selector is not None:
-            if pa.selector.matches(dst.labels):
-                levels[0] = pa.mtls_mode
-        elif pa.namespace == dst.namespace and pa.selector is None:
-            levels[1] = pa.mtls_mode
-        elif pa.namespace == ROOT_NAMESPACE and pa.selector is None:
-            levels[2] = pa.mtls_mode
-    for mode in levels:
-        if mode != MtlsMode.UNSET:
-            return mode != MtlsMode.STRICT
-    return True
+    return _direct(w, dst_ip, dst_port, None)

@@ -1,7 +1,8 @@
-"""What the proxies share: the node's context (store, certificates, metrics) and one pod's context.
+"""What the proxies share: the node's context (state, certificates, metrics) and one pod's context.
 
-The store is read only (``store.snapshot()`` per decision); the xDS client or a local source
-writes it. Also the plain TCP<->TCP relay used by passthrough paths.
+The state is what discovery carries (:class:`~mesh.xds.state.ProxyState`), read only here
+(``snapshot()`` per decision); the discovery client writes it. Also the plain TCP<->TCP relay
+used by passthrough paths.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from dataclasses import dataclass, field
 import structlog
 
 from mesh.identity import Identity
-from mesh.model import Snapshot, Store, Workload
 from mesh.netns import SocketFactory, original_dst
+from mesh.xds.state import Endpoint, ProxySnapshot, ProxyState, Workload
 from ztunnel.certs import CertManager
+from ztunnel.connection_manager import ConnectionManager
 from ztunnel.metrics import Metrics
 
 log = structlog.get_logger(__name__)
@@ -25,7 +27,7 @@ log = structlog.get_logger(__name__)
 COPY_SIZE = 256 * 1024
 
 
-def random_choice(candidates: Sequence[Workload]) -> Workload:
+def random_choice(candidates: Sequence[Endpoint]) -> Endpoint:
     return random.choice(candidates)
 
 
@@ -33,14 +35,18 @@ def random_choice(candidates: Sequence[Workload]) -> Workload:
 class NodeContext:
     node: str
     trust_domain: str
-    store: Store
+    state: ProxyState
     certs: CertManager
     metrics: Metrics
     prefer_same_node: bool = True
     connect_timeout: float = 10.0
+    connections: ConnectionManager = field(init=False)  # open inbound connections, re-checked
 
-    def snapshot(self) -> Snapshot:
-        return self.store.snapshot()
+    def __post_init__(self) -> None:
+        self.connections = ConnectionManager(self.state)
+
+    def snapshot(self) -> ProxySnapshot:
+        return self.state.snapshot()
 
 
 @dataclass
@@ -59,10 +65,21 @@ class PodContext:
     def identity(self) -> Identity:
         return Identity(self.node.trust_domain, self.namespace, self.service_account)
 
-    def workload(self, snapshot: Snapshot) -> Workload | None:
+    def workload(self, snapshot: ProxySnapshot) -> Workload | None:
+        """This pod's discovery workload, matched by uid only (ZDS and discovery both name pods
+        by uid). None while discovery has not sent it; a workload under this uid that is
+        another pod is a mismatch between the agent and the control plane: logged, not used."""
         w = snapshot.workloads.get(self.uid)
         if w is None:
-            w = snapshot.workload_by_name(self.namespace, self.name)
+            return None
+        if (w.namespace, w.name, w.service_account) != (self.namespace, self.name, self.service_account):
+            log.error(
+                "ZDS and discovery disagree about a pod uid",
+                uid=self.uid,
+                zds=f"{self.namespace}/{self.name} sa={self.service_account}",
+                discovery=f"{w.namespace}/{w.name} sa={w.service_account}",
+            )
+            return None
         return w
 
 

@@ -32,6 +32,10 @@ from mesh.model.objects import (
     namespaced_key,
 )
 from mesh.model.policy import (
+    ANNOTATION_DRY_RUN,
+    L4_CONDITION_KEYS,
+    L7_OPERATION_FIELDS,
+    L7_SOURCE_FIELDS,
     ROOT_NAMESPACE,
     AuthorizationAction,
     AuthorizationPolicy,
@@ -55,10 +59,14 @@ from mesh.model.snapshot import Delta, MeshObject, Snapshot
 from mesh.model.store import DeltaQueue, Store, StoreError, Unsubscribe
 
 __all__ = [
+    "ANNOTATION_DRY_RUN",
     "ANNOTATION_REDIRECTION",
     "DEFAULT_CLUSTER_DOMAIN",
     "DEFAULT_SERVICE_ACCOUNT",
     "DEFAULT_TRUST_DOMAIN",
+    "L4_CONDITION_KEYS",
+    "L7_OPERATION_FIELDS",
+    "L7_SOURCE_FIELDS",
     "LABEL_USE_WAYPOINT",
     "LABEL_USE_WAYPOINT_NAMESPACE",
     "LABEL_WAYPOINT_FOR",

@@ -19,6 +19,29 @@ from mesh.model.frozen import FrozenMap, freeze_fields, tuple_fields
 from mesh.model.objects import Kind, namespaced_key
 
 ROOT_NAMESPACE = "istio-system"  # policies here apply mesh-wide
+# On an AuthorizationPolicy: "true" = evaluate and log, never enforce (Istio's dry-run).
+ANNOTATION_DRY_RUN = "istio.io/dry-run"
+
+# What of an AuthorizationPolicy a node proxy (L4) can evaluate; everything else needs a
+# waypoint. Defined once here for the lowering (controlplane) and the status (sources).
+L4_CONDITION_KEYS = frozenset(
+    {"source.ip", "source.namespace", "source.principal", "destination.ip", "destination.port"}
+)
+# (field of the model, its name in the Istio API) of the source / operation fields only L7 has.
+L7_SOURCE_FIELDS = (
+    ("request_principals", "requestPrincipals"),
+    ("not_request_principals", "notRequestPrincipals"),
+    ("remote_ip_blocks", "remoteIpBlocks"),
+    ("not_remote_ip_blocks", "notRemoteIpBlocks"),
+)
+L7_OPERATION_FIELDS = (
+    ("hosts", "hosts"),
+    ("not_hosts", "notHosts"),
+    ("methods", "methods"),
+    ("not_methods", "notMethods"),
+    ("paths", "paths"),
+    ("not_paths", "notPaths"),
+)
 
 _NO_LABELS: FrozenMap[str, str] = FrozenMap()
 _NO_PORT_MTLS: FrozenMap[int, MtlsMode] = FrozenMap()
@@ -185,6 +208,7 @@ class AuthorizationPolicy:
     provider: str | None = None  # provider.name, CUSTOM only
     rules: tuple[Rule, ...] = ()
     creation_timestamp: datetime | None = None
+    dry_run: bool = False  # annotation istio.io/dry-run: evaluated and logged, never enforced
 
     def __post_init__(self) -> None:
         tuple_fields(self, "target_refs", "rules")

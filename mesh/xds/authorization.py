@@ -1,31 +1,20 @@
-"""L4 authorization as a node proxy receives it over discovery, and the holder that keeps it.
+"""L4 authorization as a node proxy receives it over discovery (``istio.security.Authorization``).
 
 The wire form (``istio.security.Authorization``) is a mutable protobuf message; readers of the
 mesh state share objects between tasks without copying, so the client turns each one into the
 frozen values below at the edge. They mirror the wire form one to one (rules -> clauses ->
 matches), not the Kubernetes CRD: the control plane has already lowered the CRD to what L4 can
-enforce, and the proxy evaluates exactly what it was sent.
-
-The :class:`~mesh.model.Store` has no kind for these (its policy kinds are the CRDs), so a
-client keeps them in an :class:`AuthorizationStore`: the same idea in small (atomic batches,
-a version that only grows, read-only snapshots, change callbacks).
+enforce, and the proxy evaluates exactly what it was sent. A node proxy keeps them in its :class:`~mesh.xds.state.ProxyState` and evaluates them with
+:mod:`mesh.authz`.
 """
 
 from __future__ import annotations
 
 import enum
 import ipaddress
-import threading
-from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
-
-import structlog
 
 from mesh.model.frozen import tuple_fields
-from mesh.subscribers import Subscribers
-
-log = structlog.get_logger(__name__)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -86,7 +75,9 @@ class ServiceAccountMatch:
 class Match:
     """Populated fields ANDed, values of one field ORed, a ``not_`` field matches when none does.
 
-    An empty Match matches every connection.
+    An empty Match matches **no** connection (Istio's ztunnel skips it): it is what a part of a
+    policy made only of L7 attributes becomes at L4. Without a peer identity (plaintext) no
+    positive principal, namespace or service-account field matches and every ``not_`` one does.
     """
 
     namespaces: tuple[StringMatch, ...] = ()
@@ -122,7 +113,8 @@ class Match:
 
 @dataclass(frozen=True, slots=True)
 class Clause:
-    """Matches ORed."""
+    """Matches ORed. A clause without matches matches everything; one made only of empty
+    matches matches nothing."""
 
     matches: tuple[Match, ...] = ()
 
@@ -142,7 +134,8 @@ class Rule:
 
 @dataclass(frozen=True, slots=True)
 class Authorization:
-    """One L4 policy. Rules ORed; an ALLOW without rules allows nothing (fail closed)."""
+    """One L4 policy. Rules ORed; a policy without rules matches nothing: an ALLOW without
+    rules allows nothing (fail closed), a DENY without rules denies nothing."""
 
     name: str
     namespace: str
@@ -158,48 +151,3 @@ class Authorization:
     def key(self) -> str:
         """The xDS resource name, ``<namespace>/<name>``."""
         return f"{self.namespace}/{self.name}"
-
-
-class AuthorizationStore:
-    """The authorizations a discovery client holds, by ``namespace/name``.
-
-    Written only by the discovery client, one response at a time, so a reader never sees half
-    of a response; readers call :meth:`snapshot` and keep the mapping as long as they like.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._version = 0
-        self._policies: Mapping[str, Authorization] = MappingProxyType({})
-        self._subscribers: Subscribers[int] = Subscribers()
-
-    @property
-    def version(self) -> int:
-        return self._version
-
-    def snapshot(self) -> Mapping[str, Authorization]:
-        return self._policies
-
-    def apply(self, upserts: Iterable[Authorization] = (), deletes: Iterable[str] = ()) -> bool:
-        """Upsert and delete in one step; returns whether anything changed."""
-        with self._lock:
-            new = dict(self._policies)
-            for key in deletes:
-                new.pop(key, None)
-            for policy in upserts:
-                new[policy.key] = policy
-            if new == self._policies:
-                return False
-            self._policies = MappingProxyType(new)
-            self._version += 1
-            version, subscribers = self._version, self._subscribers.snapshot
-        for callback in subscribers:
-            try:
-                callback(version)
-            except Exception:
-                log.exception("authorization subscriber failed", version=version)
-        return True
-
-    def subscribe(self, callback: Callable[[int], None]) -> Callable[[], None]:
-        """Call ``callback(version)`` after every change; returns the function that stops it."""
-        return self._subscribers.add(callback)

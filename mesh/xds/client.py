@@ -1,4 +1,4 @@
-"""The node side of discovery: keep a local :class:`~mesh.model.Store` in sync with the server.
+"""The node side of discovery: keep a :class:`~mesh.xds.state.ProxyState` in sync with the server.
 
 A node proxy must keep working while the control plane restarts or is unreachable, so the
 client never clears what it has: it reconnects with jittered exponential backoff and tells
@@ -19,9 +19,7 @@ from typing import Any
 import grpc
 import structlog
 
-from mesh.model import Kind, MeshObject, Service, Store, StoreError, Workload
 from mesh.proto import core_pb2, discovery_pb2, discovery_pb2_grpc, status_pb2
-from mesh.xds.authorization import Authorization, AuthorizationStore
 from mesh.xds.convert import (
     ADDRESS_TYPE_URL,
     TYPE_URLS,
@@ -29,6 +27,7 @@ from mesh.xds.convert import (
     address_from_any,
     authorization_from_any,
 )
+from mesh.xds.state import ProxyState
 
 log = structlog.get_logger(__name__)
 
@@ -87,17 +86,15 @@ def insecure_channel_factory(address: str) -> ChannelFactory:
 
 
 class XdsClient:
-    """Subscribes to workloads, services and authorizations and mirrors them locally.
-
-    Workloads and services go to ``store`` (this client owns those two kinds in it);
-    authorizations to ``authorizations``. ``synced`` is set once the first full state of
+    """Subscribes to workloads, services and authorizations and mirrors them in ``state``
+    (its only writer). ``synced`` is set once the first full state of
     every type has been applied and stays set across reconnects, since the last state
     stays in force. ``run()`` returns after ``stop()``.
     """
 
     def __init__(
         self,
-        store: Store,
+        state: ProxyState,
         *,
         node_id: str,
         node_name: str = "",
@@ -106,7 +103,6 @@ class XdsClient:
         root_cert_pem: bytes | None = None,
         server_name: str | None = None,
         token_file: Path | str | None = None,
-        authorizations: AuthorizationStore | None = None,
         backoff: Backoff = Backoff(),
         on_update: Callable[[AppliedUpdate], None] | None = None,
     ) -> None:
@@ -118,8 +114,7 @@ class XdsClient:
                 if root_cert_pem is not None
                 else insecure_channel_factory(address)
             )
-        self.store = store
-        self.authorizations = authorizations if authorizations is not None else AuthorizationStore()
+        self.state = state
         self.synced = asyncio.Event()
         self._node_id = node_id
         self._node_name = node_name
@@ -130,7 +125,6 @@ class XdsClient:
         self._stopping = asyncio.Event()
         self._session_task: asyncio.Task[None] | None = None
         self._versions: dict[str, dict[str, str]] = {t: {} for t in TYPE_URLS}
-        self._address_keys: dict[str, tuple[Kind, str]] = {}  # resource name -> store key
         self._received: set[str] = set()
         self._progress = False
         self._log = log.bind(node=node_id)
@@ -221,7 +215,7 @@ class XdsClient:
         ack = discovery_pb2.DeltaDiscoveryRequest(type_url=resp.type_url, response_nonce=resp.nonce)
         try:
             update = self._apply(resp)
-        except (ConversionError, StoreError) as e:
+        except ConversionError as e:
             self._log.error(
                 "xds response refused (NACK)", type_url=resp.type_url, nonce=resp.nonce, reason=str(e)
             )
@@ -249,37 +243,17 @@ class XdsClient:
             raise ConversionError(f"resources both updated and removed: {sorted(overlap)}")
         versions = self._versions[type_url]
         if type_url == ADDRESS_TYPE_URL:
-            self._apply_addresses(resp)
+            self.state.apply(
+                addresses=[(r.name, address_from_any(r.resource, r.name)) for r in resp.resources],
+                removed_addresses=resp.removed_resources,
+            )
         else:
-            self._apply_authorizations(resp)
+            self.state.apply(
+                authorizations=[authorization_from_any(r.resource, r.name) for r in resp.resources],
+                removed_authorizations=resp.removed_resources,
+            )
         for r in resp.resources:
             versions[r.name] = r.version
         for name in resp.removed_resources:
             versions.pop(name, None)
         return AppliedUpdate(type_url, resp.nonce, frozenset(names), frozenset(resp.removed_resources))
-
-    def _apply_addresses(self, resp: discovery_pb2.DeltaDiscoveryResponse) -> None:
-        upserts: list[MeshObject] = []
-        keys: dict[str, tuple[Kind, str]] = {}
-        for r in resp.resources:
-            obj: Workload | Service = address_from_any(r.resource, r.name)
-            upserts.append(obj)
-            keys[r.name] = (obj.KIND, obj.key)
-        deletes: list[tuple[Kind, str]] = []
-        for name in resp.removed_resources:
-            key = self._address_keys.get(name)
-            if key is not None:
-                deletes.append(key)
-        # A name that changed kind (or a service that moved key) must not leave its old self.
-        for name, new in keys.items():
-            old = self._address_keys.get(name)
-            if old is not None and old != new:
-                deletes.append(old)
-        self.store.apply(upserts=upserts, deletes=deletes)
-        for name in resp.removed_resources:
-            self._address_keys.pop(name, None)
-        self._address_keys.update(keys)
-
-    def _apply_authorizations(self, resp: discovery_pb2.DeltaDiscoveryResponse) -> None:
-        upserts: list[Authorization] = [authorization_from_any(r.resource, r.name) for r in resp.resources]
-        self.authorizations.apply(upserts=upserts, deletes=resp.removed_resources)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from ambientctl.localmesh import spec
-from mesh.model import Store
 from mesh.xds.client import XdsClient
+from mesh.xds.state import ProxyState
 
 CMD = [sys.executable, "-c", "import sys; from controlplane.main import main; sys.exit(main())"]
 TIMEOUT = 20.0
@@ -43,7 +43,7 @@ def controlplane(tmp_path: Path) -> Iterator[tuple[str, Path, Path]]:
 
 def client(address: str, state: Path, token: Path | None) -> XdsClient:
     return XdsClient(
-        Store(),
+        ProxyState(),
         node_id="ztunnel~node-a",
         node_name="node-a",
         address=address,
@@ -59,7 +59,7 @@ async def test_discovery_with_the_node_token(controlplane: tuple[str, Path, Path
     task = asyncio.create_task(xds.run())
     try:
         await asyncio.wait_for(xds.synced.wait(), TIMEOUT)
-        snap = xds.store.snapshot()
+        snap = xds.state.snapshot()
         names = {f"{w.namespace}/{w.name}": w.tunnel_protocol.value for w in snap.workloads.values()}
         assert names["shop/web"] == "HBONE"  # annotated as redirected
         # Local mode: the enrollment labels alone make a pod HBONE (no API server to annotate).

@@ -663,3 +663,14 @@ def test_error_message_layout() -> None:
     assert (outer.field, outer.kind, outer.document_index) == ("items[0].port", "Service", 1)
     # inner context wins over outer
     assert ConfigError("r", kind="Pod").with_context(kind="List").kind == "Pod"
+
+
+def test_authorization_policy_dry_run_annotation() -> None:
+    head = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+    on = conv(head + 'metadata: {name: p, annotations: {"istio.io/dry-run": "true"}}\nspec: {action: DENY}\n')
+    assert isinstance(on, AuthorizationPolicy) and on.dry_run
+    off = conv(head + 'metadata: {name: p, annotations: {"istio.io/dry-run": "false"}}\n')
+    assert isinstance(off, AuthorizationPolicy) and not off.dry_run
+    assert not conv(head + "metadata: {name: p}\n").dry_run
+    e = error(head + 'metadata: {name: p, annotations: {"istio.io/dry-run": "yes"}}\n')
+    assert 'metadata.annotations["istio.io/dry-run"]' in str(e) and "'yes'" in str(e)

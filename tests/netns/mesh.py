@@ -1,8 +1,12 @@
-"""A whole mesh in one process: topology + store + a ztunnel and a fake agent per node + apps.
+"""A whole mesh in one process: topology + control plane + a ztunnel and a fake agent per node + apps.
 
-ztunnel runs in-process (one ``Ztunnel`` per node, sharing the event loop); the apps (echo
-servers and clients) run in-process too, their sockets made inside the pods' namespaces through
-the same ``NetnsSocketFactory`` ztunnel uses, so their traffic really goes through the kernel's
+The control plane side is a model :class:`~mesh.model.Store` (what a source fills from YAML or
+the Kubernetes API: pods, services, gateways, policies) served by the real discovery server on
+loopback (tests/discovery.py); each node's ztunnel gets its state only from its own real
+``XdsClient`` — exactly the production path, so nothing here writes a ztunnel's state. ztunnel runs in-process (one
+``Ztunnel`` per node, sharing the event loop); the apps (echo servers and clients) run
+in-process too, their sockets made inside the pods' namespaces through the same
+``NetnsSocketFactory`` ztunnel uses, so their traffic really goes through the kernel's
 redirection rules.
 """
 
@@ -16,6 +20,7 @@ import socket
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +29,8 @@ from mesh.identity import Identity
 from mesh.model import MeshObject, Service, ServicePort, Store, TunnelProtocol, WaypointRef, Workload
 from mesh.netns import NetnsSocketFactory
 from mesh.pki import CertificateAuthority, Credential
+from mesh.xds.state import ProxySnapshot
+from tests.discovery import Discovery, Subscriber
 from tests.netns.agent import FakeAgent
 from tests.netns.topology import Pod, Topology
 from tests.ztunnel.fakes import FakeCa
@@ -54,6 +61,11 @@ class Node:
     zt: Ztunnel
     agent: FakeAgent
     ca: NodeBoundCa
+    discovery: Subscriber
+
+    async def until(self, predicate: Callable[[ProxySnapshot], bool], timeout: float = 30.0) -> ProxySnapshot:
+        """Wait until discovery has brought this node a state that satisfies ``predicate``."""
+        return await self.discovery.until(predicate, timeout)
 
     def get(self, which: str, path: str) -> tuple[int, str]:
         host, port = self.zt.bound[which]
@@ -106,13 +118,13 @@ class EchoServer:
 class Mesh:
     def __init__(self, topo: Topology, cert_ttl: dt.timedelta | None = None) -> None:
         self.topo = topo
-        self.store = Store()
+        self.discovery = Discovery()
+        self.store = self.discovery.store  # the control plane's
         self.ca = CertificateAuthority.generate(TRUST_DOMAIN)
         self.cert_ttl = cert_ttl
         self.nodes: list[Node] = []
         self.services: list[Service] = []
         self.extra: list[MeshObject] = []  # gateways, policies …
-        self.hbone_capable: set[str] = set()  # pod uids that speak HBONE without ztunnel (waypoints)
         self._factories: dict[str, NetnsSocketFactory] = {}
         self._servers: list[asyncio.Server] = []
         self._tmp = tempfile.TemporaryDirectory(prefix="zt-harness-")
@@ -129,9 +141,7 @@ class Mesh:
             service_account=pod.service_account,
             ips=(pod.ip,),
             labels=dict(pod.labels),
-            tunnel_protocol=(
-                TunnelProtocol.HBONE if pod.enrolled or pod.uid in self.hbone_capable else TunnelProtocol.NONE
-            ),
+            tunnel_protocol=TunnelProtocol.HBONE if pod.enrolled else TunnelProtocol.NONE,
             trust_domain=TRUST_DOMAIN,
         )
 
@@ -157,26 +167,33 @@ class Mesh:
         return svc
 
     def publish(self) -> None:
-        """Write the whole state to the store (what xDS would do)."""
+        """Write the whole mesh to the control plane's store (what its source does); discovery
+        carries it to the ztunnels (wait for it with :meth:`Node.until` or :meth:`converged`)."""
         self.store.replace_all([*(self.workload(p) for p in self.topo.pods), *self.services, *self.extra])
+
+    async def converged(self, timeout: float = 30.0) -> None:
+        """Wait until every node holds what the discovery server serves right now."""
+        await self.discovery.converged(timeout)
 
     async def start(self, drain_seconds: float = 5.0) -> None:
         self.publish()
+        await self.discovery.start()
         for n in range(1, len(self.topo.nodes) + 1):
             name = self.node_name(n)
             path = str(Path(self._tmp.name) / f"zds-{n}.sock")
             agent = FakeAgent(path)
             ca = NodeBoundCa(self.ca, self.store, name, self.cert_ttl)
+            sub = await self.discovery.subscribe(name)
             zt = Ztunnel(
                 node=name,
                 trust_domain=TRUST_DOMAIN,
-                store=self.store,
+                state=sub.state,
                 ca=ca,
                 zds_path=path,
                 addresses=Addresses(("127.0.0.1", 0), ("127.0.0.1", 0), ("127.0.0.1", 0)),
                 drain_seconds=drain_seconds,
             )
-            node = Node(n, name, zt, agent, ca)
+            node = Node(n, name, zt, agent, ca, sub)
             self.nodes.append(node)
             await zt.start()
             await agent.accept()
@@ -238,6 +255,7 @@ class Mesh:
         for node in self.nodes:
             await node.zt.shutdown(0)
             node.agent.close()
+        await self.discovery.aclose()
         for f in self._factories.values():
             f.close()
         self._tmp.cleanup()

@@ -6,6 +6,7 @@ import ipaddress
 
 import pytest
 
+from controlplane.lowering import PeerAuthenticationIndex, lower_authorization_policy
 from mesh.model import (
     AuthorizationAction,
     AuthorizationPolicy,
@@ -21,7 +22,6 @@ from mesh.model import (
 )
 from mesh.model import Rule as PolicyRule
 from mesh.xds.authorization import Action, Clause, Match, MatchKind, Rule, Scope, StringMatch
-from mesh.xds.convert import PeerAuthenticationIndex, lower_authorization_policy
 from tests.xds.helpers import pod
 
 ALLOW, DENY = AuthorizationAction.ALLOW, AuthorizationAction.DENY
@@ -62,27 +62,43 @@ def test_allow_with_only_l7_rules_allows_nothing() -> None:
 
 
 def test_deny_rule_keeps_its_l4_part() -> None:
+    # A `to` with a port and a method: the method is gone, so port 80 is denied for every
+    # method, i.e. more widely than written.
+    get_on_80 = RuleTo(Operation(ports=(80,), methods=("GET",)))
+    out = lower_authorization_policy(policy(PolicyRule(from_=(FROM_SLEEP,), to=(get_on_80,)), action=DENY))
+    assert out.authorization is not None and out.authorization.action is Action.DENY
+    assert out.authorization.rules == (Rule((Clause((SLEEP,)), Clause((Match(destination_ports=(80,)),)))),)
+    assert len(out.warnings) == 1 and "denies more widely" in out.warnings[0]
+
+
+def test_deny_rule_whose_to_is_only_l7_never_fires() -> None:
+    """As istiod + ztunnel: the L7-only `to` becomes an empty Match, which matches nothing."""
     out = lower_authorization_policy(policy(PolicyRule(from_=(FROM_SLEEP,), to=(GET_ONLY,)), action=DENY))
     assert out.authorization is not None and out.authorization.action is Action.DENY
-    # The method condition is gone: sleep is denied for every method, i.e. more widely.
-    assert out.authorization.rules == (Rule((Clause((SLEEP,)),)),)
-    assert len(out.warnings) == 1 and "denies more" in out.warnings[0]
+    assert out.authorization.rules == (Rule((Clause((SLEEP,)), Clause((Match(),)))),)
+    assert len(out.warnings) == 1 and "never fires" in out.warnings[0]
 
 
-def test_deny_rule_with_only_l7_denies_everything() -> None:
+def test_deny_rule_with_only_l7_never_fires() -> None:
     out = lower_authorization_policy(
         policy(PolicyRule(from_=(RuleFrom(Source(request_principals=("*",))),)), action=DENY)
     )
     assert out.authorization is not None
-    assert out.authorization.rules == (Rule(()),)  # an empty rule matches every connection
-    assert "from[0].source.request_principals" in out.warnings[0]
+    # Its one source is an empty Match: it matches nothing, so the DENY is a no-op at L4.
+    assert out.authorization.rules == (Rule((Clause((Match(),)),)),)
+    assert "from[0].source.requestPrincipals" in out.warnings[0]
+    assert "never fires" in out.warnings[0]
 
 
-def test_deny_sources_ored_one_unconstrained_makes_clause_match_all() -> None:
+def test_deny_sources_ored_an_l7_only_one_drops_out() -> None:
     rule = PolicyRule(from_=(FROM_SLEEP, RuleFrom(Source(request_principals=("a/b",)))), to=(PORT_80,))
     out = lower_authorization_policy(policy(rule, action=DENY))
     assert out.authorization is not None
-    assert out.authorization.rules == (Rule((Clause((Match(destination_ports=(80,)),)),)),)
+    # The L7-only source is an empty Match (matches nothing); sleep on port 80 is still denied.
+    assert out.authorization.rules == (
+        Rule((Clause((SLEEP, Match())), Clause((Match(destination_ports=(80,)),)))),
+    )
+    assert len(out.warnings) == 1 and "denies more widely" in out.warnings[0]
 
 
 @pytest.mark.parametrize(
@@ -125,8 +141,10 @@ def test_l7_or_invalid_when_conditions(condition: Condition) -> None:
     allow = lower_authorization_policy(policy(PolicyRule(from_=(FROM_SLEEP,), when=(condition,))))
     assert allow.authorization is not None and allow.authorization.rules == ()
     deny = lower_authorization_policy(policy(PolicyRule(from_=(FROM_SLEEP,), when=(condition,)), action=DENY))
-    assert deny.authorization is not None and deny.authorization.rules == (Rule((Clause((SLEEP,)),)),)
-    assert allow.warnings and deny.warnings
+    # The condition becomes an empty Match: this DENY rule can never fire at L4.
+    assert deny.authorization is not None
+    assert deny.authorization.rules == (Rule((Clause((SLEEP,)), Clause((Match(),)))),)
+    assert allow.warnings and deny.warnings and "never fires" in deny.warnings[0]
 
 
 @pytest.mark.parametrize(

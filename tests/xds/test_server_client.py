@@ -13,6 +13,7 @@ import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from google.protobuf import any_pb2
 from structlog.testing import capture_logs
 
 from controlplane.xds import AuthenticationFailed, DiscoveryServicer, Metadata, register
@@ -26,16 +27,25 @@ from mesh.model import (
     Rule,
     RuleTo,
     Store,
+    Workload,
     WorkloadSelector,
 )
 from mesh.pki import CertificateAuthority, cert_to_pem, generate_key, key_to_pem
 from mesh.proto import discovery_pb2, discovery_pb2_grpc, status_pb2, workload_pb2
+from mesh.xds.authorization import Action
 from mesh.xds.client import AppliedUpdate, Backoff, XdsClient, insecure_channel_factory
-from mesh.xds.convert import ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, address_to_any
+from mesh.xds.convert import ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL
+from mesh.xds.state import ProxySnapshot, ProxyState
 from tests.xds.helpers import pod, service
 
 TIMEOUT = 5.0
 FAST = Backoff(initial=0.01, maximum=0.1)
+WEB_HOST = "shop/web.shop.svc.cluster.local"
+STATIC_STRICT = "istio-system/istio_converted_static_strict"
+
+
+def endpoint_names(snap: ProxySnapshot, service_key: str) -> list[str]:
+    return sorted(e.workload.name for e in snap.endpoints(service_key))
 
 
 class Server:
@@ -103,7 +113,7 @@ class Running:
     def __init__(self, address: str, **kw: Any) -> None:
         self.updates: asyncio.Queue[AppliedUpdate] = asyncio.Queue()
         self.client = XdsClient(
-            Store(),
+            ProxyState(),
             node_id="ztunnel~node-a",
             node_name="node-a",
             channel_factory=insecure_channel_factory(address),
@@ -148,16 +158,21 @@ class Running:
 async def test_initial_state(server: Server) -> None:
     async with Running(server.address) as r:
         await asyncio.wait_for(r.client.synced.wait(), TIMEOUT)
-        snap = r.client.store.snapshot()
+        snap = r.client.state.snapshot()
+        assert set(snap.workloads) == {"uid-shop-web-1", "uid-shop-web-2", "uid-shop-db-1"}
         assert sorted(w.name for w in snap.workloads.values()) == ["db-1", "web-1", "web-2"]
+        assert set(snap.services) == {WEB_HOST}
         svc = snap.service_by_address("10.96.0.10", 80)
-        assert svc is not None
-        assert sorted(w.name for w in snap.endpoints(svc.key)) == ["web-1", "web-2"]
+        assert svc is not None and svc.key == WEB_HOST and svc.hostname == "web.shop.svc.cluster.local"
+        assert endpoint_names(snap, WEB_HOST) == ["web-1", "web-2"]
+        web1 = snap.workload_by_ip("10.0.1.1")
+        assert web1 is not None and web1.uid == "uid-shop-web-1"
+        assert web1.services[WEB_HOST][0].service_port == 80 and web1.target_port(svc, 80) == 8080
         # Istio's static STRICT policy is always served, for workloads that list it.
-        assert sorted(r.client.authorizations.snapshot()) == [
-            "istio-system/istio_converted_static_strict",
-            "shop/web-allow",
-        ]
+        assert sorted(snap.authorizations) == [STATIC_STRICT, "shop/web-allow"]
+        assert web1.authorization_policies == ("shop/web-allow",)
+        assert [a.key for a in snap.policies_for(web1)] == ["shop/web-allow"]
+        assert snap.policies_for(snap.workloads["uid-shop-db-1"]) == ()
         assert set(r.client.versions[ADDRESS_TYPE_URL]) == {
             "uid-shop-web-1",
             "uid-shop-web-2",
@@ -171,22 +186,29 @@ async def test_pod_added_changed_removed_arrive_as_deltas(server: Server) -> Non
         await asyncio.wait_for(r.client.synced.wait(), TIMEOUT)
         r.forget()
 
+        version = r.client.state.version
         server.store.upsert(pod("web-3", "10.0.1.4", labels={"app": "web"}))
         update = await r.next()
-        assert (update.upserted, update.removed) == ({"uid-shop-web-3"}, frozenset())
-        assert r.client.store.snapshot().workload_by_ip("10.0.1.4") is not None
+        assert r.client.state.version == version + 1  # one response, one step
+        assert (update.upserted, update.removed) == (frozenset({"uid-shop-web-3"}), frozenset())
+        added = r.client.state.snapshot().workload_by_ip("10.0.1.4")
+        assert added is not None and added.uid == "uid-shop-web-3"
+        assert endpoint_names(r.client.state.snapshot(), WEB_HOST) == ["web-1", "web-2", "web-3"]
 
         moved = dataclasses.replace(server.store.snapshot().workloads["uid-shop-web-3"], ips=("10.0.1.9",))
         server.store.upsert(moved)
         update = await r.next()
         assert update.upserted == {"uid-shop-web-3"}
-        snap = r.client.store.snapshot()
+        snap = r.client.state.snapshot()
         assert snap.workload_by_ip("10.0.1.4") is None and snap.workload_by_ip("10.0.1.9") is not None
+        assert snap.workloads["uid-shop-web-3"].addresses == ("10.0.1.9",)
 
         server.store.delete(moved.KIND, moved.key)
         update = await r.next()
-        assert (update.upserted, update.removed) == (frozenset(), {"uid-shop-web-3"})
-        assert "uid-shop-web-3" not in r.client.store.snapshot().workloads
+        assert (update.upserted, update.removed) == (frozenset(), frozenset({"uid-shop-web-3"}))
+        snap = r.client.state.snapshot()
+        assert "uid-shop-web-3" not in snap.workloads and snap.workload_by_ip("10.0.1.9") is None
+        assert endpoint_names(snap, WEB_HOST) == ["web-1", "web-2"]
 
         # A policy change re-lists the policy on the workloads it selects.
         server.store.upsert(
@@ -201,6 +223,12 @@ async def test_pod_added_changed_removed_arrive_as_deltas(server: Server) -> Non
         both = {u.type_url: u for u in [await r.next(t) for t in (ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL)]}
         assert both[AUTHORIZATION_TYPE_URL].upserted == {"shop/db-deny"}
         assert both[ADDRESS_TYPE_URL].upserted == {"uid-shop-db-1"}
+        snap = r.client.state.snapshot()
+        db = snap.workloads["uid-shop-db-1"]
+        assert db.authorization_policies == ("shop/db-deny",)
+        (deny,) = snap.policies_for(db)
+        assert deny.key == "shop/db-deny" and deny.action is Action.DENY
+        assert deny.rules[0].clauses[0].matches[0].destination_ports == (5432,)
 
 
 async def test_mesh_wide_strict_reaches_every_workload(server: Server) -> None:
@@ -212,6 +240,11 @@ async def test_mesh_wide_strict_reaches_every_workload(server: Server) -> None:
         )
         update = await r.next()
         assert update.upserted == {"uid-shop-web-1", "uid-shop-web-2", "uid-shop-db-1"}
+        snap = r.client.state.snapshot()
+        for w in snap.workloads.values():
+            assert STATIC_STRICT in w.authorization_policies, w.uid
+            assert STATIC_STRICT in [a.key for a in snap.policies_for(w)], w.uid
+        assert snap.missing_policies(snap.workloads["uid-shop-web-1"]) == ()
         assert server.servicer is not None
         res = server.servicer.cache.current().by_type[ADDRESS_TYPE_URL]["uid-shop-db-1"].resource
         address = workload_pb2.Address()
@@ -227,12 +260,14 @@ async def test_reconnect_with_versions_gets_only_the_difference() -> None:
             await asyncio.wait_for(r.client.synced.wait(), TIMEOUT)
             await srv.stop()
             # Meanwhile the last state stays in force.
-            assert len(r.client.store.snapshot().workloads) == 3
+            assert len(r.client.state.snapshot().workloads) == 3
 
             objects = initial_objects()
             objects = [o for o in objects if getattr(o, "name", "") != "web-2"]  # removed
             objects = [
-                dataclasses.replace(o, ips=("10.0.1.33",)) if getattr(o, "name", "") == "db-1" else o
+                dataclasses.replace(o, ips=("10.0.1.33",))
+                if isinstance(o, Workload) and o.name == "db-1"
+                else o
                 for o in objects
             ]  # changed
             objects.append(pod("web-4", "10.0.1.44", labels={"app": "web"}))  # added
@@ -244,12 +279,14 @@ async def test_reconnect_with_versions_gets_only_the_difference() -> None:
             assert update.removed == {"uid-shop-web-2"}
             authz = await r.next(AUTHORIZATION_TYPE_URL)
             assert (authz.upserted, authz.removed) == (frozenset(), frozenset())  # unchanged
-            snap = r.client.store.snapshot()
+            snap = r.client.state.snapshot()
             assert sorted(w.name for w in snap.workloads.values()) == ["db-1", "web-1", "web-4"]
-            assert snap.workload_by_ip("10.0.1.33") is not None
+            assert snap.workload_by_ip("10.0.1.33") is not None and snap.workload_by_ip("10.0.1.3") is None
+            assert snap.workload_by_ip("10.0.1.2") is None
             svc = snap.service_by_address("10.96.0.10", 80)
             assert svc is not None
-            assert sorted(w.name for w in snap.endpoints(svc.key)) == ["web-1", "web-4"]
+            assert endpoint_names(snap, svc.key) == ["web-1", "web-4"]
+            assert sorted(snap.authorizations) == [STATIC_STRICT, "shop/web-allow"]
     finally:
         await srv.stop()
 
@@ -257,14 +294,14 @@ async def test_reconnect_with_versions_gets_only_the_difference() -> None:
 async def test_client_survives_restart_and_keeps_state(server: Server) -> None:
     async with Running(server.address) as r:
         await asyncio.wait_for(r.client.synced.wait(), TIMEOUT)
-        before = r.client.store.snapshot()
+        before = r.client.state.snapshot()
         await server.stop()
         await server.start()
         # The server state did not change: the reconnect sends nothing new.
         r.forget()
         update = await r.next()
         assert (update.upserted, update.removed) == (frozenset(), frozenset())
-        assert r.client.store.snapshot() is before
+        assert r.client.state.snapshot() is before
         server.store.upsert(pod("web-5", "10.0.1.5", labels={"app": "web"}))
         update = await r.next()
         assert update.upserted == {"uid-shop-web-5"}
@@ -374,6 +411,12 @@ async def test_authenticate_hook_refuses() -> None:
 # --- a server that sends garbage ---------------------------------------------------------------
 
 
+def packed(message: workload_pb2.Address) -> any_pb2.Any:
+    out = any_pb2.Any()
+    out.Pack(message)
+    return out
+
+
 class BadServer:
     """Sends one response the client must refuse, then records what comes back."""
 
@@ -393,9 +436,7 @@ class BadServer:
                     discovery_pb2.DeltaDiscoveryResponse(
                         type_url=ADDRESS_TYPE_URL,
                         nonce="n1",
-                        resources=[
-                            discovery_pb2.Resource(name="u1", version="v1", resource=address_to_any(bad))
-                        ],
+                        resources=[discovery_pb2.Resource(name="u1", version="v1", resource=packed(bad))],
                     )
                 )
 
@@ -411,7 +452,8 @@ async def test_client_nacks_what_it_cannot_apply() -> None:
             reply = await asyncio.wait_for(bad.replies.get(), TIMEOUT)
             assert reply.response_nonce == "n1"
             assert reply.HasField("error_detail") and "4 or 16 bytes" in reply.error_detail.message
-            assert r.client.store.snapshot().workloads == {}
+            assert r.client.state.snapshot().workloads == {}
+            assert r.client.state.version == 0
             assert r.client.versions[ADDRESS_TYPE_URL] == {}
             assert not r.client.synced.is_set()
     finally:
@@ -457,7 +499,7 @@ async def test_tls_with_token_file(tmp_path: Path) -> None:
     await server.start()
     try:
         client = XdsClient(
-            Store(),
+            ProxyState(),
             node_id="ztunnel~node-a",
             address=f"127.0.0.1:{port}",
             root_cert_pem=ca.roots_pem.encode(),
@@ -468,7 +510,9 @@ async def test_tls_with_token_file(tmp_path: Path) -> None:
         task = asyncio.create_task(client.run())
         try:
             await asyncio.wait_for(client.synced.wait(), TIMEOUT)
-            assert len(client.store.snapshot().workloads) == 3
+            snap = client.state.snapshot()
+            assert len(snap.workloads) == 3 and set(snap.services) == {WEB_HOST}
+            assert sorted(snap.authorizations) == [STATIC_STRICT, "shop/web-allow"]
         finally:
             client.stop()
             await asyncio.wait_for(task, TIMEOUT)

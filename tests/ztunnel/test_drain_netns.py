@@ -7,7 +7,9 @@ import os
 import signal
 from collections.abc import Iterator
 
+import prometheus_client
 import pytest
+import structlog
 
 from mesh import runtime
 from tests.netns.mesh import Mesh
@@ -68,3 +70,51 @@ async def test_sigterm_drains_open_connections(topo: Topology) -> None:
             serving.cancel()
             await asyncio.wait({serving})
         await m.aclose()
+
+
+def totals(text: str) -> tuple[float, float]:
+    """(opened, closed) connection counts over every label set in a Prometheus page."""
+    opened = closed = 0.0
+    for line in text.splitlines():
+        if line.startswith("istio_tcp_connections_opened_total{"):
+            opened += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("istio_tcp_connections_closed_total{"):
+            closed += float(line.rsplit(" ", 1)[1])
+    return opened, closed
+
+
+async def test_connections_cancelled_mid_relay_are_closed_in_the_metrics(topo: Topology) -> None:
+    """A drain deadline of 0 cancels relays in the middle: each is still counted closed, once,
+    and its access-log line says it was drained."""
+    client = topo.add_pod(1, "client", "shop", "client")
+    server = topo.add_pod(1, "server", "shop", "server")
+    m = Mesh(topo)
+    closed = False
+    try:
+        await m.start(drain_seconds=0)
+        await m.serve(server, 7001)
+        streams = [await m.connect(client, server.ip, 7001) for _ in range(3)]
+        for reader, writer in streams:
+            writer.write(b"x")
+            await writer.drain()
+            assert await reader.readline() == f"peer={client.ip}\n".encode()
+        node = m.nodes[0]
+        metrics = prometheus_client.generate_latest(node.zt.metrics.registry).decode()
+        assert totals(metrics) == (6.0, 0.0)  # outbound + inbound per connection, all open
+        with structlog.testing.capture_logs() as logs:
+            closed = True
+            await m.aclose()  # every ztunnel shuts down with a drain deadline of 0
+        metrics = prometheus_client.generate_latest(node.zt.metrics.registry).decode()
+        assert totals(metrics) == (6.0, 6.0)
+        complete = [(e["direction"], e["result"], e["reason"]) for e in logs if e["event"] == "connection complete"]
+        # Each relay ends by the deadline's cancellation ("drained") or, first, by its HBONE
+        # stream being reset by the shutdown (an error naming why): never as a normal close,
+        # and each is logged exactly once.
+        assert sorted(d for d, _, _ in complete) == ["inbound"] * 3 + ["outbound"] * 3, complete
+        assert all(r in ("drained", "error") for _, r, _ in complete), complete
+        assert any(r == "drained" for _, r, _ in complete), complete
+        for _, writer in streams:
+            writer.close()
+    finally:
+        if not closed:
+            await m.aclose()

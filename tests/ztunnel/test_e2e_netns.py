@@ -1,6 +1,8 @@
 """End to end in real network namespaces: two nodes, pods, redirection rules, a ztunnel per node.
 
 Needs root (CI runs it). One mesh per module keeps the time down; each test uses its own ports.
+Every ztunnel gets its state from the real discovery server over gRPC (tests/netns/mesh.py):
+a test changes the control plane's objects and waits for discovery to bring them.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import datetime as dt
 import os
 import re
 import signal
+import socket
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -17,15 +20,31 @@ import pytest_asyncio
 import structlog
 
 from mesh import zds
+from mesh.hbone.client import ConnectRefused, open_connection
 from mesh.hbone.server import HboneServer, InboundStream
-from mesh.model import WAYPOINT_GATEWAY_CLASS, Gateway, WaypointRef
-from mesh.tls import server_context
+from mesh.hbone.stream import BufferedSink
+from mesh.identity import Identity
+from mesh.model import (
+    WAYPOINT_GATEWAY_CLASS,
+    AuthorizationAction,
+    AuthorizationPolicy,
+    Gateway,
+    MtlsMode,
+    PeerAuthentication,
+    Rule,
+    RuleFrom,
+    Source,
+    WaypointRef,
+    WorkloadSelector,
+)
+from mesh.tls import client_context, server_context
 from tests.netns.mesh import Mesh
 from tests.netns.topology import WIRE, WIRE_NET, Pod, Topology
 
 pytestmark = [pytest.mark.netns, pytest.mark.asyncio(loop_scope="module")]
 
 MARKER = b"PLAINTEXT-MARKER-7f3a"
+STATIC_STRICT = "istio-system/istio_converted_static_strict"
 
 
 class Pods:
@@ -61,7 +80,6 @@ async def mesh(topo: tuple[Topology, Pods]) -> AsyncIterator[tuple[Mesh, Pods]]:
     m.add_service("shop", "wp", "10.96.0.99", 15008, 15008, "wp")
     m.add_service("shop", "reviews", "10.96.0.12", 80, 8300, "api", waypoint=WaypointRef("wp", "shop"))
     m.extra.append(Gateway("shop", "wp", WAYPOINT_GATEWAY_CLASS))
-    m.hbone_capable.add(pods.waypoint.uid)
     try:
         await m.start()
         yield m, pods
@@ -296,6 +314,188 @@ async def test_service_with_waypoint_goes_to_the_waypoint(mesh: tuple[Mesh, Pods
         await server.close()
     assert seen == [("10.96.0.12:80", "spiffe://cluster.local/ns/shop/sa/client", seen[0][2])]
     assert seen[0][2] is not None and seen[0][2].startswith(f'for="{p.client.ip}:')
+
+
+async def refused(m: Mesh, src: Pod, ip: str, port: int) -> bytes:
+    """What a client gets from a connection ztunnel refuses (nothing, or a reset)."""
+    try:
+        return await m.exchange(src, ip, port, b"x")
+    except ConnectionResetError:
+        return b""
+
+
+async def test_strict_refuses_plaintext_and_permissive_allows_it(mesh: tuple[Mesh, Pods]) -> None:
+    m, p = mesh
+    node2 = m.nodes[1]
+    srv = await m.serve(p.api, 8096)
+    await check_echo(m, p.outside, p.api.ip, 8096, p.api.ip)  # no PeerAuthentication: PERMISSIVE
+    strict = PeerAuthentication("shop", "default", mtls_mode=MtlsMode.STRICT)
+    m.extra.append(strict)
+    m.publish()
+    try:
+        await node2.until(lambda s: STATIC_STRICT in s.workloads[p.api.uid].authorization_policies)
+        before = node2.zt.metrics.connections_closed
+        with structlog.testing.capture_logs() as logs:
+            assert await refused(m, p.outside, p.api.ip, 8096) == b""
+            async with asyncio.timeout(5):
+                await node2.zt.metrics.wait_closed(before + 1)
+        line = next(e for e in logs if e["event"] == "connection complete")
+        assert line["direction"] == "inbound_passthrough" and line["result"] == "error", line
+        assert STATIC_STRICT in line["reason"], line
+        # mTLS from an enrolled pod is still allowed under STRICT.
+        await check_echo(m, p.client, p.api.ip, 8096, p.api.ip)
+        # config_dump shows what this node enforces for the pod, and why.
+        dump = await node2.config_dump()
+        pod = next(x for x in dump["pods"] if x["uid"] == p.api.uid)  # type: ignore[union-attr]
+        assert STATIC_STRICT in pod["authorizations"] and pod["missing_authorizations"] == []
+        # A PERMISSIVE workload-selector policy beats the namespace's STRICT.
+        permissive = PeerAuthentication(
+            "shop", "api-permissive", selector=WorkloadSelector({"app": "api"}), mtls_mode=MtlsMode.PERMISSIVE
+        )
+        m.extra.append(permissive)
+        m.publish()
+        try:
+            await node2.until(lambda s: STATIC_STRICT not in s.workloads[p.api.uid].authorization_policies)
+            await check_echo(m, p.outside, p.api.ip, 8096, p.api.ip)
+        finally:
+            m.extra.remove(permissive)
+    finally:
+        m.extra.remove(strict)
+        m.publish()
+    await node2.until(lambda s: STATIC_STRICT not in s.workloads[p.api.uid].authorization_policies)
+    await check_echo(m, p.outside, p.api.ip, 8096, p.api.ip)
+    assert srv.peers == [p.outside.ip, p.client.ip, p.outside.ip, p.outside.ip]
+
+
+async def test_config_dump_lists_the_authorizations_the_node_received(mesh: tuple[Mesh, Pods]) -> None:
+    m, _ = mesh
+    deny = AuthorizationPolicy(
+        "shop",
+        "deny-legacy",
+        selector=WorkloadSelector({"app": "web"}),
+        action=AuthorizationAction.DENY,
+        rules=(Rule(from_=(RuleFrom(Source(namespaces=("legacy",))),)),),
+    )
+    m.extra.append(deny)
+    m.publish()
+    try:
+        for node in m.nodes:
+            await node.until(lambda s: "shop/deny-legacy" in s.authorizations)
+            dump = await node.config_dump()
+            keys = {f"{a['namespace']}/{a['name']}" for a in dump["authorizations"]}  # type: ignore[union-attr]
+            assert {"shop/deny-legacy", STATIC_STRICT} <= keys
+            web = [x for x in dump["pods"] if x["name"] in ("web-a", "web-b")]  # type: ignore[union-attr]
+            assert web and all("shop/deny-legacy" in x["authorizations"] for x in web)
+            others = [x for x in dump["pods"] if x["name"] not in ("web-a", "web-b")]  # type: ignore[union-attr]
+            assert all("shop/deny-legacy" not in x["authorizations"] for x in others)
+    finally:
+        m.extra.remove(deny)
+        m.publish()
+    await m.converged()
+
+
+async def wait_listed(m: Mesh, uid: str, key: str, listed: bool = True) -> None:
+    """Until every node knows ``key`` and whether workload ``uid`` lists it."""
+    for node in m.nodes:
+        await node.until(
+            lambda s: key in s.authorizations and (key in s.workloads[uid].authorization_policies) == listed
+        )
+
+
+async def test_deny_policy_refuses_new_connections_and_closes_open_ones(mesh: tuple[Mesh, Pods]) -> None:
+    m, p = mesh
+    await m.serve(p.api, 8097)
+    reader, writer = await m.connect(p.client, p.api.ip, 8097)
+    writer.write(b"before\n")
+    await writer.drain()
+    assert await reader.readline() == f"peer={p.client.ip}\n".encode()
+    assert await reader.readline() == b"before\n"
+    deny = AuthorizationPolicy(
+        "shop",
+        "deny-client",
+        selector=WorkloadSelector({"app": "api"}),
+        action=AuthorizationAction.DENY,
+        rules=(Rule(from_=(RuleFrom(Source(principals=("cluster.local/ns/shop/sa/client",))),)),),
+    )
+    node2 = m.nodes[1]
+    try:
+        with structlog.testing.capture_logs() as logs:
+            m.extra.append(deny)
+            m.publish()
+            # ztunnel closes the open connection as soon as the policy arrives.
+            try:
+                async with asyncio.timeout(30):
+                    rest = await reader.read()
+            except ConnectionResetError:
+                rest = b""
+            assert rest == b""
+            writer.close()
+            closed = [e for e in logs if e["event"] == "connection closed by policy"]
+            assert closed and closed[0]["policy"] == "shop/deny-client", closed
+            # A new connection is refused by the destination with 401, the policy named there.
+            before = node2.zt.metrics.connections_closed
+            assert await refused(m, p.client, p.api.ip, 8097) == b""
+            async with asyncio.timeout(10):
+                await node2.zt.metrics.wait_closed(before + 1)
+        lines = [e for e in logs if e["event"] == "connection complete"]
+        reasons = {(e["direction"], e["reason"]) for e in lines}
+        assert ("inbound", "closed by policy: denied by DENY policy shop/deny-client rule 0") in reasons, reasons
+        assert ("inbound", "denied by DENY policy shop/deny-client rule 0") in reasons, reasons
+        assert any(d == "outbound" and r and "401" in r for d, r in reasons), reasons
+        _, text = await node2.fetch("stats", "/metrics")
+        assert metric(text, "istio_tcp_connections_closed_total", reporter="destination", response_flags="DENY") >= 2
+    finally:
+        if deny in m.extra:
+            m.extra.remove(deny)
+        m.publish()
+    await m.converged()
+    await check_echo(m, p.client, p.api.ip, 8097, p.api.ip)
+
+
+async def test_a_peer_that_forges_forwarded_gains_nothing(mesh: tuple[Mesh, Pods]) -> None:
+    """The source IP for policy and for the app is the HBONE peer's, whatever ``forwarded`` says
+    (only the destination's own waypoint is believed)."""
+    m, p = mesh
+    srv = await m.serve(p.api, 8098)
+    trusted = "10.0.9.9"
+    allow = AuthorizationPolicy(
+        "shop",
+        "api-from-trusted-ip",
+        selector=WorkloadSelector({"app": "api"}),
+        rules=(Rule(from_=(RuleFrom(Source(ip_blocks=(f"{trusted}/32",))),)),),
+    )
+    # A peer outside the mesh with a stolen mesh certificate, dialing api's HBONE port itself.
+    cred = m.ca.issue(Identity("cluster.local", "shop", "client"))
+
+    async def forge() -> bytes:
+        sock = await m.factory(p.outside).tcp_socket(socket.AF_INET)
+        proto = await open_connection(
+            p.api.ip, 15008, client_context(cred), "cluster.local", Identity("cluster.local", "shop", "api"),
+            sock=sock,
+        )  # fmt: skip
+        try:
+            st = await proto.open_stream(f"{p.api.ip}:8098", [("forwarded", f'for="{trusted}:4242"')])
+            sink = BufferedSink(st)
+            st.write_eof()
+            async with asyncio.timeout(10):
+                return await sink.read_all()
+        finally:
+            proto.close()
+
+    m.extra.append(allow)
+    m.publish()
+    try:
+        await wait_listed(m, p.api.uid, "shop/api-from-trusted-ip")
+        with pytest.raises(ConnectRefused) as refused_with:
+            await forge()
+        assert refused_with.value.status == 401
+    finally:
+        m.extra.remove(allow)
+        m.publish()
+    await m.converged()
+    # Allowed again, and the app sees the peer's real address, not the forged one.
+    assert await forge() == f"peer={p.outside.ip}\n".encode()
+    assert srv.peers == [p.outside.ip]
 
 
 async def test_certificates_only_for_pods_on_the_node(mesh: tuple[Mesh, Pods]) -> None:

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from mesh import zds
-from mesh.model import Store, TunnelProtocol, Workload
+from mesh.model import TunnelProtocol, Workload
 from mesh.netns import HostSocketFactory, SocketFactory
+from tests.discovery import Discovery
 from tests.netns.agent import FakeAgent
 from tests.ztunnel.fakes import FakeCa
 from ztunnel.app import Addresses, Ztunnel
@@ -31,20 +32,21 @@ def pod_fd() -> int:
 
 @pytest.fixture
 async def zt(tmp_path: Path) -> AsyncIterator[tuple[Ztunnel, FakeAgent, FakeCa]]:
-    store = Store()
-    store.replace_all(
+    discovery = Discovery()
+    discovery.store.replace_all(
         [
             Workload(uid=u, name=u, namespace="ns", node="n1", service_account=u, ips=(f"127.0.0.{i}",),
                      tunnel_protocol=TunnelProtocol.HBONE)
             for i, u in ((2, "a"), (3, "b"))
         ]
     )  # fmt: skip
+    await discovery.start()
     path = str(tmp_path / "zds.sock")
     ca = FakeCa()
     z = Ztunnel(
         node="n1",
         trust_domain="cluster.local",
-        store=store,
+        state=(await discovery.subscribe("n1")).state,
         ca=ca,
         zds_path=path,
         ports=Ports(0, 0, 0, "127.0.0.1"),
@@ -60,6 +62,7 @@ async def zt(tmp_path: Path) -> AsyncIterator[tuple[Ztunnel, FakeAgent, FakeCa]]
     finally:
         agent.close()
         await z.shutdown(0)
+        await discovery.aclose()
 
 
 async def add(agent: FakeAgent, uid: str) -> str:

@@ -1,102 +1,148 @@
-"""decide_outbound / decide_inbound / plaintext_allowed as tables: no sockets."""
+"""decide_outbound as a table over proxy snapshots: what discovery carries in, a plan out. No sockets."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import pytest
 
 from mesh.identity import Identity
-from mesh.model import (
-    LABEL_WAYPOINT_FOR,
-    WAYPOINT_GATEWAY_CLASS,
-    Gateway,
-    MeshObject,
-    MtlsMode,
-    Namespace,
-    PeerAuthentication,
+from mesh.model import TunnelProtocol, WorkloadStatus
+from mesh.xds.state import (
+    Address,
+    Endpoint,
+    GatewayAddress,
+    Port,
+    ProxySnapshot,
+    ProxyState,
     Service,
-    ServicePort,
-    Snapshot,
-    Store,
-    TunnelProtocol,
-    WaypointRef,
     Workload,
-    WorkloadStatus,
 )
-from mesh.model.policy import WorkloadSelector
-from ztunnel.routing import Deny, Hbone, Passthrough, decide_inbound, decide_outbound, plaintext_allowed
+from ztunnel.routing import Chooser, Deny, Hbone, Passthrough, Plan, decide_outbound
 
-H = TunnelProtocol.HBONE
+H, NONE = TunnelProtocol.HBONE, TunnelProtocol.NONE
 
 
-def wl(name: str, ip: str, node: str = "n1", ns: str = "shop", **kw: object) -> Workload:
-    kw.setdefault("tunnel_protocol", H)
+def snap(*values: Address) -> ProxySnapshot:
+    """A proxy's state holding exactly ``values``, as discovery would have delivered them."""
+    state = ProxyState()
+    state.apply(addresses=[(v.uid if isinstance(v, Workload) else v.key, v) for v in values])
+    return state.snapshot()
+
+
+def wl(
+    name: str,
+    *ips: str,
+    node: str = "n1",
+    ns: str = "shop",
+    sa: str | None = None,
+    services: Mapping[str, tuple[Port, ...]] | None = None,
+    tunnel: TunnelProtocol = H,
+    waypoint: GatewayAddress | None = None,
+    status: WorkloadStatus = WorkloadStatus.HEALTHY,
+) -> Workload:
     return Workload(
-        uid=f"{ns}-{name}", name=name, namespace=ns, node=node, ips=(ip,), service_account=name, **kw
-    )  # type: ignore[arg-type]
+        uid=f"{ns}-{name}",
+        name=name,
+        namespace=ns,
+        addresses=ips,
+        node=node,
+        service_account=sa or name,
+        services=services or {},
+        tunnel_protocol=tunnel,
+        waypoint=waypoint,
+        status=status,
+    )
 
 
-def snap(*objs: MeshObject) -> Snapshot:
-    s = Store()
-    s.replace_all(objs)
-    return s.snapshot()
+def svc(
+    name: str,
+    *vips: str,
+    ns: str = "shop",
+    ports: tuple[Port, ...] = (Port(80, 8080),),
+    waypoint: GatewayAddress | None = None,
+) -> Service:
+    return Service(
+        name=name,
+        namespace=ns,
+        hostname=f"{name}.{ns}.svc.cluster.local",
+        vips=vips,
+        ports=ports,
+        waypoint=waypoint,
+    )
 
+
+WEB = "shop/web.shop.svc.cluster.local"
+LEGACY = "legacy/legacy.legacy.svc.cluster.local"
+WP = "shop/wp.shop.svc.cluster.local"
+SERVES_WEB = {WEB: (Port(80, 8080),)}
 
 CLIENT = wl("client", "10.0.1.2")
-WEB1 = wl("web", "10.0.1.3", labels={"app": "web"})
-WEB2 = Workload(
-    uid="shop-web2",
-    name="web2",
-    namespace="shop",
-    node="n2",
-    ips=("10.0.2.3",),
-    service_account="web",
-    labels={"app": "web"},
-    tunnel_protocol=H,
-)
-SICK = Workload(
-    uid="shop-sick",
-    name="sick",
-    namespace="shop",
-    node="n1",
-    ips=("10.0.1.9",),
-    service_account="web",
-    labels={"app": "web"},
-    tunnel_protocol=H,
-    status=WorkloadStatus.UNHEALTHY,
-)
-PLAIN = wl("legacy", "10.0.2.7", ns="legacy", tunnel_protocol=TunnelProtocol.NONE, labels={"app": "legacy"})
-WEB_SVC = Service(
-    "shop", "web", vips=("10.96.0.20",), ports=(ServicePort(80, 8080),), selector={"app": "web"}
-)
-LEGACY_SVC = Service(
-    "legacy", "legacy", vips=("10.96.0.30",), ports=(ServicePort(80, 9090),), selector={"app": "legacy"}
-)
+WEB1 = wl("web1", "10.0.1.3", sa="web", services=SERVES_WEB)
+WEB2 = wl("web2", "10.0.2.3", node="n2", sa="web", services=SERVES_WEB)
+SICK = wl("sick", "10.0.1.9", sa="web", services=SERVES_WEB, status=WorkloadStatus.UNHEALTHY)
+WEB_SVC = svc("web", "10.96.0.20")
 WEB_ID = Identity("cluster.local", "shop", "web")
+PLAIN = wl("legacy", "10.0.2.7", ns="legacy", tunnel=NONE, services={LEGACY: (Port(80, 9090),)})
+LEGACY_SVC = svc("legacy", "10.96.0.30", ns="legacy", ports=(Port(80, 9090),))
 
-# waypoint for the shop namespace
-WP_GW = Gateway("shop", "wp", WAYPOINT_GATEWAY_CLASS)
-WP_POD = wl("wp-pod", "10.0.2.50", node="n2", labels={"gateway": "wp"})
-WP_SVC = Service(
-    "shop", "wp", vips=("10.96.0.99",), ports=(ServicePort(15008, 15008),), selector={"gateway": "wp"}
-)
-SHOP_NS_WP = Namespace("shop", waypoint=WaypointRef("wp", "shop"))
+# A waypoint, by hostname (what the control plane sends) and its pods and service.
+WP_BY_NAME = GatewayAddress(namespace="shop", hostname="wp.shop.svc.cluster.local")
+WP_POD = wl("wp-pod", "10.0.2.50", node="n2", sa="wp", services={WP: (Port(15008, 15008),)})
+WP_POD_LOCAL = wl("wp-local", "10.0.1.50", sa="wp", services={WP: (Port(15008, 15008),)})
+WP_SVC = svc("wp", "10.96.0.99", ports=(Port(15008, 15008),))
+WP_ID = Identity("cluster.local", "shop", "wp")
+WEB_SVC_WP = svc("web", "10.96.0.20", waypoint=WP_BY_NAME)
+WEB1_WP = wl("web1", "10.0.1.3", sa="web", services=SERVES_WEB, waypoint=WP_BY_NAME)
+
+# Named target ports: the service says 0, each workload says its own.
+NAMED_SVC = svc("web", "10.96.0.20", ports=(Port(80, 0),))
+NAMED_A = wl("a", "10.0.1.3", sa="web", services={WEB: (Port(80, 8080),)})
+NAMED_B = wl("b", "10.0.2.3", node="n2", sa="web", services={WEB: (Port(80, 9090),)})
+
+DUAL = wl("dual", "10.0.1.3", "fd00::3", sa="web", services=SERVES_WEB)
+DUAL_SVC = svc("web", "10.96.0.20", "fd00:96::20")
 
 
-def first_node2(ws: Sequence[Workload]) -> Workload:
-    return next(w for w in ws if w.node == "n2")
+def node2(candidates: Sequence[Endpoint]) -> Endpoint:
+    return next(e for e in candidates if e.workload.node == "n2")
 
 
-CASES: list[tuple[str, Snapshot, str, int, dict[str, object], object]] = [
+def named(name: str) -> Chooser:
+    def choose(candidates: Sequence[Endpoint]) -> Endpoint:
+        return next(e for e in candidates if e.workload.name == name)
+
+    return choose
+
+
+CASES: list[tuple[str, ProxySnapshot, str, int, dict[str, object], Plan | type]] = [
+    # --- pods and unknown addresses
     (
         "pod IP in mesh -> HBONE to pod:15008",
         snap(CLIENT, WEB1),
         "10.0.1.3",
         8080,
         {},
-        Hbone(("10.0.1.3", 15008), "10.0.1.3:8080", WEB1.identity, WEB1),
+        Hbone(("10.0.1.3", 15008), "10.0.1.3:8080", WEB_ID, WEB1),
     ),
+    (
+        "pod not in mesh -> passthrough",
+        snap(CLIENT, PLAIN),
+        "10.0.2.7",
+        9090,
+        {},
+        Passthrough(("10.0.2.7", 9090), PLAIN),
+    ),
+    ("unknown address -> passthrough", snap(CLIENT), "192.0.2.1", 443, {}, Passthrough(("192.0.2.1", 443))),
+    (
+        "pod addressed by its IPv6 -> that address",
+        snap(CLIENT, DUAL),
+        "fd00::3",
+        8080,
+        {},
+        Hbone(("fd00::3", 15008), "[fd00::3]:8080", WEB_ID, DUAL),
+    ),
+    # --- services
     (
         "service VIP -> endpoint, target port",
         snap(CLIENT, WEB2, WEB_SVC),
@@ -104,6 +150,72 @@ CASES: list[tuple[str, Snapshot, str, int, dict[str, object], object]] = [
         80,
         {},
         Hbone(("10.0.2.3", 15008), "10.0.2.3:8080", WEB_ID, WEB2, WEB_SVC),
+    ),
+    (
+        "service VIP -> the target port the workload lists",
+        snap(CLIENT, wl("alt", "10.0.2.4", sa="web", services={WEB: (Port(80, 7070),)}), WEB_SVC),
+        "10.96.0.20",
+        80,
+        {},
+        Hbone(
+            ("10.0.2.4", 15008),
+            "10.0.2.4:7070",
+            WEB_ID,
+            wl("alt", "10.0.2.4", sa="web", services={WEB: (Port(80, 7070),)}),
+            WEB_SVC,
+        ),
+    ),
+    (
+        "named target port: endpoint a's own",
+        snap(CLIENT, NAMED_A, NAMED_B, NAMED_SVC),
+        "10.96.0.20",
+        80,
+        {"choose": named("a"), "prefer_same_node": False},
+        Hbone(("10.0.1.3", 15008), "10.0.1.3:8080", WEB_ID, NAMED_A, NAMED_SVC),
+    ),
+    (
+        "named target port: endpoint b's own",
+        snap(CLIENT, NAMED_A, NAMED_B, NAMED_SVC),
+        "10.96.0.20",
+        80,
+        {"choose": named("b"), "prefer_same_node": False},
+        Hbone(("10.0.2.3", 15008), "10.0.2.3:9090", WEB_ID, NAMED_B, NAMED_SVC),
+    ),
+    (
+        "workload lists port without target -> the service's target port",
+        snap(CLIENT, wl("z", "10.0.1.3", sa="web", services={WEB: (Port(80, 0),)}), WEB_SVC),
+        "10.96.0.20",
+        80,
+        {},
+        Hbone(
+            ("10.0.1.3", 15008),
+            "10.0.1.3:8080",
+            WEB_ID,
+            wl("z", "10.0.1.3", sa="web", services={WEB: (Port(80, 0),)}),
+            WEB_SVC,
+        ),
+    ),
+    (
+        "neither says a target -> the service port",
+        snap(CLIENT, wl("z", "10.0.1.3", sa="web", services={WEB: (Port(80, 0),)}), NAMED_SVC),
+        "10.96.0.20",
+        80,
+        {},
+        Hbone(
+            ("10.0.1.3", 15008),
+            "10.0.1.3:80",
+            WEB_ID,
+            wl("z", "10.0.1.3", sa="web", services={WEB: (Port(80, 0),)}),
+            NAMED_SVC,
+        ),
+    ),
+    (
+        "workload listing the service but not the port is no endpoint for it",
+        snap(CLIENT, wl("z", "10.0.1.3", sa="web", services={WEB: (Port(81, 8081),)}), WEB_SVC),
+        "10.96.0.20",
+        80,
+        {},
+        Deny,
     ),
     (
         "service VIP prefers same node",
@@ -118,11 +230,11 @@ CASES: list[tuple[str, Snapshot, str, int, dict[str, object], object]] = [
         snap(CLIENT, WEB1, WEB2, WEB_SVC),
         "10.96.0.20",
         80,
-        {"prefer_same_node": False, "choose": first_node2},
+        {"prefer_same_node": False, "choose": node2},
         Hbone(("10.0.2.3", 15008), "10.0.2.3:8080", WEB_ID, WEB2, WEB_SVC),
     ),
     (
-        "service VIP prefers healthy endpoints",
+        "service VIP prefers healthy endpoints over same node",
         snap(CLIENT, SICK, WEB2, WEB_SVC),
         "10.96.0.20",
         80,
@@ -137,15 +249,39 @@ CASES: list[tuple[str, Snapshot, str, int, dict[str, object], object]] = [
         {},
         Hbone(("10.0.1.9", 15008), "10.0.1.9:8080", WEB_ID, SICK, WEB_SVC),
     ),
+    (
+        "endpoint without an address is skipped",
+        snap(CLIENT, wl("pending", sa="web", services=SERVES_WEB), WEB2, WEB_SVC),
+        "10.96.0.20",
+        80,
+        {},
+        Hbone(("10.0.2.3", 15008), "10.0.2.3:8080", WEB_ID, WEB2, WEB_SVC),
+    ),
     ("service VIP, unknown port", snap(CLIENT, WEB1, WEB_SVC), "10.96.0.20", 81, {}, Deny),
     ("service VIP without endpoints", snap(CLIENT, WEB_SVC), "10.96.0.20", 80, {}, Deny),
     (
-        "pod not in mesh -> passthrough",
-        snap(CLIENT, PLAIN),
-        "10.0.2.7",
-        9090,
+        "service VIP shared by services -> the one with the port",
+        snap(
+            CLIENT,
+            WEB1,
+            WEB_SVC,
+            svc("tls", "10.96.0.20", ports=(Port(443, 8443),)),
+            wl(
+                "tls1", "10.0.1.4", sa="tls", services={"shop/tls.shop.svc.cluster.local": (Port(443, 8443),)}
+            ),
+        ),
+        "10.96.0.20",
+        443,
         {},
-        Passthrough(("10.0.2.7", 9090), PLAIN),
+        Hbone(
+            ("10.0.1.4", 15008),
+            "10.0.1.4:8443",
+            Identity("cluster.local", "shop", "tls"),
+            wl(
+                "tls1", "10.0.1.4", sa="tls", services={"shop/tls.shop.svc.cluster.local": (Port(443, 8443),)}
+            ),
+            svc("tls", "10.96.0.20", ports=(Port(443, 8443),)),
+        ),
     ),
     (
         "service of non-mesh pods -> passthrough to endpoint",
@@ -155,88 +291,136 @@ CASES: list[tuple[str, Snapshot, str, int, dict[str, object], object]] = [
         {},
         Passthrough(("10.0.2.7", 9090), PLAIN, LEGACY_SVC),
     ),
-    ("unknown address -> passthrough", snap(CLIENT), "192.0.2.1", 443, {}, Passthrough(("192.0.2.1", 443))),
     (
-        "service with namespace waypoint -> waypoint, authority VIP",
-        snap(CLIENT, WEB1, WEB_SVC, WP_GW, WP_POD, WP_SVC, SHOP_NS_WP),
+        "IPv6 VIP -> the endpoint's IPv6 address",
+        snap(CLIENT, DUAL, DUAL_SVC),
+        "fd00:96::20",
+        80,
+        {},
+        Hbone(("fd00::3", 15008), "[fd00::3]:8080", WEB_ID, DUAL, DUAL_SVC),
+    ),
+    (
+        "IPv4 VIP of a dual-stack service -> the endpoint's IPv4 address",
+        snap(CLIENT, DUAL, DUAL_SVC),
         "10.96.0.20",
         80,
         {},
-        Hbone(("10.0.2.50", 15008), "10.96.0.20:80", WP_POD.identity, WEB1, WEB_SVC, via_waypoint=True),
+        Hbone(("10.0.1.3", 15008), "10.0.1.3:8080", WEB_ID, DUAL, DUAL_SVC),
     ),
+    # --- waypoints
     (
-        "pod IP, waypoint for services only -> direct",
-        snap(CLIENT, WEB1, WEB_SVC, WP_GW, WP_POD, WP_SVC, SHOP_NS_WP),
-        "10.0.1.3",
-        8080,
+        "service waypoint -> HBONE to the waypoint, authority the VIP",
+        snap(CLIENT, WEB1, WEB_SVC_WP, WP_POD, WP_SVC),
+        "10.96.0.20",
+        80,
         {},
-        Hbone(("10.0.1.3", 15008), "10.0.1.3:8080", WEB1.identity, WEB1),
+        Hbone(("10.0.2.50", 15008), "10.96.0.20:80", WP_ID, None, WEB_SVC_WP, WP_POD),
     ),
     (
-        "pod IP, waypoint for all -> waypoint",
-        snap(
-            CLIENT,
-            WEB1,
+        "service waypoint, no endpoints of its own needed",
+        snap(CLIENT, WEB_SVC_WP, WP_POD),
+        "10.96.0.20",
+        80,
+        {},
+        Hbone(("10.0.2.50", 15008), "10.96.0.20:80", WP_ID, None, WEB_SVC_WP, WP_POD),
+    ),
+    (
+        "waypoint pods: same node preferred",
+        snap(CLIENT, WEB1, WEB_SVC_WP, WP_POD, WP_POD_LOCAL, WP_SVC),
+        "10.96.0.20",
+        80,
+        {},
+        Hbone(("10.0.1.50", 15008), "10.96.0.20:80", WP_ID, None, WEB_SVC_WP, WP_POD_LOCAL),
+    ),
+    (
+        "service waypoint without endpoints -> deny",
+        snap(CLIENT, WEB1, WEB_SVC_WP, WP_SVC),
+        "10.96.0.20",
+        80,
+        {},
+        Deny,
+    ),
+    (
+        "service waypoint by address",
+        snap(CLIENT, WEB1, svc("web", "10.96.0.20", waypoint=GatewayAddress(address="10.0.2.50")), WP_POD),
+        "10.96.0.20",
+        80,
+        {},
+        Hbone(
+            ("10.0.2.50", 15008),
+            "10.96.0.20:80",
+            WP_ID,
+            None,
+            svc("web", "10.96.0.20", waypoint=GatewayAddress(address="10.0.2.50")),
             WP_POD,
-            WP_SVC,
-            SHOP_NS_WP,
-            Gateway("shop", "wp", WAYPOINT_GATEWAY_CLASS, labels={LABEL_WAYPOINT_FOR: "all"}),
         ),
-        "10.0.1.3",
-        8080,
-        {},
-        Hbone(("10.0.2.50", 15008), "10.0.1.3:8080", WP_POD.identity, WEB1, via_waypoint=True),
     ),
     (
-        "missing waypoint fails open to direct",
-        snap(CLIENT, WEB1, WEB_SVC, SHOP_NS_WP),
-        "10.96.0.20",
-        80,
-        {},
-        Hbone(("10.0.1.3", 15008), "10.0.1.3:8080", WEB_ID, WEB1, WEB_SVC, note="waypoint shop/wp not found"),
-    ),
-    (
-        "service opting out of the namespace waypoint -> direct",
+        "waypoint by address on another HBONE port",
         snap(
             CLIENT,
             WEB1,
-            WP_GW,
+            svc("web", "10.96.0.20", waypoint=GatewayAddress(address="10.0.2.50", hbone_port=15009)),
             WP_POD,
-            WP_SVC,
-            SHOP_NS_WP,
-            Service(
-                "shop",
-                "web",
-                vips=("10.96.0.20",),
-                ports=(ServicePort(80, 8080),),
-                selector={"app": "web"},
-                waypoint=WaypointRef("none", "shop"),
-            ),
         ),
         "10.96.0.20",
         80,
         {},
         Hbone(
-            ("10.0.1.3", 15008),
-            "10.0.1.3:8080",
-            WEB_ID,
-            WEB1,
-            Service(
-                "shop",
-                "web",
-                vips=("10.96.0.20",),
-                ports=(ServicePort(80, 8080),),
-                selector={"app": "web"},
-                waypoint=WaypointRef("none", "shop"),
-            ),
+            ("10.0.2.50", 15009),
+            "10.96.0.20:80",
+            WP_ID,
+            None,
+            svc("web", "10.96.0.20", waypoint=GatewayAddress(address="10.0.2.50", hbone_port=15009)),
+            WP_POD,
         ),
+    ),
+    (
+        "waypoint by an address no workload has -> deny",
+        snap(CLIENT, WEB1, svc("web", "10.96.0.20", waypoint=GatewayAddress(address="10.0.9.9"))),
+        "10.96.0.20",
+        80,
+        {},
+        Deny,
+    ),
+    (
+        "workload waypoint -> HBONE to the waypoint, authority the pod",
+        snap(CLIENT, WEB1_WP, WP_POD, WP_SVC),
+        "10.0.1.3",
+        8080,
+        {},
+        Hbone(("10.0.2.50", 15008), "10.0.1.3:8080", WP_ID, WEB1_WP, None, WP_POD),
+    ),
+    (
+        "workload waypoint without endpoints -> deny",
+        snap(CLIENT, WEB1_WP),
+        "10.0.1.3",
+        8080,
+        {},
+        Deny,
+    ),
+    (
+        "workload waypoint does not apply to traffic for its service",
+        snap(CLIENT, WEB1_WP, WEB_SVC, WP_POD, WP_SVC),
+        "10.96.0.20",
+        80,
+        {},
+        Hbone(("10.0.1.3", 15008), "10.0.1.3:8080", WEB_ID, WEB1_WP, WEB_SVC),
+    ),
+    (
+        "service without waypoint of a pod in a namespace with one -> direct",
+        snap(CLIENT, WEB1, WEB_SVC, WP_POD, WP_SVC),
+        "10.96.0.20",
+        80,
+        {},
+        Hbone(("10.0.1.3", 15008), "10.0.1.3:8080", WEB_ID, WEB1, WEB_SVC),
     ),
 ]
 
 
 @pytest.mark.parametrize(("name", "snapshot", "ip", "port", "kw", "want"), CASES, ids=[c[0] for c in CASES])
 def test_decide_outbound(
-    name: str, snapshot: Snapshot, ip: str, port: int, kw: dict[str, object], want: object
+    name: str, snapshot: ProxySnapshot, ip: str, port: int, kw: dict[str, object], want: Plan | type
 ) -> None:
     got = decide_outbound(snapshot, CLIENT, ip, port, **kw)  # type: ignore[arg-type]
     if isinstance(want, type):
@@ -245,40 +429,43 @@ def test_decide_outbound(
         assert got == want
 
 
-def test_waypoint_does_not_loop_to_itself() -> None:
-    s = snap(CLIENT, WEB1, WEB_SVC, WP_GW, WP_POD, WP_SVC, SHOP_NS_WP)
-    got = decide_outbound(s, WP_POD, "10.96.0.20", 80)
-    assert isinstance(got, Hbone) and not got.via_waypoint and got.to == ("10.0.1.3", 15008)
-
-
-def test_inbound_hook_allows_by_default() -> None:
-    assert decide_inbound(snap(WEB1), WEB1, CLIENT.identity, "10.0.1.2", 8080).allow
-
-
 @pytest.mark.parametrize(
-    ("policies", "allowed"),
+    ("ip", "port", "want"),
     [
-        ((), True),
-        ((PeerAuthentication("istio-system", "mesh", mtls_mode=MtlsMode.STRICT),), False),
-        (
-            (
-                PeerAuthentication("shop", "ns", mtls_mode=MtlsMode.PERMISSIVE),
-                PeerAuthentication("istio-system", "mesh", mtls_mode=MtlsMode.STRICT),
-            ),
-            True,
-        ),
-        ((PeerAuthentication("shop", "ns", mtls_mode=MtlsMode.STRICT),), False),
-        (
-            (
-                PeerAuthentication("shop", "ns", mtls_mode=MtlsMode.STRICT),
-                PeerAuthentication(
-                    "shop", "web", selector=WorkloadSelector({"app": "web"}), mtls_mode=MtlsMode.PERMISSIVE
-                ),
-            ),
-            True,
-        ),
-        ((PeerAuthentication("other", "ns", mtls_mode=MtlsMode.STRICT),), True),
+        # The waypoint's own traffic to the service it fronts goes to an endpoint: no loop.
+        ("10.96.0.20", 80, Hbone(("10.0.1.3", 15008), "10.0.1.3:8080", WEB_ID, WEB1, WEB_SVC_WP)),
+        ("10.0.1.3", 8080, Hbone(("10.0.1.3", 15008), "10.0.1.3:8080", WEB_ID, WEB1_WP)),
     ],
 )
-def test_plaintext_allowed(policies: tuple[PeerAuthentication, ...], allowed: bool) -> None:
-    assert plaintext_allowed(snap(WEB1, *policies), WEB1) is allowed
+def test_source_is_the_waypoint_goes_direct(ip: str, port: int, want: Plan) -> None:
+    s = snap(CLIENT, WEB1_WP if ip == "10.0.1.3" else WEB1, WEB_SVC_WP, WP_POD, WP_SVC)
+    assert decide_outbound(s, WP_POD, ip, port) == want
+    # Another client is still sent through it.
+    other = decide_outbound(s, CLIENT, ip, port)
+    assert isinstance(other, Hbone) and other.waypoint == WP_POD
+
+
+def test_source_by_address_waypoint_goes_direct() -> None:
+    by_address = svc("web", "10.96.0.20", waypoint=GatewayAddress(address="10.0.2.50"))
+    s = snap(CLIENT, WEB1, by_address, WP_POD)
+    assert decide_outbound(s, WP_POD, "10.96.0.20", 80) == Hbone(
+        ("10.0.1.3", 15008), "10.0.1.3:8080", WEB_ID, WEB1, by_address
+    )
+
+
+def test_deny_reasons_name_what_is_missing() -> None:
+    cases = [
+        (snap(CLIENT, WEB_SVC), "10.96.0.20", 81, "no port 81"),
+        (snap(CLIENT, WEB_SVC), "10.96.0.20", 80, f"{WEB} has no endpoints for port 80"),
+        (snap(CLIENT, WEB_SVC_WP), "10.96.0.20", 80, f"waypoint {WP} has no usable endpoints"),
+    ]
+    for s, ip, port, reason in cases:
+        got = decide_outbound(s, CLIENT, ip, port)
+        assert isinstance(got, Deny) and reason in got.reason, got
+
+
+def test_no_source_workload() -> None:
+    """Traffic from outside any known workload (e.g. the node) still routes; no same-node pick."""
+    s = snap(WEB1, WEB2, WEB_SVC)
+    got = decide_outbound(s, None, "10.96.0.20", 80, choose=node2)
+    assert got == Hbone(("10.0.2.3", 15008), "10.0.2.3:8080", WEB_ID, WEB2, WEB_SVC)

@@ -10,13 +10,20 @@ import socket
 import pytest
 
 from mesh import zds
+from mesh.hbone.pool import PoolKey
 from mesh.identity import Identity
+from mesh.netns import HostSocketFactory
 from mesh.pki import CertificateAuthority
 from mesh.proto import zds_pb2
+from mesh.xds.state import ProxyState
 from tests.ztunnel.fakes import FakeCa
 from ztunnel import config
 from ztunnel.certs import CertManager, backoff_delays, refresh_delay
 from ztunnel.inbound import forwarded_for
+from ztunnel.metrics import ConnectionRecord, Metrics
+from ztunnel.outbound import Outbound
+from ztunnel.routing import Passthrough
+from ztunnel.state import NodeContext, PodContext
 
 ID_A = Identity("cluster.local", "shop", "a")
 ID_B = Identity("cluster.local", "shop", "b")
@@ -208,3 +215,98 @@ def test_main_rejects_bad_config_with_a_clear_message(capsys: pytest.CaptureFixt
 
     assert main(["--node-name", "n1", "--admin-port", "http"]) == 2
     assert "--admin-port: 'http' is not a port number" in capsys.readouterr().err
+
+
+async def test_connection_record_is_closed_once_however_it_ends() -> None:
+    """Opened and closed always match: a normal end, an error and a cancellation mid-relay."""
+    metrics = Metrics()
+
+    def count(name: str) -> float:
+        value = metrics.registry.get_sample_value(f"istio_tcp_connections_{name}_total", labels)
+        return value or 0.0
+
+    rec = ConnectionRecord("source", "outbound", "10.0.1.2:1000", "10.0.2.2:80")
+    labels = rec.labels()
+    with metrics.connection(rec):
+        assert count("opened") == 1 and count("closed") == 0
+    assert count("closed") == 1 and rec.result == "ok"
+
+    failing = ConnectionRecord("source", "outbound", "10.0.1.2:1001", "10.0.2.2:80")
+    with pytest.raises(RuntimeError), metrics.connection(failing):
+        raise RuntimeError("boom")
+    assert failing.result == "error" and "boom" in failing.reason
+
+    relaying = asyncio.Event()
+    cancelled = ConnectionRecord("source", "outbound", "10.0.1.2:1002", "10.0.2.2:80")
+
+    async def relay() -> None:
+        with metrics.connection(cancelled):
+            relaying.set()
+            await asyncio.Event().wait()  # a relay that never ends by itself
+
+    task = asyncio.create_task(relay())
+    await relaying.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cancelled.result == "drained" and cancelled.response_flags == "DC"
+    assert metrics.connections_closed == 3
+    opened = sum(
+        s.value for m in metrics.registry.collect() if m.name == "istio_tcp_connections_opened" for s in m.samples
+        if s.name.endswith("_total")
+    )  # fmt: skip
+    closed = sum(
+        s.value for m in metrics.registry.collect() if m.name == "istio_tcp_connections_closed" for s in m.samples
+        if s.name.endswith("_total")
+    )  # fmt: skip
+    assert opened == closed == 3
+
+
+class RecordingFactory(HostSocketFactory):
+    """Plain host sockets, remembering the family each upstream socket was made for."""
+
+    def __init__(self) -> None:
+        self.families: list[socket.AddressFamily] = []
+
+    async def tcp_socket(
+        self, family: socket.AddressFamily, *, mark: int | None = None, transparent: bool = False
+    ) -> socket.socket:
+        self.families.append(family)
+        return await super().tcp_socket(family, transparent=transparent)
+
+
+async def test_outbound_sockets_follow_the_destination_address_family() -> None:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(await reader.read())
+        writer.write_eof()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "::1", 0)
+    port = server.sockets[0].getsockname()[1]
+    factory = RecordingFactory()
+    node = NodeContext("n1", "cluster.local", ProxyState(), CertManager(FakeCa()), Metrics())
+    out = Outbound(PodContext("u", "client", "shop", "client", factory, node))
+    app, peer = socket.socketpair()
+    try:
+        rec = ConnectionRecord("source", "passthrough", "10.0.1.2:1", f"[::1]:{port}")
+        relay = asyncio.create_task(out._passthrough(app, Passthrough(to=("::1", port)), rec))
+        reader, writer = await asyncio.open_connection(sock=peer)
+        writer.write(b"over v6")
+        writer.write_eof()
+        async with asyncio.timeout(10):
+            assert await reader.read() == b"over v6"
+            await relay
+        writer.close()
+        assert rec.result == "ok" and factory.families == [socket.AF_INET6]
+        # The HBONE dial too: a v6 peer gets a v6 socket (the dial then fails: nothing listens).
+        client_id = Identity("cluster.local", "shop", "client")
+        node.certs.track(client_id)
+        key = PoolKey(client_id, Identity("cluster.local", "shop", "web"), "fd00::2", ("::1", 1))
+        with pytest.raises(OSError):
+            await out._dial(key)
+        assert factory.families == [socket.AF_INET6, socket.AF_INET6]
+    finally:
+        await out.aclose()
+        await node.certs.aclose()
+        server.close()
+        await server.wait_closed()

@@ -1,0 +1,98 @@
+"""The production path for a proxy's state in tests: control-plane store -> discovery -> XdsClient.
+
+A test writes Kubernetes-shaped objects to the control plane's :class:`~mesh.model.Store` (what
+a source does); the real discovery server serves them on loopback, and each node's real
+``XdsClient`` writes what it receives to that node's :class:`~mesh.xds.state.ProxyState`. No
+test writes a proxy's state itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from controlplane.xds import DiscoveryServicer, register
+from mesh.model import Store
+from mesh.xds.client import Backoff, XdsClient, insecure_channel_factory
+from mesh.xds.convert import ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL
+from mesh.xds.state import ProxySnapshot, ProxyState
+
+
+@dataclass
+class Subscriber:
+    """One node's discovery client and the state it writes."""
+
+    name: str
+    state: ProxyState
+    client: XdsClient
+    task: asyncio.Task[None]
+
+    async def until(self, predicate: Callable[[ProxySnapshot], bool], timeout: float = 30.0) -> ProxySnapshot:
+        """Wait until discovery has brought a state that satisfies ``predicate``."""
+        changed = asyncio.Event()
+        unsubscribe = self.state.subscribe(lambda _: changed.set())
+        try:
+            async with asyncio.timeout(timeout):
+                while not predicate(snap := self.state.snapshot()):
+                    await changed.wait()
+                    changed.clear()
+                return snap
+        finally:
+            unsubscribe()
+
+
+class Discovery:
+    def __init__(self, store: Store | None = None) -> None:
+        self.store = store if store is not None else Store()  # the control plane's
+        self.address = ""
+        self.subscribers: list[Subscriber] = []
+        self._grpc: grpc.aio.Server | None = None
+        self._servicer: DiscoveryServicer | None = None
+
+    async def start(self) -> None:
+        self._grpc = grpc.aio.server()
+        self._servicer = register(self._grpc, self.store)
+        port = self._grpc.add_insecure_port("127.0.0.1:0")
+        await self._grpc.start()
+        self.address = f"127.0.0.1:{port}"
+
+    async def subscribe(self, node: str, timeout: float = 30.0) -> Subscriber:
+        """A node's state, fed over gRPC; returns once the first full state is in."""
+        state = ProxyState()
+        client = XdsClient(
+            state,
+            node_id=f"ztunnel~{node}",
+            node_name=node,
+            channel_factory=insecure_channel_factory(self.address),
+            backoff=Backoff(initial=0.05, maximum=1.0),
+        )
+        sub = Subscriber(node, state, client, asyncio.create_task(client.run(), name=f"xds-{node}"))
+        self.subscribers.append(sub)
+        async with asyncio.timeout(timeout):
+            await client.synced.wait()
+        return sub
+
+    async def converged(self, timeout: float = 30.0) -> None:
+        """Wait until every subscriber holds what the server serves right now."""
+        assert self._servicer is not None
+        served = self._servicer.cache.current().by_type
+        want_addresses, want_auth = set(served[ADDRESS_TYPE_URL]), set(served[AUTHORIZATION_TYPE_URL])
+
+        def done(snap: ProxySnapshot) -> bool:
+            have = set(snap.workloads) | set(snap.services)
+            return have == want_addresses and set(snap.authorizations) == want_auth
+
+        for sub in self.subscribers:
+            await sub.until(done, timeout)
+
+    async def aclose(self) -> None:
+        for sub in self.subscribers:
+            sub.client.stop()
+            await asyncio.gather(sub.task, return_exceptions=True)
+        if self._grpc is not None:
+            await self._grpc.stop(grace=None)
+        if self._servicer is not None:
+            self._servicer.close()
