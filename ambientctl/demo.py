@@ -100,6 +100,7 @@ def down() -> int:
 def up(*, keep: bool) -> int:
     from ambientctl.localmesh import report
     from ambientctl.localmesh.mesh import DemoError, LocalMesh
+    from ambientctl.localmesh.policyact import PolicyAct
     from ambientctl.localmesh.procs import ProcError
     from ambientctl.localmesh.state import RunState, teardown
     from ambientctl.localmesh.topology import TopologyError
@@ -117,7 +118,14 @@ def up(*, keep: bool) -> int:
         verdict = report.build(res)
         for line in verdict.lines:
             say(line)
-        rc = 0 if not verdict.failures else 1
+        failures = list(verdict.failures)
+        if failures:
+            say("\n(the policy act is skipped: the mesh did not behave as expected without policies)")
+        else:
+            failures += PolicyAct(mesh, say).run()
+        for line in report.result(failures):
+            say(line)
+        rc = 0 if not failures else 1
         if keep:
             _print_keep(mesh)
             kept = True
@@ -164,4 +172,16 @@ def _print_keep(mesh: Any) -> None:
         say(f"  {name} ztunnel config:   curl -s http://127.0.0.1:{np.admin}/config_dump")
         say(f"  {name} ztunnel metrics:  curl -s http://127.0.0.1:{np.stats}/metrics | grep istio_tcp")
     say(f"  logs:                   ls {mesh.state.run_dir}/logs/")
+    if mesh.policies:
+        say(f"  policies in effect:     {', '.join(p.key for p in mesh.policies)} (in {mesh.config})")
+        say("                          shop/web now refuses frontend and cart, and plaintext: edit the file")
+        say(
+            "                          (delete a policy's document) and the control plane applies it within a second"
+        )
+        args = " ".join(
+            f"--metrics http://127.0.0.1:{np.stats}/metrics --admin 127.0.0.1:{np.admin} "
+            f"--access-log {mesh.ztunnel_log(name)}"
+            for name, np in mesh.nodes.items()
+        )
+        say(f"  mTLS report:            ambientctl policy mtls-report {args}")
     say("Remove it with: ambientctl demo down")

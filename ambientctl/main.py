@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
-from ambientctl import demo, hbone
+from ambientctl import demo, hbone, mtls_report, policy
 from mesh import log
 
 
@@ -16,7 +17,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     hbone.add_parser(sub)
     demo.add_parser(sub)
+    add_policy_parser(sub)
     return p
+
+
+def add_policy_parser(sub: Any) -> None:
+    """``ambientctl policy …``: tools for security policies (subcommands register themselves)."""
+    p = sub.add_parser("policy", help="security policy tools (check, mtls-report)")
+    ps = p.add_subparsers(dest="policy_command", required=True, metavar="SUBCOMMAND")
+    policy.add_check_parser(ps)
+    mtls_report.add_mtls_report_parser(ps)
 
 
 def main(argv: list[str] | None = None) -> int:

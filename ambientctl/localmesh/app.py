@@ -1,7 +1,10 @@
 """The demo's pod apps: ``python -m ambientctl.localmesh.app serve|get``, run inside a pod netns.
 
-``serve`` is a tiny HTTP server answering ``hello from <ns>/<pod>, you are <client ip>``;
-``get`` makes one request carrying a marker header and prints a JSON line with the outcome.
+``serve`` is a tiny HTTP server answering ``hello from <ns>/<pod>, you are <client ip>``, and on
+``/stream`` a line every 0.2 s for as long as the client stays (a long-lived connection);
+``get`` makes one request carrying a marker header and prints a JSON line with the outcome;
+``hold`` opens ``/stream`` and prints JSON lines: once data flows (``open``), every 5 lines
+(``receiving``), and when the connection ends (``closed``: after how long, why) — what the demo watches a policy close.
 """
 
 from __future__ import annotations
@@ -11,13 +14,20 @@ import http.client
 import json
 import os
 import sys
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
+
+STREAM_INTERVAL = 0.2
+STREAM_SECONDS = 600.0
 
 
 def serve(name: str, port: int, ready_file: str | None) -> int:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            if self.path.startswith("/stream"):
+                self._stream()
+                return
             body = f"hello from {name}, you are {self.client_address[0]}\n".encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")
@@ -25,6 +35,22 @@ def serve(name: str, port: int, ready_file: str | None) -> int:
             self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(body)
+
+        def _stream(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            deadline = time.monotonic() + STREAM_SECONDS
+            tick = 0
+            try:
+                while time.monotonic() < deadline:
+                    self.wfile.write(f"{name} tick {tick}\n".encode())
+                    self.wfile.flush()
+                    tick += 1
+                    time.sleep(STREAM_INTERVAL)  # pacing the stream, not waiting for a condition
+            except OSError:
+                pass  # the client (or ztunnel, on its behalf) went away
 
         def log_message(self, format: str, *args: object) -> None:
             sys.stderr.write(f"{name}: {self.client_address[0]} {format % args}\n")
@@ -63,6 +89,43 @@ def get(url: str, marker: str, timeout: float) -> int:
     return 0
 
 
+def hold(url: str, timeout: float) -> int:
+    """Open ``url`` (a ``/stream``) and read until the connection ends; JSON lines on stdout."""
+    u = urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname or "", u.port or 80, timeout=timeout)
+    lines = 0
+    error = None
+    opened = 0.0
+    try:
+        conn.connect()
+        assert conn.sock is not None
+        host, port = conn.sock.getsockname()[:2]
+        conn.request("GET", u.path or "/stream")
+        r = conn.getresponse()
+        first = r.readline()
+        if r.status != 200 or not first:
+            print(json.dumps({"event": "failed", "status": r.status}), flush=True)
+            return 1
+        opened = time.monotonic()
+        lines = 1
+        print(json.dumps({"event": "open", "local": f"{host}:{port}", "status": r.status,
+                          "first": first.decode(errors="replace").strip()}), flush=True)  # fmt: skip
+        while r.readline():
+            lines += 1
+            if lines % 5 == 0:
+                print(json.dumps({"event": "receiving", "lines": lines}), flush=True)
+    except (OSError, http.client.HTTPException) as e:
+        error = f"{type(e).__name__}: {e}"
+        if not opened:
+            print(json.dumps({"event": "failed", "error": error}), flush=True)
+            return 1
+    finally:
+        conn.close()
+    after = round(time.monotonic() - opened, 2)
+    print(json.dumps({"event": "closed", "after_s": after, "lines": lines, "error": error}), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ambientctl.localmesh.app")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -74,9 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("url")
     g.add_argument("--marker", default="")
     g.add_argument("--timeout", type=float, default=10.0)
+    h = sub.add_parser("hold")
+    h.add_argument("url")
+    h.add_argument("--timeout", type=float, default=30.0)
     a = p.parse_args(argv)
     if a.cmd == "serve":
         return serve(a.name, a.port, a.ready_file)
+    if a.cmd == "hold":
+        return hold(a.url, a.timeout)
     return get(a.url, a.marker, a.timeout)
 
 

@@ -92,6 +92,7 @@ class LocalMesh:
         self.cp_address = ""
         self._step = 0
         self.redirected: set[str] = set()
+        self.policies: list[spec.Policy] = []  # in mesh.yaml after the pods (the policy act)
         self.capture: Capture | None = None
 
     def step(self, msg: str) -> None:
@@ -153,8 +154,14 @@ class LocalMesh:
 
     def _write_config(self) -> None:
         tmp = self.config.with_suffix(".tmp")
-        tmp.write_text(spec.local_config(frozenset(self.redirected)))
+        tmp.write_text(spec.local_config(frozenset(self.redirected), tuple(p.yaml for p in self.policies)))
         os.replace(tmp, self.config)
+
+    def apply_policy(self, policy: spec.Policy) -> None:
+        """Add ``policy`` to mesh.yaml, as a user editing the file would; the control plane,
+        which polls the file, reloads it and pushes the result to the ztunnels."""
+        self.policies.append(policy)
+        self._write_config()
 
     def _start_node(self, node: NodeNet) -> None:
         d = self.state.path / node.name
@@ -362,11 +369,15 @@ class LocalMesh:
             pause(0.1)
 
     def _client(self, req: spec.Request) -> dict[str, Any]:
-        net = self.pods[req.src]
+        return self.request(req.src, req.url)
+
+    def request(self, src: str, url: str, timeout: float = 10.0) -> dict[str, Any]:
+        """One HTTP GET from inside pod ``src`` (carrying the marker): the client's JSON outcome."""
+        net = self.pods[src]
         r = subprocess.run(
             ["ip", "netns", "exec", net.netns, sys.executable, "-m", "ambientctl.localmesh.app", "get",
-             req.url, "--marker", spec.MARKER],
-            capture_output=True, text=True, timeout=30,
+             url, "--marker", spec.MARKER, "--timeout", str(timeout)],
+            capture_output=True, text=True, timeout=timeout + 20,
         )  # fmt: skip
         try:
             out: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
@@ -374,9 +385,11 @@ class LocalMesh:
             out = {"status": 0, "error": f"client exit {r.returncode}: {r.stderr.strip()[-300:]}"}
         return out
 
+    def ztunnel_log(self, node: str) -> Path:
+        return self.state.path / "logs" / f"ztunnel-{node}.log"
+
     def _access_logs(self, node: str) -> list[dict[str, Any]]:
-        log = self.state.path / "logs" / f"ztunnel-{node}.log"
-        return [r for r in read_json_lines(log) if r.get("event") == "connection complete"]
+        return [r for r in read_json_lines(self.ztunnel_log(node)) if r.get("event") == "connection complete"]
 
     def _collect_logs(self, res: Results, timeout: float = 15.0) -> None:
         """Match every request to ztunnel's access-log records (written when a connection closes)."""

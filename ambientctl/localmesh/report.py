@@ -44,14 +44,14 @@ def build(res: Results) -> Verdict:
         _outcome(v, i, o)
     _wire(v, res)
     _dumps(v, res.config_dumps)
-    v.out("")
-    if v.failures:
-        v.out(f"RESULT: {len(v.failures)} expectation(s) failed:")
-        for f in v.failures:
-            v.out(f"  - {f}")
-    else:
-        v.out("RESULT: every expected result holds.")
     return v
+
+
+def result(failures: list[str]) -> list[str]:
+    """The demo's last lines: every expectation of every act held, or which did not."""
+    if not failures:
+        return ["", "RESULT: every expected result holds."]
+    return ["", f"RESULT: {len(failures)} expectation(s) failed:", *(f"  - {f}" for f in failures)]
 
 
 def _outcome(v: Verdict, i: int, o: Outcome) -> None:

@@ -85,12 +85,13 @@ REQUESTS = (
 REDIRECTION_ANNOTATION = "ambient.istio.io/redirection"
 
 
-def local_config(redirected: frozenset[str] = frozenset()) -> str:
+def local_config(redirected: frozenset[str] = frozenset(), policies: tuple[str, ...] = ()) -> str:
     """The local-mode YAML (LOCAL_MODE.md): plain Kubernetes objects.
 
     ``redirected``: pod keys whose redirection the cni agent confirmed; they carry the annotation
     ``ambient.istio.io/redirection: enabled`` that the agent writes through the API server in
     Kubernetes mode, and that makes the control plane publish them as HBONE-capable.
+    ``policies``: further documents (the policy act's ``security.istio.io/v1`` objects), appended.
     """
     docs = [f"apiVersion: v1\nkind: Node\nmetadata: {{name: {n}}}\n" for n in NODES]
     for ns, enrolled in NAMESPACES.items():
@@ -110,4 +111,38 @@ def local_config(redirected: frozenset[str] = frozenset()) -> str:
         f"spec:\n  clusterIP: {WEB_VIP}\n  selector: {{app: web}}\n"
         f"  ports: [{{name: http, port: 80, targetPort: {APP_PORT}}}]\n"
     )
+    docs.extend(policies)
     return "---\n".join(docs)
+
+
+# -- the policy act: Istio security objects, as a user would write them ----------------------------
+
+STATIC_STRICT = "istio-system/istio_converted_static_strict"  # what STRICT becomes for ztunnel
+
+
+@dataclass(frozen=True)
+class Policy:
+    key: str  # namespace/name
+    yaml: str
+
+
+STRICT_SHOP = Policy(
+    "shop/default",
+    "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"
+    "metadata: {name: default, namespace: shop}\n"
+    "spec:\n  mtls: {mode: STRICT}\n",
+)
+WEB_ALLOW_FRONTEND = Policy(
+    "shop/web-allow-frontend",
+    "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+    "metadata: {name: web-allow-frontend, namespace: shop}\n"
+    "spec:\n  selector: {matchLabels: {app: web}}\n  action: ALLOW\n"
+    f'  rules:\n  - from: [{{source: {{principals: ["{TRUST_DOMAIN}/ns/shop/sa/frontend"]}}}}]\n',
+)
+WEB_DENY_FRONTEND = Policy(
+    "shop/web-deny-frontend",
+    "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+    "metadata: {name: web-deny-frontend, namespace: shop}\n"
+    "spec:\n  selector: {matchLabels: {app: web}}\n  action: DENY\n"
+    f'  rules:\n  - from: [{{source: {{principals: ["{TRUST_DOMAIN}/ns/shop/sa/frontend"]}}}}]\n',
+)

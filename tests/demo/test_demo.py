@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -82,8 +83,52 @@ def test_demo_end_to_end_leaves_nothing(run_root: dict[str, str]) -> None:
         assert f"spiffe://cluster.local/ns/shop/sa/{sa}" in out
     assert "shop (enrolled):       TLS only (HBONE on :15008), marker never visible" in out
     assert "legacy (not enrolled): plaintext, marker visible on the wire" in out
+    assert_policy_act(out)
     assert "RESULT: every expected result holds." in out
     assert_nothing_left(run_id(out), run_root, before)
+
+
+STRICT_KEY = "istio-system/istio_converted_static_strict"
+
+
+def assert_policy_act(out: str) -> None:
+    """The policy act's outcomes, as printed (each line marked ok only if it was checked)."""
+    act = out.split("Policy act:", 1)[1]
+    assert "[FAILED]" not in act, act
+    for step in range(1, 5):
+        assert f"[policy {step}/4]" in act
+    # 1. mtls-report names what STRICT would break.
+    assert "| Still receiving plaintext — STRICT would refuse these connections:\n      |   shop/web" in act
+    assert "plaintext     1 connection  from legacy/old" in act
+    assert "=> shop/web accepts plaintext from legacy/old: STRICT would refuse it  [ok]" in act
+    # 2. STRICT: legacy's plaintext refused, the converted policy named in web's log and counted.
+    a = act.split("[policy 2/4]", 1)[1].split("[policy 3/4]", 1)[0]
+    assert f"node-b's ztunnel applies {STRICT_KEY} to shop/web" in a
+    assert re.search(r"legacy/old -> http://10\.0\.2\.2:8080/order: refused \(.*\)  \[ok\]", a), a
+    assert "inbound_passthrough from 10.0.1.3:" in a
+    assert f"result error: 'denied by DENY policy {STRICT_KEY} rule 0'  [ok]" in a
+    assert 'connection_security_policy="none",response_flags="DENY"} 1  [ok]' in a
+    assert "shop/frontend -> http://10.0.2.2:8080/order: HTTP 200 'hello from shop/web" in a
+    # 3. ALLOW only frontend: frontend works, cart refused with the policy named.
+    b = act.split("[policy 3/4]", 1)[1].split("[policy 4/4]", 1)[0]
+    assert "shop/frontend -> http://10.96.0.20:80/order: HTTP 200 'hello from shop/web" in b
+    assert re.search(r"shop/cart -> http://10\.96\.0\.20:80/order: refused \(.*\)  \[ok\]", b), b
+    assert "inbound from spiffe://cluster.local/ns/shop/sa/cart, result error: " in b
+    assert "'no ALLOW policy matched (shop/web-allow-frontend)'  [ok]" in b
+    assert "outbound, result error: 'destination refused with 401'" in b
+    # 4. DENY closes the open frontend -> web connection, the policy named.
+    c = act.split("[policy 4/4]", 1)[1]
+    assert re.search(
+        r"open from 10\.0\.1\.2:\d+, web sends a line every 0\.2 s \(\d+ received so far\)  \[ok\]", c
+    ), c
+    m = re.search(r"the open connection was closed (\d+\.\d) s after the edit", c)
+    assert m and float(m.group(1)) < 10, c
+    assert (
+        '"connection closed by policy" 10.0.1.2 -> 10.0.2.2:8080, policy shop/web-deny-frontend rule 0  [ok]'
+        in c
+    )
+    assert "result error: 'closed by policy: denied by DENY policy shop/web-deny-frontend rule 0'  [ok]" in c
+    assert re.search(r"shop/frontend -> http://10\.0\.2\.2:8080/order: refused \(.*\)  \[ok\]", c), c
 
 
 @pytest.mark.netns
@@ -104,6 +149,25 @@ def test_keep_then_down(run_root: dict[str, str]) -> None:
 
     with urllib.request.urlopen(m.group(1), timeout=5) as r:
         assert b"spiffe://cluster.local/ns/shop/sa/frontend" in r.read()
+    # The policies of the act stay applied, and mtls-report works on the kept mesh.
+    assert "policies in effect:     shop/default, shop/web-allow-frontend, shop/web-deny-frontend" in p.stdout
+    yaml_text = (Path(run_root["AMBIENT_DEMO_RUN_ROOT"]) / rid / "mesh.yaml").read_text()
+    assert "kind: PeerAuthentication" in yaml_text and "name: web-deny-frontend" in yaml_text
+    m = re.search(r"node-b ztunnel config:\s+curl -s (http://127.0.0.1:\d+/config_dump)", p.stdout)
+    assert m, p.stdout
+    with urllib.request.urlopen(m.group(1), timeout=5) as r:
+        dump = json.loads(r.read())
+    web = next(x for x in dump["pods"] if x["name"] == "web")
+    assert {STRICT_KEY, "shop/web-allow-frontend", "shop/web-deny-frontend"} <= set(web["authorizations"])
+    m = re.search(r"mTLS report:\s+ambientctl (policy mtls-report .*)", p.stdout)
+    assert m, p.stdout
+    r = subprocess.run(
+        [sys.executable, "-m", "ambientctl", *m.group(1).split()],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "  shop/web  (node node-b, STRICT)" in r.stdout, r.stdout
+    assert "refused       1 connection  plaintext from legacy/old" in r.stdout, r.stdout
     d = run_ctl("down", env=run_root)
     assert d.returncode == 0, d.stdout + d.stderr
     assert f"removing local mesh {rid}" in d.stdout
