@@ -15,8 +15,8 @@ whatever they like in that header; it is ignored.
 from __future__ import annotations
 
 import structlog
-from mesh.authz import Connection, Decision, evaluate
 
+from mesh.authz import Connection, Decision, evaluate
 from mesh.identity import Identity
 from mesh.xds.state import Endpoint, GatewayAddress, ProxySnapshot, Workload
 
