@@ -6,6 +6,7 @@ import copy
 import ipaddress
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -439,3 +440,17 @@ def test_bad_authorizations_are_refused_with_the_path(mutate: Mutation, message:
 def test_not_an_object(read: Callable[[object], object], value: object, message: str) -> None:
     with pytest.raises(DumpError, match=message):
         read(value)
+
+
+def test_the_config_dump_example_in_the_docs_reads_back() -> None:
+    """docs/ztunnel.md shows a config_dump: its state values must be what this codec writes."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "ztunnel.md").read_text()
+    section = text.split("## Reading `/config_dump`", 1)[1]
+    dump = json.loads(section.split("```json\n", 1)[1].split("```", 1)[0])
+    for raw in dump["workloads"]:
+        w = workload_from_json({k: v for k, v in raw.items() if k != "local"})
+        assert {**to_json(w), "local": raw["local"]} == raw
+    for raw in dump["services"]:
+        assert to_json(service_from_json(raw)) == raw
+    for raw in dump["authorizations"]:
+        assert to_json(authorization_from_json(raw)) == raw
