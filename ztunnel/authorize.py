@@ -18,7 +18,7 @@ import structlog
 
 from mesh.authz import Connection, Decision, evaluate
 from mesh.identity import Identity
-from mesh.xds.state import Endpoint, GatewayAddress, ProxySnapshot, Workload
+from mesh.xds.state import GatewayAddress, ProxySnapshot, Workload
 
 log = structlog.get_logger(__name__)
 
@@ -44,19 +44,12 @@ def _waypoints_of(snapshot: ProxySnapshot, dst: Workload) -> list[GatewayAddress
     return gws
 
 
-def _endpoints(snapshot: ProxySnapshot, gw: GatewayAddress) -> tuple[Endpoint, ...]:
-    if gw.hostname:
-        return snapshot.endpoints(gw.service_key)
-    w = snapshot.workload_by_ip(gw.address)
-    return (Endpoint(w, ()),) if w is not None else ()
-
-
 def from_own_waypoint(snapshot: ProxySnapshot, dst: Workload, peer: Identity | None, peer_ip: str) -> bool:
     """Whether the peer is one of ``dst``'s waypoints: its identity and its IP both match."""
     if peer is None:
         return False
     for gw in _waypoints_of(snapshot, dst):
-        for e in _endpoints(snapshot, gw):
+        for e in snapshot.waypoint_endpoints(gw):
             if e.workload.identity == peer and peer_ip in e.workload.addresses:
                 return True
     return False

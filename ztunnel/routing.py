@@ -68,13 +68,6 @@ def _candidates(endpoints: Sequence[Endpoint], src: Workload | None, prefer_same
     return healthy
 
 
-def _waypoint_endpoints(snapshot: ProxySnapshot, gw: GatewayAddress) -> tuple[Endpoint, ...]:
-    if gw.hostname:
-        return snapshot.endpoints(gw.service_key)
-    w = snapshot.workload_by_ip(gw.address)
-    return (Endpoint(w, ()),) if w is not None else ()
-
-
 def _to_waypoint(
     snapshot: ProxySnapshot,
     gw: GatewayAddress,
@@ -86,7 +79,7 @@ def _to_waypoint(
     prefer_same_node: bool,
 ) -> Hbone | Deny | None:
     """An HBONE plan to the waypoint; None when the source is that waypoint (no loop)."""
-    endpoints = _waypoint_endpoints(snapshot, gw)
+    endpoints = snapshot.waypoint_endpoints(gw)
     if src is not None and any(e.workload.uid == src.uid for e in endpoints):
         return None
     eps = _candidates(endpoints, src, prefer_same_node)

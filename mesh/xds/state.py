@@ -231,6 +231,13 @@ class ProxySnapshot:
             return ()
         return tuple(Endpoint(self._workloads[uid], ports) for uid, ports in members.items())
 
+    def waypoint_endpoints(self, gw: GatewayAddress) -> tuple[Endpoint, ...]:
+        """The pods of a waypoint: its service's endpoints, or the workload at its address."""
+        if gw.hostname:
+            return self.endpoints(gw.service_key)
+        w = self.workload_by_ip(gw.address)
+        return (Endpoint(w, ()),) if w is not None else ()
+
     def policy_keys_for(self, workload: Workload) -> tuple[str, ...]:
         """Keys of the authorizations that apply to ``workload``: global, its namespace's, and
         the selector policies it lists (as Istio's ztunnel), each once."""
