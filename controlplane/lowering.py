@@ -3,9 +3,8 @@
 istiod decides, for each workload and service, everything a ztunnel needs so that ztunnel
 never looks at Kubernetes objects; so does this module, from a :class:`~mesh.model.Snapshot`:
 
-* the waypoint a workload's or service's traffic must pass (``istio.io/use-waypoint`` on the
-  object, else on its namespace; only when that Gateway exists and serves that kind of traffic,
-  so a missing waypoint fails open to direct delivery, as istiod does),
+* the waypoint a workload's or service's traffic must pass (:mod:`controlplane.waypoints`:
+  Istio's labels, per-account waypoints and strict waypoint mode),
 * the services a workload backs and the target port it serves each on (named ports resolved),
 * the authorizations a workload lists: the selector-bound AuthorizationPolicies that select
   it, and its effective PeerAuthentication (POLICY.md precedence) as istiod encodes it,
@@ -20,6 +19,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from controlplane.waypoints import service_waypoint, workload_binding
 from mesh.model import (
     DEFAULT_CLUSTER_DOMAIN,
     L4_CONDITION_KEYS,
@@ -49,6 +49,7 @@ from mesh.xds.authorization import (
     MatchKind,
     Rule,
     Scope,
+    ServiceAccountMatch,
     StringMatch,
 )
 
@@ -99,40 +100,6 @@ def canonical_revision(workload: Workload) -> str:
 
 
 # --- waypoints -----------------------------------------------------------------------------
-
-
-def _usable_waypoint(
-    ref: WaypointRef | None, snapshot: Snapshot, kinds: frozenset[str]
-) -> WaypointRef | None:
-    """``ref`` when it names an existing waypoint Gateway that serves this kind of traffic.
-
-    A missing waypoint fails open to direct delivery (PROTOCOLS.md), so it is simply not sent.
-    """
-    if ref is None or ref.opts_out:
-        return None
-    gw = snapshot.gateways.get(ref.key)
-    if gw is None or not gw.is_waypoint or gw.waypoint_for not in kinds:
-        return None
-    return ref
-
-
-def _own_or_namespace(own: WaypointRef | None, namespace: str, snapshot: Snapshot) -> WaypointRef | None:
-    if own is not None:  # includes an explicit opt-out ("none")
-        return own
-    ns = snapshot.namespaces.get(namespace)
-    return ns.waypoint if ns is not None else None
-
-
-def workload_waypoint(workload: Workload, snapshot: Snapshot) -> WaypointRef | None:
-    """The waypoint inbound traffic to ``workload`` must pass: its label, else its namespace's."""
-    ref = _own_or_namespace(workload.waypoint, workload.namespace, snapshot)
-    return _usable_waypoint(ref, snapshot, frozenset({"workload", "all"}))
-
-
-def service_waypoint(service: Service, snapshot: Snapshot) -> WaypointRef | None:
-    ref = _own_or_namespace(service.waypoint, service.namespace, snapshot)
-    return _usable_waypoint(ref, snapshot, frozenset({"service", "all"}))
-
 
 
 def gateway_address(ref: WaypointRef, snapshot: Snapshot) -> state.GatewayAddress:
@@ -206,7 +173,7 @@ def workload_state(
             if target is not None:  # a named port this pod does not declare cannot be dialed
                 ports.append(state.Port(p.port, target, app_protocol(p.app_protocol)))
         services[service_key(svc)] = tuple(ports)
-    waypoint = workload_waypoint(w, snapshot)
+    binding = workload_binding(w, snapshot)
     return state.Workload(
         uid=w.uid,
         name=w.name,
@@ -217,7 +184,9 @@ def workload_state(
         tunnel_protocol=w.tunnel_protocol,
         trust_domain=w.trust_domain,
         service_account=w.service_account,
-        waypoint=gateway_address(waypoint, snapshot) if waypoint is not None else None,
+        waypoint=gateway_address(binding.ref, snapshot) if binding.ref is not None else None,
+        waypoint_strict=binding.strict,
+        waypoint_account_for=binding.account_for,
         services=services,
         authorization_policies=tuple(sorted(policies)),
         status=w.status,
@@ -323,6 +292,8 @@ def _lower_rule(rule: PolicyRule) -> tuple[Rule, list[str]]:
                     not_principals=tuple(map(_principal, s.not_principals)),
                     namespaces=tuple(map(StringMatch.parse, s.namespaces)),
                     not_namespaces=tuple(map(StringMatch.parse, s.not_namespaces)),
+                    service_accounts=_service_accounts(s.service_accounts),
+                    not_service_accounts=_service_accounts(s.not_service_accounts),
                     source_ips=_networks(s.ip_blocks),
                     not_source_ips=_networks(s.not_ip_blocks),
                 )
@@ -415,6 +386,11 @@ def lower_authorization_policy(policy: AuthorizationPolicy) -> LoweredPolicy:
 
 STATIC_STRICT_NAME = "istio_converted_static_strict"
 _PRESENCE = StringMatch(MatchKind.PRESENCE)
+def _service_accounts(values: tuple[str, ...]) -> tuple[ServiceAccountMatch, ...]:
+    """``<namespace>/<name>`` (the source normalised a bare name) as the wire's match."""
+    return tuple(ServiceAccountMatch(*v.split("/", 1)) for v in values)
+
+
 _NO_PEER = Match(not_principals=(_PRESENCE,))  # a connection without a peer identity
 
 

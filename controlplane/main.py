@@ -225,14 +225,15 @@ def prepare(args: argparse.Namespace) -> Prepared:
 def xds_authenticate(authenticator: Authenticator) -> xds.Authenticator:
     """Discovery streams need the same Bearer node token as CreateCertificate."""
 
-    async def authenticate(metadata: xds.Metadata) -> None:
+    async def authenticate(metadata: xds.Metadata) -> str:
         md = {k.lower(): v if isinstance(v, str) else v.decode(errors="replace") for k, v in metadata}
         try:
-            await authenticator.authenticate(bearer_token(md))
+            caller = await authenticator.authenticate(bearer_token(md))
         except AuthenticationError as e:
             raise xds.AuthenticationFailed(str(e)) from None
         except AuthenticatorUnavailable as e:
             raise xds.AuthenticationFailed(str(e), grpc.StatusCode.UNAVAILABLE) from None
+        return f"{caller.namespace}/{caller.service_account}"
 
     return authenticate
 

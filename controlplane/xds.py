@@ -2,7 +2,9 @@
 
 Serves ``istio.workload.Address`` (workloads by uid, services by ``namespace/hostname``) and
 ``istio.security.Authorization`` (``namespace/name``) as istiod does, so an Istio ztunnel
-can use it as well as ours (docs/discovery.md).
+can use it as well as ours (docs/discovery.md); and to waypoints, ``WaypointPolicy``
+(``namespace/name``): each waypoint-bound AuthorizationPolicy as written, served only to the
+streams authenticated as a waypoint it binds to (:func:`controlplane.waypoints.policy_audiences`).
 
 How it works, and why:
 
@@ -40,6 +42,7 @@ from controlplane.lowering import (
     service_state,
     workload_state,
 )
+from controlplane.waypoints import policy_audiences
 from mesh.model import Delta, Kind, Snapshot, Store
 from mesh.proto import discovery_pb2, discovery_pb2_grpc
 from mesh.xds.convert import (
@@ -48,11 +51,15 @@ from mesh.xds.convert import (
     address_to_any,
     authorization_to_any,
 )
+from mesh.xds.waypoint_policy import WAYPOINT_POLICY_TYPE_URL, waypoint_policy_to_any
 
 log = structlog.get_logger(__name__)
 
 Metadata = Sequence[tuple[str, str | bytes]]
-Authenticator = Callable[[Metadata], Awaitable[None]]
+# Verifies a stream's credentials; returns the caller's "<namespace>/<service account>", which
+# decides the waypoint policies it may receive (None: unscoped, for tests without credentials).
+Authenticator = Callable[[Metadata], Awaitable[str | None]]
+TYPES = (ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, WAYPOINT_POLICY_TYPE_URL)
 
 WILDCARD = "*"
 # Kinds whose changes cannot alter any served resource.
@@ -96,6 +103,16 @@ class Resources:
     by_type: Mapping[str, Mapping[str, Entry]]
     parent_version: int | None = None
     changed: Mapping[str, frozenset[str]] | None = None
+    # Waypoint policy name -> the waypoint accounts ("ns/name", a waypoint runs as the service
+    # account named after its Gateway) that may receive it; no other stream sees it.
+    audiences: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+    def visible(self, type_url: str, caller: str | None) -> Mapping[str, Entry]:
+        """What of ``type_url`` a stream authenticated as ``caller`` is served."""
+        current = self.by_type[type_url]
+        if type_url != WAYPOINT_POLICY_TYPE_URL or caller is None:
+            return current
+        return {name: e for name, e in current.items() if caller in self.audiences.get(name, ())}
 
 
 def _workload_entry(
@@ -159,13 +176,22 @@ class ResourceCache:
                 addresses.pop(uid, None)
         by_type = dict(self._resources.by_type)
         by_type[ADDRESS_TYPE_URL] = MappingProxyType(addresses)
+        # Which waypoints handle a service can follow its pods (per-account waypoints).
+        audiences = _audiences(snapshot)
+        old = self._resources.audiences
+        moved = frozenset(k for k in audiences.keys() | old.keys() if audiences.get(k) != old.get(k))
         return Resources(
             snapshot.version,
             MappingProxyType(by_type),
             parent_version=self._resources.version,
             changed=MappingProxyType(
-                {ADDRESS_TYPE_URL: frozenset(touched), AUTHORIZATION_TYPE_URL: frozenset()}
+                {
+                    ADDRESS_TYPE_URL: frozenset(touched),
+                    AUTHORIZATION_TYPE_URL: frozenset(),
+                    WAYPOINT_POLICY_TYPE_URL: moved,
+                }
             ),
+            audiences=audiences,
         )
 
     def _render(self, snapshot: Snapshot) -> Resources:
@@ -185,15 +211,28 @@ class ResourceCache:
         for service in snapshot.services.values():
             svc = service_state(service, snapshot)
             addresses[svc.key] = _entry(svc.key, address_to_any(svc))
+        waypoint_policies = {
+            p.key: _entry(p.key, waypoint_policy_to_any(p))
+            for p in snapshot.authorization_policies.values()
+            if p.target_refs
+        }
         return Resources(
             snapshot.version,
             MappingProxyType(
                 {
                     ADDRESS_TYPE_URL: MappingProxyType(addresses),
                     AUTHORIZATION_TYPE_URL: MappingProxyType(authorizations),
+                    WAYPOINT_POLICY_TYPE_URL: MappingProxyType(waypoint_policies),
                 }
             ),
+            audiences=_audiences(snapshot),
         )
+
+
+def _audiences(snapshot: Snapshot) -> Mapping[str, frozenset[str]]:
+    """Policy key -> accounts of the waypoints it binds to (a waypoint runs as its Gateway's name)."""
+    targeted = (p for p in snapshot.authorization_policies.values() if p.target_refs)
+    return MappingProxyType(dict(policy_audiences(targeted, snapshot)))
 
 
 @dataclass(slots=True)
@@ -213,8 +252,11 @@ _CHANGED = object()
 class _Stream:
     """The state of one DeltaAggregatedResources call."""
 
-    def __init__(self, cache: ResourceCache, context: grpc.aio.ServicerContext[Any, Any], peer: str) -> None:
+    def __init__(
+        self, cache: ResourceCache, context: grpc.aio.ServicerContext[Any, Any], peer: str, caller: str | None
+    ) -> None:
         self._cache = cache
+        self._caller = caller
         self._context = context
         self._subs: dict[str, _Subscription] = {}
         self._log = log.bind(peer=peer)
@@ -223,7 +265,7 @@ class _Stream:
         type_url = req.type_url
         if req.HasField("node") and req.node.id:
             self._log = self._log.bind(node=req.node.id)
-        if type_url not in (ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL):
+        if type_url not in TYPES:
             self._log.warning("xds request for an unknown type ignored", type_url=type_url)
             return
         sub = self._subs.get(type_url)
@@ -255,7 +297,7 @@ class _Stream:
                 self._log.debug("xds ACK", type_url=type_url, nonce=nonce, known_nonce=known)
 
         absent: list[str] = []
-        current = self._cache.current().by_type[type_url]
+        current = self._cache.current().visible(type_url, self._caller)
         for name in req.resource_names_subscribe:
             if name == WILDCARD:
                 sub.wildcard = True
@@ -289,7 +331,7 @@ class _Stream:
         full: bool = False,
     ) -> None:
         resources = self._cache.current()
-        current = resources.by_type[type_url]
+        current = resources.visible(type_url, self._caller)
         wanted: Mapping[str, Entry] = (
             current if sub.wildcard else {n: current[n] for n in sub.names if n in current}
         )
@@ -355,13 +397,14 @@ class DiscoveryServicer:
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
         peer = context.peer()
+        caller: str | None = None
         if self._authenticate is not None:
             try:
-                await self._authenticate(tuple(context.invocation_metadata() or ()))
+                caller = await self._authenticate(tuple(context.invocation_metadata() or ()))
             except AuthenticationFailed as e:
                 log.warning("xds stream refused", peer=peer, code=e.code.name, reason=str(e))
                 await context.abort(e.code, str(e))
-        stream = _Stream(self.cache, context, peer)
+        stream = _Stream(self.cache, context, peer, caller)
         inbox: asyncio.Queue[object] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         change_pending = False

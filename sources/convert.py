@@ -385,7 +385,14 @@ def pod_uid(namespace: str, name: str) -> str:
 
 def node_from_k8s(obj: _Fields, options: ConvertOptions) -> Node:
     meta = _meta(obj, namespaced=False)
-    return Node(name=meta.name, labels=meta.labels)
+    spec = obj.obj_or_empty("spec")
+    if spec.has("podCIDRs"):
+        cidrs = tuple(_cidr(c, f"{spec.at('podCIDRs')}[{i}]") for i, c in enumerate(spec.str_list("podCIDRs")))
+    elif spec.has("podCIDR"):
+        cidrs = (_cidr(spec.text("podCIDR"), spec.at("podCIDR")),)
+    else:
+        cidrs = ()
+    return Node(name=meta.name, labels=meta.labels, pod_cidrs=cidrs)
 
 
 def namespace_from_k8s(obj: _Fields, options: ConvertOptions) -> Namespace:
@@ -634,6 +641,8 @@ _SOURCE_FIELDS = {
     "notRequestPrincipals": "not_request_principals",
     "namespaces": "namespaces",
     "notNamespaces": "not_namespaces",
+    "serviceAccounts": "service_accounts",
+    "notServiceAccounts": "not_service_accounts",
     "ipBlocks": "ip_blocks",
     "notIpBlocks": "not_ip_blocks",
     "remoteIpBlocks": "remote_ip_blocks",
@@ -650,15 +659,37 @@ _OPERATION_STR_FIELDS = {
 }
 
 
-def _source(fields: _Fields) -> Source:
+_SERVICE_ACCOUNT_FIELDS = {"serviceAccounts", "notServiceAccounts"}
+_MAX_SERVICE_ACCOUNTS = 16  # istio/api's MaxItems
+
+
+def _service_account(value: str, path: str, namespace: str) -> str:
+    """``<namespace>/<name>`` or ``<name>`` (the policy's namespace), no wildcard: istio/api's rule."""
+    if "*" in value:
+        raise ConfigError(f"{value!r}: no wildcard is allowed in service accounts", field=path)
+    ns, sep, name = value.rpartition("/")
+    if not sep:
+        ns = namespace
+    if not ns or not name or "/" in ns:
+        raise ConfigError(f"{value!r} is not <namespace>/<serviceaccount> or <serviceaccount>", field=path)
+    return f"{ns}/{name}"
+
+
+def _source(fields: _Fields, namespace: str) -> Source:
     values: dict[str, tuple[str, ...]] = {}
     for yaml_key, attr in _SOURCE_FIELDS.items():
         items = fields.str_list(yaml_key)
         if yaml_key in _IP_FIELDS:
             items = tuple(_cidr(v, f"{fields.at(yaml_key)}[{i}]") for i, v in enumerate(items))
+        elif yaml_key in _SERVICE_ACCOUNT_FIELDS:
+            if len(items) > _MAX_SERVICE_ACCOUNTS:
+                raise fields.error(yaml_key, f"at most {_MAX_SERVICE_ACCOUNTS} service accounts (got {len(items)})")
+            items = tuple(_service_account(v, f"{fields.at(yaml_key)}[{i}]", namespace) for i, v in enumerate(items))
         values[attr] = items
     if not any(values.values()):
         raise fields.error("", "must not be empty (Istio refuses an empty source)")
+    if values["service_accounts"] and (values["principals"] or values["namespaces"]):
+        raise fields.error("serviceAccounts", "cannot be set with principals or namespaces (istio/api)")
     return Source(**values)
 
 
@@ -671,10 +702,10 @@ def _operation(fields: _Fields) -> Operation:
     return Operation(**values)
 
 
-def _rule(rule: _Fields) -> Rule:
+def _rule(rule: _Fields, namespace: str) -> Rule:
     froms = []
     for f in rule.objs("from"):
-        froms.append(RuleFrom(source=_source(f.required_obj("source"))))
+        froms.append(RuleFrom(source=_source(f.required_obj("source"), namespace)))
     tos = []
     for t in rule.objs("to"):
         tos.append(RuleTo(operation=_operation(t.required_obj("operation"))))
@@ -713,7 +744,7 @@ def authorization_policy_from_k8s(obj: _Fields, options: ConvertOptions) -> Auth
         target_refs=_target_refs(spec),
         action=action,
         provider=provider_name,
-        rules=tuple(_rule(r) for r in spec.objs("rules")),
+        rules=tuple(_rule(r, meta.namespace) for r in spec.objs("rules")),
         creation_timestamp=meta.creation_timestamp,
         dry_run=dry_run == "true",
     )

@@ -29,6 +29,12 @@ LABEL_USE_WAYPOINT_NAMESPACE = "istio.io/use-waypoint-namespace"
 LABEL_WAYPOINT_FOR = "istio.io/waypoint-for"
 # Set by the node agent once a pod's traffic is redirected; istiod derives HBONE from it too.
 ANNOTATION_REDIRECTION = "ambient.istio.io/redirection"
+# Gateway API: on a Gateway's pods, which Gateway they implement.
+LABEL_GATEWAY_NAME = "gateway.networking.k8s.io/gateway-name"
+# Ours (PROTOCOLS.md). On a waypoint Gateway: the one service account whose workloads it serves.
+ANNOTATION_FOR_SERVICE_ACCOUNT = "ambient-mesh.io/for-service-account"
+# On a namespace or pod: "strict" = its node proxy accepts only its waypoint (fails closed).
+ANNOTATION_WAYPOINT_MODE = "ambient-mesh.io/waypoint-mode"
 
 _NO_LABELS: FrozenMap[str, str] = FrozenMap()
 _NO_PORTS: FrozenMap[str, int] = FrozenMap()
@@ -93,9 +99,11 @@ class Node:
 
     name: str
     labels: Mapping[str, str] = _NO_LABELS
+    pod_cidrs: tuple[str, ...] = ()  # spec.podCIDRs (or spec.podCIDR); local mode places waypoints there
 
     def __post_init__(self) -> None:
         freeze_fields(self, "labels")
+        tuple_fields(self, "pod_cidrs")
 
     @property
     def key(self) -> str:
@@ -267,3 +275,8 @@ class Gateway:
     def waypoint_for(self) -> str:
         """``service`` (Istio's default), ``workload``, ``all`` or ``none``."""
         return self.labels.get(LABEL_WAYPOINT_FOR, "service")
+
+    @property
+    def for_service_account(self) -> str | None:
+        """The one service account a per-account waypoint serves; None for a namespace waypoint."""
+        return self.annotations.get(ANNOTATION_FOR_SERVICE_ACCOUNT) or None

@@ -114,6 +114,8 @@ class Source:
     not_request_principals: tuple[str, ...] = ()
     namespaces: tuple[str, ...] = ()
     not_namespaces: tuple[str, ...] = ()
+    service_accounts: tuple[str, ...] = ()  # "<namespace>/<name>" (a bare name gets the policy's)
+    not_service_accounts: tuple[str, ...] = ()
     ip_blocks: tuple[str, ...] = ()  # normalised CIDRs, "10.0.0.0/8", "10.0.1.2/32"
     not_ip_blocks: tuple[str, ...] = ()
     remote_ip_blocks: tuple[str, ...] = ()
@@ -128,6 +130,8 @@ class Source:
             "not_request_principals",
             "namespaces",
             "not_namespaces",
+            "service_accounts",
+            "not_service_accounts",
             "ip_blocks",
             "not_ip_blocks",
             "remote_ip_blocks",

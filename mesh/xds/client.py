@@ -22,12 +22,17 @@ import structlog
 from mesh.proto import core_pb2, discovery_pb2, discovery_pb2_grpc, status_pb2
 from mesh.xds.convert import (
     ADDRESS_TYPE_URL,
+    AUTHORIZATION_TYPE_URL,
     TYPE_URLS,
     ConversionError,
     address_from_any,
     authorization_from_any,
 )
 from mesh.xds.state import ProxyState
+from mesh.xds.waypoint_policy import WAYPOINT_POLICY_TYPE_URL, waypoint_policy_from_any
+
+# What a waypoint subscribes to: addresses to route by, and the policies bound to it.
+WAYPOINT_TYPE_URLS = (ADDRESS_TYPE_URL, WAYPOINT_POLICY_TYPE_URL)
 
 log = structlog.get_logger(__name__)
 
@@ -86,10 +91,10 @@ def insecure_channel_factory(address: str) -> ChannelFactory:
 
 
 class XdsClient:
-    """Subscribes to workloads, services and authorizations and mirrors them in ``state``
-    (its only writer). ``synced`` is set once the first full state of
-    every type has been applied and stays set across reconnects, since the last state
-    stays in force. ``run()`` returns after ``stop()``.
+    """Subscribes to workloads, services and authorizations (``types``; a waypoint asks for
+    :data:`WAYPOINT_TYPE_URLS`) and mirrors them in ``state`` (its only writer). ``synced`` is
+    set once the first full state of every type has been applied and stays set across
+    reconnects, since the last state stays in force. ``run()`` returns after ``stop()``.
     """
 
     def __init__(
@@ -105,6 +110,7 @@ class XdsClient:
         token_file: Path | str | None = None,
         backoff: Backoff = Backoff(),
         on_update: Callable[[AppliedUpdate], None] | None = None,
+        types: tuple[str, ...] = TYPE_URLS,
     ) -> None:
         if channel_factory is None:
             if address is None:
@@ -124,7 +130,8 @@ class XdsClient:
         self._on_update = on_update
         self._stopping = asyncio.Event()
         self._session_task: asyncio.Task[None] | None = None
-        self._versions: dict[str, dict[str, str]] = {t: {} for t in TYPE_URLS}
+        self._types = types
+        self._versions: dict[str, dict[str, str]] = {t: {} for t in types}
         self._received: set[str] = set()
         self._progress = False
         self._log = log.bind(node=node_id)
@@ -191,7 +198,7 @@ class XdsClient:
             node = core_pb2.Node(id=self._node_id)
             if self._node_name:
                 node.metadata.update({"NODE_NAME": self._node_name})
-            for type_url in TYPE_URLS:
+            for type_url in self._types:
                 await call.write(
                     discovery_pb2.DeltaDiscoveryRequest(
                         node=node,
@@ -227,13 +234,13 @@ class XdsClient:
         if self._on_update is not None:
             self._on_update(update)
         self._received.add(resp.type_url)
-        if self._received.issuperset(TYPE_URLS):
+        if self._received.issuperset(self._types):
             self.synced.set()
         return ack
 
     def _apply(self, resp: discovery_pb2.DeltaDiscoveryResponse) -> AppliedUpdate:
         type_url = resp.type_url
-        if type_url not in TYPE_URLS:
+        if type_url not in self._types:
             raise ConversionError(f"unexpected type {type_url!r}")
         names = [r.name for r in resp.resources]
         if len(set(names)) != len(names):
@@ -247,10 +254,15 @@ class XdsClient:
                 addresses=[(r.name, address_from_any(r.resource, r.name)) for r in resp.resources],
                 removed_addresses=resp.removed_resources,
             )
-        else:
+        elif type_url == AUTHORIZATION_TYPE_URL:
             self.state.apply(
                 authorizations=[authorization_from_any(r.resource, r.name) for r in resp.resources],
                 removed_authorizations=resp.removed_resources,
+            )
+        else:
+            self.state.apply(
+                waypoint_policies=[waypoint_policy_from_any(r.resource, r.name) for r in resp.resources],
+                removed_waypoint_policies=resp.removed_resources,
             )
         for r in resp.resources:
             versions[r.name] = r.version

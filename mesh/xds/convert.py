@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from google.protobuf import any_pb2
 
 from mesh.model.objects import DEFAULT_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN, TunnelProtocol, WorkloadStatus
-from mesh.proto import authorization_pb2, workload_pb2
+from mesh.proto import authorization_pb2, waypoint_pb2, workload_pb2
 from mesh.xds.authorization import (
     Action,
     Authorization,
@@ -127,6 +127,26 @@ def gateway_from_proto(pb: workload_pb2.GatewayAddress, where: str) -> GatewayAd
 
 # --- workloads -----------------------------------------------------------------------------
 
+WAYPOINT_EXTENSION = "ambient-mesh.io/waypoint"  # Workload.extensions entry (mesh/proto/waypoint.proto)
+_ACCOUNT_WAYPOINT_FOR = frozenset({"", "service", "workload", "all", "none"})
+
+
+def _waypoint_binding(pb: workload_pb2.Workload, where: str) -> tuple[bool, str]:
+    """(strict, account_waypoint_for) from our extension; other extensions are not ours: skipped."""
+    for i, ext in enumerate(pb.extensions):
+        if ext.name != WAYPOINT_EXTENSION:
+            continue
+        binding = waypoint_pb2.WaypointBinding()
+        if not ext.config.Unpack(binding):
+            raise ConversionError(f"{where}.extensions[{i}]: {WAYPOINT_EXTENSION} holds {ext.config.type_url}")
+        if binding.account_waypoint_for not in _ACCOUNT_WAYPOINT_FOR:
+            raise ConversionError(
+                f"{where}.extensions[{i}].account_waypoint_for: {binding.account_waypoint_for!r} "
+                "is not service, workload, all or none"
+            )
+        return binding.strict, binding.account_waypoint_for
+    return False, ""
+
 
 def workload_to_proto(w: Workload) -> workload_pb2.Workload:
     pb = workload_pb2.Workload(
@@ -150,6 +170,10 @@ def workload_to_proto(w: Workload) -> workload_pb2.Workload:
     )
     if w.waypoint is not None:
         pb.waypoint.CopyFrom(gateway_to_proto(w.waypoint))
+    if w.waypoint_strict or w.waypoint_account_for:
+        binding = waypoint_pb2.WaypointBinding(strict=w.waypoint_strict, account_waypoint_for=w.waypoint_account_for)
+        ext = pb.extensions.add(name=WAYPOINT_EXTENSION)
+        ext.config.Pack(binding)
     for key, ports in w.services.items():
         pb.services[key].ports.extend(_ports_to_proto(ports))
     return pb
@@ -166,6 +190,7 @@ def workload_from_proto(pb: workload_pb2.Workload) -> Workload:
     for key in pb.authorization_policies:
         if key.count("/") != 1 or key.startswith("/") or key.endswith("/"):
             raise ConversionError(f"{where}.authorization_policies: {key!r} is not <namespace>/<name>")
+    strict, account_for = _waypoint_binding(pb, where)
     services: dict[str, tuple[Port, ...]] = {}
     for key, port_list in pb.services.items():
         if "/" not in key:
@@ -182,6 +207,8 @@ def workload_from_proto(pb: workload_pb2.Workload) -> Workload:
         trust_domain=pb.trust_domain or DEFAULT_TRUST_DOMAIN,
         service_account=pb.service_account or DEFAULT_SERVICE_ACCOUNT,
         waypoint=gateway_from_proto(pb.waypoint, f"{where}.waypoint") if pb.HasField("waypoint") else None,
+        waypoint_strict=strict,
+        waypoint_account_for=account_for,
         services=services,
         authorization_policies=tuple(pb.authorization_policies),
         status=WorkloadStatus.UNHEALTHY if pb.status == workload_pb2.UNHEALTHY else WorkloadStatus.HEALTHY,

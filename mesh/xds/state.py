@@ -27,10 +27,13 @@ import structlog
 from mesh.identity import Identity
 from mesh.model.frozen import FrozenMap, freeze_fields, tuple_fields
 from mesh.model.objects import DEFAULT_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN, TunnelProtocol, WorkloadStatus
+from mesh.model.policy import AuthorizationPolicy
 from mesh.subscribers import Subscribers
 from mesh.xds.authorization import Authorization, Scope
 
 log = structlog.get_logger(__name__)
+
+_NO_POLICIES: Mapping[str, AuthorizationPolicy] = MappingProxyType({})
 
 HBONE_PORT = 15008
 
@@ -92,6 +95,11 @@ class Workload:
     trust_domain: str = DEFAULT_TRUST_DOMAIN
     service_account: str = DEFAULT_SERVICE_ACCOUNT
     waypoint: GatewayAddress | None = None
+    # Ours, carried in a Workload extension (mesh/proto/waypoint.proto): strict waypoint mode, and
+    # for a per-account waypoint which traffic it takes ("service" / "workload" / "all"); "" is
+    # Istio's meaning of ``waypoint`` (pod-addressed traffic only).
+    waypoint_strict: bool = False
+    waypoint_account_for: str = ""
     # "<namespace>/<hostname>" of each service it backs -> the ports it serves for it
     services: Mapping[str, tuple[Port, ...]] = field(default_factory=FrozenMap)
     authorization_policies: tuple[str, ...] = ()  # "<namespace>/<name>" of selector policies
@@ -175,7 +183,7 @@ class _Indexes:
 class ProxySnapshot:
     """One consistent view of the proxy's state. Cheap to take, safe to keep."""
 
-    __slots__ = ("_authorizations", "_ix", "_services", "_version", "_workloads")
+    __slots__ = ("_authorizations", "_ix", "_services", "_version", "_waypoint_policies", "_workloads")
 
     def __init__(
         self,
@@ -184,12 +192,14 @@ class ProxySnapshot:
         services: Mapping[str, Service],
         authorizations: Mapping[str, Authorization],
         indexes: _Indexes,
+        waypoint_policies: Mapping[str, AuthorizationPolicy] = _NO_POLICIES,
     ) -> None:
         self._version = version
         self._workloads = workloads
         self._services = services
         self._authorizations = authorizations
         self._ix = indexes
+        self._waypoint_policies = waypoint_policies
 
     @property
     def version(self) -> int:
@@ -204,6 +214,11 @@ class ProxySnapshot:
     def services(self) -> Mapping[str, Service]:
         """``namespace/hostname`` -> service."""
         return self._services
+
+    @property
+    def waypoint_policies(self) -> Mapping[str, AuthorizationPolicy]:
+        """``namespace/name`` -> the waypoint-bound AuthorizationPolicy as written (waypoints only)."""
+        return self._waypoint_policies
 
     @property
     def authorizations(self) -> Mapping[str, Authorization]:
@@ -305,6 +320,8 @@ class ProxyState:
         removed_addresses: Iterable[str] = (),
         authorizations: Iterable[Authorization] = (),
         removed_authorizations: Iterable[str] = (),
+        waypoint_policies: Iterable[AuthorizationPolicy] = (),
+        removed_waypoint_policies: Iterable[str] = (),
     ) -> bool:
         """Apply one batch atomically; returns whether anything changed.
 
@@ -384,7 +401,18 @@ class ProxyState:
                 if auths.get(a.key) != a:
                     auths[a.key] = a
                     auth_changed = True
-            if not (changed or auth_changed):
+            wp_policies = old.waypoint_policies
+            wp_changed = False
+            removed_wp = [k for k in removed_waypoint_policies if k in wp_policies]
+            new_wp = [p for p in waypoint_policies if wp_policies.get(p.key) != p]
+            if removed_wp or new_wp:
+                wp = dict(wp_policies)
+                for key in removed_wp:
+                    del wp[key]
+                for p in new_wp:
+                    wp[p.key] = p
+                wp_policies, wp_changed = MappingProxyType(wp), True
+            if not (changed or auth_changed or wp_changed):
                 return False
             for key, m in touched_endpoints.items():
                 if m:
@@ -406,6 +434,7 @@ class ProxyState:
                     global_policies,
                     namespace_policies,
                 ),
+                wp_policies,
             )
             version, subscribers = self._snapshot.version, self._subscribers.snapshot
         for callback in subscribers:

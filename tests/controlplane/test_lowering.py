@@ -22,10 +22,9 @@ from controlplane.lowering import (
     canonical_revision,
     gateway_address,
     service_state,
-    service_waypoint,
     workload_state,
-    workload_waypoint,
 )
+from controlplane.waypoints import service_waypoint, workload_binding
 from mesh.model import (
     Gateway,
     MeshObject,
@@ -215,7 +214,7 @@ def test_gateway_waypoint_for_decides_what_it_serves(
     snap = snapshot_of(namespace("shop", WP), waypoint_gateway(waypoint_for=waypoint_for), svc, w)
     assert workload_state(w, snap).waypoint == (WP_ADDRESS if for_workloads else None)
     assert service_state(svc, snap).waypoint == (WP_ADDRESS if for_services else None)
-    assert (workload_waypoint(w, snap) is not None) is for_workloads
+    assert (workload_binding(w, snap).ref is not None) is for_workloads
     assert (service_waypoint(svc, snap) is not None) is for_services
 
 

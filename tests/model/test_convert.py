@@ -595,6 +595,29 @@ ERRORS = [
     ),
     (
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\n"
+        "spec: {rules: [{from: [{source: {serviceAccounts: [shop/*]}}]}]}",
+        "AuthorizationPolicy",
+        "default/p",
+        "spec.rules[0].from[0].source.serviceAccounts[0]",
+        "no wildcard",
+    ),
+    (
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\n"
+        "spec: {rules: [{from: [{source: {serviceAccounts: [a], namespaces: [b]}}]}]}",
+        "AuthorizationPolicy",
+        "default/p",
+        "spec.rules[0].from[0].source.serviceAccounts",
+        "cannot be set with principals or namespaces",
+    ),
+    (
+        "apiVersion: v1\nkind: Node\nmetadata: {name: n}\nspec: {podCIDRs: [10.0.1.0/24, nope]}",
+        "Node",
+        "n",
+        "spec.podCIDRs[1]",
+        "not an IP address or CIDR",
+    ),
+    (
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\n"
         "spec: {rules: [{from: [{source: {principals: [1]}}]}]}",
         "AuthorizationPolicy",
         "default/p",
@@ -674,3 +697,17 @@ def test_authorization_policy_dry_run_annotation() -> None:
     assert not conv(head + "metadata: {name: p}\n").dry_run
     e = error(head + 'metadata: {name: p, annotations: {"istio.io/dry-run": "yes"}}\n')
     assert 'metadata.annotations["istio.io/dry-run"]' in str(e) and "'yes'" in str(e)
+
+
+def test_service_accounts_get_the_policys_namespace_and_nodes_their_pod_cidrs() -> None:
+    p = convert(
+        yaml.safe_load(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\n"
+            "spec: {rules: [{from: [{source: {serviceAccounts: [web, other/api], notServiceAccounts: [cart]}}]}]}"
+        )
+    )
+    assert isinstance(p, AuthorizationPolicy)
+    src = p.rules[0].from_[0].source
+    assert (src.service_accounts, src.not_service_accounts) == (("shop/web", "other/api"), ("shop/cart",))
+    node = convert(yaml.safe_load("apiVersion: v1\nkind: Node\nmetadata: {name: n}\nspec: {podCIDR: 10.0.1.7/24}"))
+    assert isinstance(node, Node) and node.pod_cidrs == ("10.0.1.0/24",)

@@ -81,6 +81,8 @@ workloads = st.builds(
     trust_domain=st.sampled_from(["cluster.local", "example.org"]),
     service_account=names,
     waypoint=st.one_of(st.none(), gateways),
+    waypoint_strict=st.booleans(),
+    waypoint_account_for=st.sampled_from(["", "service", "workload", "all"]),
     services=st.dictionaries(st.builds(lambda ns, h: f"{ns}/{h}", names, hostnames), port_lists, max_size=3),
     authorization_policies=st.lists(keys, max_size=3, unique=True).map(tuple),
     status=st.sampled_from(list(WorkloadStatus)),

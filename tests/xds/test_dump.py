@@ -60,6 +60,8 @@ workloads = st.builds(
     trust_domain=names,
     service_account=names,
     waypoint=st.one_of(st.none(), gateways),
+    waypoint_strict=st.booleans(),
+    waypoint_account_for=text,
     services=st.dictionaries(keys, port_lists, max_size=3),
     authorization_policies=st.lists(keys, max_size=3, unique=True).map(tuple),
     status=st.sampled_from(list(WorkloadStatus)),
@@ -174,6 +176,8 @@ WEB_JSON = {
         "hostname": {"namespace": "shop", "hostname": "waypoint.shop.svc.cluster.local"},
         "hbone_mtls_port": 15008,
     },
+    "waypoint_strict": False,
+    "waypoint_account_for": "",
     "services": {
         "shop/web.shop.svc.cluster.local": [
             {"service_port": 80, "target_port": 8080, "app_protocol": "HTTP11"}

@@ -273,3 +273,16 @@ def test_port_level_modes() -> None:
     db = by_key["shop/converted_peer_authentication_db"]
     assert db.rules == (Rule((Clause((Match(not_principals=presence, destination_ports=(5432,)),)),)),)
     assert STATIC in by_key
+
+
+def test_service_accounts_are_l4() -> None:
+    """``serviceAccounts`` (``<ns>/<sa>``, a bare name meaning the policy's namespace, normalised
+    by the source) become the wire's service-account matches, with no warning."""
+    from mesh.xds.authorization import ServiceAccountMatch
+
+    src = RuleFrom(Source(service_accounts=("shop/frontend",), not_service_accounts=("other/x",)))
+    out = lower_authorization_policy(policy(PolicyRule(from_=(src,))))
+    assert out.warnings == () and out.authorization is not None
+    m = out.authorization.rules[0].clauses[0].matches[0]
+    assert m.service_accounts == (ServiceAccountMatch("shop", "frontend"),)
+    assert m.not_service_accounts == (ServiceAccountMatch("other", "x"),)
