@@ -14,12 +14,12 @@ from typing import Any
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from mesh.admin import HttpServer, Response, json_response, logging_route
 from mesh.caclient import CaClient
+from mesh.certs import CertManager
 from mesh.tasks import Supervisor
 from mesh.xds.dump import to_json
 from mesh.xds.state import ProxyState
-from ztunnel.admin import HttpServer, Response, json_response, logging_route
-from ztunnel.certs import CertManager
 from ztunnel.inpod import FactoryMaker, Ports, WorkloadManager, ZdsClient, netns_factory
 from ztunnel.metrics import Metrics
 from ztunnel.state import NodeContext

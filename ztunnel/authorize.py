@@ -10,17 +10,86 @@ Which source IP the decision (and the app) sees is decided here too: the TCP pee
 always — except from one of the destination's own waypoints (identity *and* IP both match),
 whose ``forwarded`` header carries the original client's address. Anyone else may write
 whatever they like in that header; it is ignored.
+
+Strict waypoint mode (ours, ``Workload.waypoint_strict``): the destination accepts HBONE only
+from its own waypoint, and its L4 policy sees the original client identity that the waypoint
+vouches for in ``x-forwarded-client-cert`` (Envoy's header: ``URI=<client SPIFFE ID>``),
+believed from that waypoint only. By default (Istio's behaviour) the policy sees the waypoint's
+own identity and the header is ignored. :class:`Hop` holds what one inbound hop presented, so
+the open-connection re-check (``connection_manager``) decides on exactly the same facts.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 import structlog
 
 from mesh.authz import Connection, Decision, evaluate
-from mesh.identity import Identity
+from mesh.identity import Identity, IdentityError
 from mesh.xds.state import GatewayAddress, ProxySnapshot, Workload
 
 log = structlog.get_logger(__name__)
+
+
+XFCC = "x-forwarded-client-cert"
+_XFCC_URI = re.compile(r'(?:^|;)\s*URI="?(spiffe://[^";,]+)"?', re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class Hop:
+    """What the inbound hop presented: its TLS identity (None: plaintext), the TCP peer's
+    address, and the headers a waypoint uses to speak for its client (believed from the
+    destination's own waypoint only)."""
+
+    peer: Identity | None
+    peer_ip: str
+    forwarded_for: str | None = None
+    client_cert: str | None = None  # x-forwarded-client-cert
+
+    def vouched_identity(self) -> Identity | None:
+        """The client identity named by ``x-forwarded-client-cert`` (``URI=spiffe://…``)."""
+        if not self.client_cert:
+            return None
+        m = _XFCC_URI.search(self.client_cert)
+        if m is None:
+            return None
+        try:
+            return Identity.parse(m.group(1))
+        except IdentityError:
+            return None
+
+
+def connection_for(
+    snapshot: ProxySnapshot, dst: Workload, hop: Hop, dst_ip: str, dst_port: int
+) -> Connection:
+    """The connection facts policy decides on for ``hop`` (module docstring)."""
+    own = from_own_waypoint(snapshot, dst, hop.peer, hop.peer_ip)
+    ip = hop.forwarded_for if own and hop.forwarded_for else hop.peer_ip
+    identity = hop.peer
+    if own and dst.waypoint_strict:
+        identity = hop.vouched_identity() or hop.peer
+    return Connection.of(identity, ip, dst_ip, dst_port)
+
+
+def _strict_refusal(snapshot: ProxySnapshot, dst: Workload, hop: Hop) -> Decision | None:
+    if not dst.waypoint_strict or from_own_waypoint(snapshot, dst, hop.peer, hop.peer_ip):
+        return None
+    via = str(dst.waypoint) if dst.waypoint is not None else "no waypoint"
+    who = str(hop.peer) if hop.peer is not None else "a plaintext client"
+    return Decision(
+        False,
+        None,
+        None,
+        f"strict waypoint mode: {dst.namespace}/{dst.name} accepts only its waypoint ({via}), not {who}",
+    )
+
+
+def authorize_hop(snapshot: ProxySnapshot, dst: Workload, hop: Hop, conn: Connection) -> Decision:
+    """:func:`authorize` after the strict-waypoint check of the hop itself."""
+    refused = _strict_refusal(snapshot, dst, hop)
+    return refused if refused is not None else authorize(snapshot, dst, conn)
 
 
 def authorize(snapshot: ProxySnapshot, dst: Workload, conn: Connection) -> Decision:

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import structlog
 
 from mesh import zds
+from mesh.certs import Certs, backoff_delays
 from mesh.identity import Identity
 from mesh.netns import NetnsSocketFactory, SocketFactory
 from mesh.tasks import Supervisor
-from ztunnel.certs import Certs, backoff_delays
 from ztunnel.inbound import Inbound
 from ztunnel.inbound_passthrough import InboundPassthrough
 from ztunnel.outbound import Outbound

@@ -4,7 +4,10 @@ Nothing here touches a socket; ``outbound.py`` performs the plan. The state is w
 carries (:mod:`mesh.xds.state`), so the rules are Istio's ztunnel's: a service VIP is
 resolved to the service, which goes to its waypoint when it names one, else to one of the
 workloads that list the service (on the target port they list); a pod IP goes to its
-waypoint when it names one, else to that pod. HBONE when the destination speaks it, plain TCP
+waypoint when it names one, else to that pod. Two additions of ours (controlplane/waypoints.py):
+service traffic to an endpoint bound to its service account's waypoint goes to that waypoint,
+the endpoint picked first so that one account's waypoint never sees another's requests; and a
+workload in strict waypoint mode is reached through its waypoint whatever the addressing. HBONE when the destination speaks it, plain TCP
 otherwise; unknown addresses pass through. A waypoint that discovery names but that cannot be
 reached is an error, not a reason to skip it (the control plane only names waypoints that
 exist). Every case is a table row in tests/ztunnel/test_routing.py.
@@ -96,6 +99,18 @@ def _to_waypoint(
     )
 
 
+def _takes_service_traffic(w: Workload, svc: Service) -> bool:
+    """Whether service-addressed traffic to endpoint ``w`` goes to ``w.waypoint`` (ours)."""
+    return w.waypoint_account_for in ("service", "all") or (w.waypoint_strict and svc.waypoint is None)
+
+
+def _takes_workload_traffic(w: Workload) -> bool:
+    """Whether traffic addressed to the pod goes to ``w.waypoint``: Istio's meaning (the control
+    plane sends it only when it serves workloads), unless a per-account waypoint serves only
+    service traffic and strict mode does not force it."""
+    return w.waypoint_strict or w.waypoint_account_for != "service"
+
+
 def _direct(w: Workload, ip: str, port: int, service: Service | None) -> Hbone | Passthrough:
     if w.tunnel_protocol is TunnelProtocol.HBONE:
         return Hbone(
@@ -128,25 +143,33 @@ def decide_outbound(
     if svc is None and snapshot.services_by_vip(dst_ip):
         return Deny(f"service VIP {dst_ip} has no port {dst_port}")
     if svc is not None:
-        if svc.waypoint is not None:
-            plan = _to_waypoint(snapshot, svc.waypoint, src, authority, None, svc, choose, prefer_same_node)
-            if plan is not None:
-                return plan
         eps = _candidates(
             [e for e in snapshot.endpoints(svc.key) if e.workload.target_port(svc, dst_port) is not None],
             src,
             prefer_same_node,
         )
-        if not eps:
+        dst = choose(eps).workload if eps else None
+        # Ours: an endpoint bound to its account's waypoint (or in strict mode, with no service
+        # waypoint to take it) is reached through that waypoint; the endpoint is picked first.
+        gw = dst.waypoint if dst is not None and _takes_service_traffic(dst, svc) else None
+        if gw is None:
+            gw = svc.waypoint
+            dst = None if gw is not None else dst
+        if gw is not None:
+            plan = _to_waypoint(snapshot, gw, src, authority, dst, svc, choose, prefer_same_node)
+            if plan is not None:
+                return plan
+            if dst is None and eps:
+                dst = choose(eps).workload
+        if dst is None:
             return Deny(f"service {svc.key} has no endpoints for port {dst_port}")
-        dst = choose(eps).workload
         target = dst.target_port(svc, dst_port)
         assert target is not None
         return _direct(dst, _same_family(dst.addresses, dst_ip), target, svc)
     w = snapshot.workload_by_ip(dst_ip)
     if w is None:
         return Passthrough(to=(dst_ip, dst_port))
-    if w.waypoint is not None:
+    if w.waypoint is not None and _takes_workload_traffic(w):
         plan = _to_waypoint(snapshot, w.waypoint, src, authority, w, None, choose, prefer_same_node)
         if plan is not None:
             return plan

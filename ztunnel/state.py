@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from mesh.certs import CertManager
 from mesh.identity import Identity
 from mesh.netns import SocketFactory, original_dst
 from mesh.xds.state import Endpoint, ProxySnapshot, ProxyState, Workload
-from ztunnel.certs import CertManager
 from ztunnel.connection_manager import ConnectionManager
 from ztunnel.metrics import Metrics
 

@@ -12,7 +12,7 @@ from mesh.authz import Connection
 from mesh.identity import Identity
 from mesh.xds.authorization import Action, Authorization, Clause, Match, MatchKind, Rule, Scope, StringMatch
 from mesh.xds.state import GatewayAddress, Port, ProxySnapshot, ProxyState, Service, Workload
-from ztunnel.authorize import authorize, from_own_waypoint, source_ip
+from ztunnel.authorize import Hop, authorize, authorize_hop, connection_for, from_own_waypoint, source_ip
 
 TD = "cluster.local"
 WP_HOST = "wp.shop.svc.cluster.local"
@@ -29,7 +29,13 @@ def ident(ns: str, sa: str) -> Identity:
     return Identity(TD, ns, sa)
 
 
-def state(*, dst_waypoint: bool = False, svc_waypoint: bool = False, policies: tuple[str, ...] = ()) -> ProxySnapshot:
+def state(
+    *,
+    dst_waypoint: bool = False,
+    svc_waypoint: bool = False,
+    policies: tuple[str, ...] = (),
+    strict: bool = False,
+) -> ProxySnapshot:
     gw = GatewayAddress(namespace="shop", hostname=WP_HOST)
     wp_svc = Service("wp", "shop", WP_HOST, vips=("10.96.0.99",), ports=(Port(15008, 15008),))
     api_svc = Service(
@@ -43,7 +49,7 @@ def state(*, dst_waypoint: bool = False, svc_waypoint: bool = False, policies: t
     api = Workload(
         "api-1", "api-1", "shop", addresses=("10.0.2.3",), service_account="api",
         waypoint=gw if dst_waypoint else None, services={api_svc.key: (Port(80, 8080),)},
-        authorization_policies=policies,
+        authorization_policies=policies, waypoint_strict=strict,
     )  # fmt: skip
     s = ProxyState()
     s.apply(
@@ -88,3 +94,51 @@ def test_a_listed_policy_not_received_is_skipped_and_logged() -> None:
         decision = authorize(snap, api, Connection.of(None, "10.0.9.9", "10.0.2.3", 8080))
     assert decision.allow
     assert any(e["event"] == "workload lists authorizations not received" for e in logs), logs
+
+
+# --- strict waypoint mode: only the waypoint, and the identity it vouches for ----------------------
+
+XFCC_FRONTEND = 'By=spiffe://cluster.local/ns/shop/sa/wp;URI="spiffe://cluster.local/ns/shop/sa/frontend"'
+
+
+def test_by_default_policy_sees_the_waypoint_and_ignores_its_client_cert_header() -> None:
+    snap = state(dst_waypoint=True)
+    api = snap.workloads["api-1"]
+    hop = Hop(ident("shop", "wp"), "10.0.2.9", forwarded_for="10.0.1.5", client_cert=XFCC_FRONTEND)
+    conn = connection_for(snap, api, hop, "10.0.2.3", 8080)
+    assert conn.src_identity == ident("shop", "wp") and str(conn.src_ip) == "10.0.1.5"
+    assert authorize_hop(snap, api, hop, conn).allow
+
+
+def test_strict_mode_accepts_only_the_waypoint_and_believes_what_it_vouches_for() -> None:
+    snap = state(dst_waypoint=True, strict=True)
+    api = snap.workloads["api-1"]
+    hop = Hop(ident("shop", "wp"), "10.0.2.9", forwarded_for="10.0.1.5", client_cert=XFCC_FRONTEND)
+    conn = connection_for(snap, api, hop, "10.0.2.3", 8080)
+    assert conn.src_identity == ident("shop", "frontend") and str(conn.src_ip) == "10.0.1.5"
+    assert authorize_hop(snap, api, hop, conn).allow
+    # A client that skips the waypoint, however it dresses up its headers, is refused.
+    liar = Hop(ident("shop", "frontend"), "10.0.1.5", client_cert=XFCC_FRONTEND)
+    decision = authorize_hop(snap, api, liar, connection_for(snap, api, liar, "10.0.2.3", 8080))
+    assert not decision.allow
+    assert decision.reason == (
+        "strict waypoint mode: shop/api-1 accepts only its waypoint (shop/wp.shop.svc.cluster.local), "
+        "not spiffe://cluster.local/ns/shop/sa/frontend"
+    )
+    # The waypoint's identity from another address is not the waypoint either.
+    stolen = Hop(ident("shop", "wp"), "10.0.1.66")
+    assert not authorize_hop(snap, api, stolen, connection_for(snap, api, stolen, "10.0.2.3", 8080)).allow
+    plaintext = Hop(None, "10.0.1.5")
+    decision = authorize_hop(snap, api, plaintext, connection_for(snap, api, plaintext, "10.0.2.3", 8080))
+    assert not decision.allow and decision.reason.endswith("not a plaintext client")
+
+
+def test_a_vouched_identity_must_be_a_spiffe_uri() -> None:
+    for header, want in [
+        (XFCC_FRONTEND, ident("shop", "frontend")),
+        ("URI=spiffe://cluster.local/ns/a/sa/b", ident("a", "b")),
+        ("Hash=abc;URI=spiffe://nope", None),
+        ("By=spiffe://cluster.local/ns/shop/sa/wp", None),
+        ("", None),
+    ]:
+        assert Hop(None, "10.0.0.1", client_cert=header).vouched_identity() == want, header

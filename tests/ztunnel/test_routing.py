@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import pytest
@@ -469,3 +470,74 @@ def test_no_source_workload() -> None:
     s = snap(WEB1, WEB2, WEB_SVC)
     got = decide_outbound(s, None, "10.96.0.20", 80, choose=node2)
     assert got == Hbone(("10.0.2.3", 15008), "10.0.2.3:8080", WEB_ID, WEB2, WEB_SVC)
+
+
+# --- ours: per-service-account waypoints and strict waypoint mode (controlplane/waypoints.py) ------
+
+WP_CART_BY_NAME = GatewayAddress(namespace="shop", hostname="wp-cart.shop.svc.cluster.local")
+WP_CART = "shop/wp-cart.shop.svc.cluster.local"
+WP_CART_POD = wl(
+    "wp-cart-pod", "10.0.2.60", node="n2", sa="wp-cart", services={WP_CART: (Port(15008, 15008),)}
+)
+WP_CART_SVC = svc("wp-cart", "10.96.0.98", ports=(Port(15008, 15008),))
+WP_CART_ID = Identity("cluster.local", "shop", "wp-cart")
+
+
+def prefer(name: str) -> Chooser:
+    """The endpoint named ``name`` when it is a candidate (the waypoint pod is chosen too)."""
+
+    def choose(candidates: Sequence[Endpoint]) -> Endpoint:
+        return next((e for e in candidates if e.workload.name == name), candidates[0])
+
+    return choose
+
+
+def account_bound(w: Workload, gw: GatewayAddress, account_for: str, strict: bool = False) -> Workload:
+    return dataclasses.replace(w, waypoint=gw, waypoint_account_for=account_for, waypoint_strict=strict)
+
+
+# web is served by two accounts: web (no waypoint) and cart (its own waypoint).
+CART_EP = wl("cart1", "10.0.2.4", node="n2", sa="cart", services=SERVES_WEB)
+CART_EP_WP = account_bound(CART_EP, WP_CART_BY_NAME, "service")
+ACCOUNT_SNAP = snap(CLIENT, WEB1, CART_EP_WP, WEB_SVC, WP_CART_POD, WP_CART_SVC)
+
+
+def test_service_traffic_goes_to_the_picked_endpoints_account_waypoint() -> None:
+    got = decide_outbound(
+        ACCOUNT_SNAP, CLIENT, "10.96.0.20", 80, choose=prefer("cart1"), prefer_same_node=False
+    )
+    assert got == Hbone(("10.0.2.60", 15008), "10.96.0.20:80", WP_CART_ID, CART_EP_WP, WEB_SVC, WP_CART_POD)
+    # The other account's endpoint is reached directly: cart's waypoint never sees web's traffic.
+    got = decide_outbound(
+        ACCOUNT_SNAP, CLIENT, "10.96.0.20", 80, choose=prefer("web1"), prefer_same_node=False
+    )
+    assert got == Hbone(("10.0.1.3", 15008), "10.0.1.3:8080", WEB_ID, WEB1, WEB_SVC)
+    # The waypoint itself delivers to the endpoint.
+    got = decide_outbound(
+        ACCOUNT_SNAP, WP_CART_POD, "10.96.0.20", 80, choose=prefer("cart1"), prefer_same_node=False
+    )
+    assert got == Hbone(
+        ("10.0.2.4", 15008), "10.0.2.4:8080", Identity("cluster.local", "shop", "cart"), CART_EP_WP, WEB_SVC
+    )
+
+
+def test_account_waypoint_for_services_lets_pod_addressed_traffic_skip_it_unless_strict() -> None:
+    got = decide_outbound(ACCOUNT_SNAP, CLIENT, "10.0.2.4", 8080)
+    assert isinstance(got, Hbone) and got.waypoint is None and got.to == ("10.0.2.4", 15008)
+    for account_for, strict in (("workload", False), ("all", False), ("service", True)):
+        s = snap(
+            CLIENT, account_bound(CART_EP, WP_CART_BY_NAME, account_for, strict), WP_CART_POD, WP_CART_SVC
+        )
+        got = decide_outbound(s, CLIENT, "10.0.2.4", 8080)
+        assert isinstance(got, Hbone) and got.waypoint == WP_CART_POD, (account_for, strict)
+        assert got.authority == "10.0.2.4:8080"
+
+
+def test_strict_mode_fails_closed_without_a_waypoint_pod() -> None:
+    strict = account_bound(WEB1, WP_BY_NAME, "", strict=True)
+    for ip, port in (("10.0.1.3", 8080), ("10.96.0.20", 80)):
+        got = decide_outbound(snap(CLIENT, strict, WEB_SVC), CLIENT, ip, port)
+        assert isinstance(got, Deny) and "has no usable endpoints" in got.reason, (ip, got)
+    # With its waypoint running, service traffic goes there too (there is no service waypoint).
+    got = decide_outbound(snap(CLIENT, strict, WEB_SVC, WP_POD, WP_SVC), CLIENT, "10.96.0.20", 80)
+    assert isinstance(got, Hbone) and got.waypoint == WP_POD and got.authority == "10.96.0.20:80"

@@ -10,6 +10,7 @@ import socket
 import pytest
 
 from mesh import zds
+from mesh.certs import CertManager, backoff_delays, refresh_delay
 from mesh.hbone.pool import PoolKey
 from mesh.identity import Identity
 from mesh.netns import HostSocketFactory
@@ -18,7 +19,6 @@ from mesh.proto import zds_pb2
 from mesh.xds.state import ProxyState
 from tests.ztunnel.fakes import FakeCa
 from ztunnel import config
-from ztunnel.certs import CertManager, backoff_delays, refresh_delay
 from ztunnel.inbound import forwarded_for
 from ztunnel.metrics import ConnectionRecord, Metrics
 from ztunnel.outbound import Outbound

@@ -1,4 +1,4 @@
-"""Admin (15000, localhost), metrics (15020) and readiness (15021): a tiny asyncio HTTP/1.1 server.
+"""Admin (15000, localhost), metrics (15020) and readiness (15021) of ztunnel and the waypoint:
 
 Enough HTTP for curl, Prometheus and kubelet: GET only, one request per connection.
 """
