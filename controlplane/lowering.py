@@ -70,8 +70,13 @@ _APP_PROTOCOLS = {
 }
 
 
-def app_protocol(name: str | None) -> state.AppProtocol:
-    return _APP_PROTOCOLS.get((name or "").lower(), state.AppProtocol.UNKNOWN)
+def app_protocol(name: str | None, port_name: str = "") -> state.AppProtocol:
+    """A service port's protocol as istiod derives it: ``appProtocol``, else the port name's
+    prefix (``http``, ``http-web``, ``grpc-api``, ``tcp-db``…); unknown means "sniff"."""
+    if name:
+        return _APP_PROTOCOLS.get(name.lower(), state.AppProtocol.UNKNOWN)
+    prefix = port_name.lower().split("-", 1)[0]
+    return _APP_PROTOCOLS.get(prefix, state.AppProtocol.UNKNOWN) if "/" not in prefix else state.AppProtocol.UNKNOWN
 
 
 # --- names ---------------------------------------------------------------------------------
@@ -171,7 +176,7 @@ def workload_state(
         for p in svc.ports:
             target = p.target_for(w)
             if target is not None:  # a named port this pod does not declare cannot be dialed
-                ports.append(state.Port(p.port, target, app_protocol(p.app_protocol)))
+                ports.append(state.Port(p.port, target, app_protocol(p.app_protocol, p.name)))
         services[service_key(svc)] = tuple(ports)
     binding = workload_binding(w, snapshot)
     return state.Workload(
@@ -213,7 +218,9 @@ def service_state(service: Service, snapshot: Snapshot) -> state.Service:
         vips=s.vips,
         # A named target is resolved per workload (Workload.services); 0 = "ask the workload".
         ports=tuple(
-            state.Port(p.port, p.target_port if isinstance(p.target_port, int) else 0, app_protocol(p.app_protocol))
+            state.Port(
+                p.port, p.target_port if isinstance(p.target_port, int) else 0, app_protocol(p.app_protocol, p.name)
+            )
             for p in s.ports
         ),
         waypoint=gateway_address(waypoint, snapshot) if waypoint is not None else None,

@@ -22,7 +22,7 @@ import argparse
 import datetime as dt
 import functools
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,8 @@ from mesh import log as meshlog
 from mesh import runtime
 from mesh.files import write_atomic
 from mesh.identity import Identity, IdentityError
-from mesh.model import Delta, Kind, Store
+from mesh.model import Delta, Kind, Store, Workload
+from mesh.model.objects import LABEL_GATEWAY_NAME
 from mesh.pki import CertificateAuthority, PkiError
 from mesh.tls import ROOT_CERT_FILE
 from sources import WorkloadSource
@@ -195,6 +196,15 @@ def prepare_kubernetes(args: argparse.Namespace) -> Prepared:
     return Prepared(ca, store, source, authenticator, None, dt.timedelta(0), api_client)
 
 
+def waypoint_pods(workloads: Iterable[Workload]) -> list[tuple[str, str, str]]:
+    """(namespace, gateway, node) of the waypoint pods local mode's controller made."""
+    return sorted(
+        (w.namespace, w.labels[LABEL_GATEWAY_NAME], w.node)
+        for w in workloads
+        if LABEL_GATEWAY_NAME in w.labels and w.service_account == w.labels[LABEL_GATEWAY_NAME]
+    )
+
+
 def prepare(args: argparse.Namespace) -> Prepared:
     if args.kubernetes:
         return prepare_kubernetes(args)
@@ -219,6 +229,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
         raise StartupError(str(e)) from None
     ttl = dt.timedelta(seconds=args.token_ttl)
     issuer.write_node_tokens(state, sorted(store.snapshot().nodes), ttl=ttl)
+    issuer.write_waypoint_tokens(state, waypoint_pods(store.snapshot().workloads.values()), ttl=ttl)
     return Prepared(ca, store, source, LocalTokenAuthenticator(issuer), issuer, ttl)
 
 
@@ -245,10 +256,14 @@ async def serve(args: argparse.Namespace, p: Prepared) -> int:
     issuer = p.issuer
 
     def new_node_tokens(delta: Delta) -> None:
-        # A node added to the file by a reload gets its token without a restart.
+        # A node (or a waypoint) added to the file by a reload gets its token without a restart.
         added = delta.upserted_keys(Kind.NODE) - set(delta.previous.nodes)
         if added and issuer is not None:
             issuer.write_node_tokens(state, sorted(added), ttl=p.token_ttl)
+        new_pods = delta.upserted_keys(Kind.WORKLOAD) - set(delta.previous.workloads)
+        waypoints = waypoint_pods(delta.snapshot.workloads[uid] for uid in new_pods)
+        if waypoints and issuer is not None:
+            issuer.write_waypoint_tokens(state, waypoints, ttl=p.token_ttl)
 
     unsubscribe = p.store.subscribe(new_node_tokens)
     authenticator = p.authenticator

@@ -64,6 +64,11 @@ def token_path(state_dir: Path | str, node: str) -> Path:
     return Path(state_dir) / TOKENS_DIR / f"{node}.token"
 
 
+def waypoint_token_path(state_dir: Path | str, namespace: str, gateway: str) -> Path:
+    """Where the credential of waypoint ``namespace/gateway`` lives (local mode)."""
+    return Path(state_dir) / TOKENS_DIR / f"waypoint-{namespace}-{gateway}.token"
+
+
 class TokenIssuer:
     """Signs and verifies local node tokens with one ES256 key.
 
@@ -188,6 +193,27 @@ class TokenIssuer:
             paths.append(path)
         if paths:
             log.info("wrote node tokens", count=len(paths), directory=str(paths[0].parent))
+        return paths
+
+
+    def write_waypoint_tokens(
+        self,
+        state_dir: Path | str,
+        waypoints: Iterable[tuple[str, str, str]],
+        *,
+        ttl: dt.timedelta = DEFAULT_TOKEN_TTL,
+    ) -> list[Path]:
+        """A token per waypoint pod ``(namespace, gateway, node)``: subject the waypoint's own
+        service account (named after its Gateway), so the CA gives it that identity and no
+        other, and discovery sends it the policies bound to it (0600)."""
+        paths = []
+        for namespace, gateway, node in waypoints:
+            path = waypoint_token_path(state_dir, namespace, gateway)
+            token = self.issue(node, ttl=ttl, subject=f"system:serviceaccount:{namespace}:{gateway}")
+            write_atomic(path, token.encode())
+            paths.append(path)
+        if paths:
+            log.info("wrote waypoint tokens", count=len(paths), directory=str(paths[0].parent))
         return paths
 
 

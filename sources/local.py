@@ -28,6 +28,7 @@ from mesh.enrollment import decide
 from mesh.model import Delta, Kind, MeshObject, Namespace, Service, Store, TunnelProtocol, Workload
 from sources import WorkloadSource
 from sources.convert import ConfigError, ConvertOptions, convert, describe, type_of
+from sources.waypoints import Unplaced, waypoint_deployments
 
 log = structlog.get_logger(__name__)
 
@@ -288,7 +289,12 @@ class LocalSource:
             raise ConfigError(
                 f"not UTF-8 text ({e.reason} at byte {e.start})", source=str(self._path)
             ) from None
-        return assume_local_redirection(parse_manifest(text, source=str(self._path), options=self._options))
+        objects = parse_manifest(text, source=str(self._path), options=self._options)
+        placements, added = waypoint_deployments(objects)
+        for p in placements:
+            if isinstance(p, Unplaced):
+                log.warning("waypoint not deployed", gateway=p.gateway.key, reason=p.reason)
+        return assume_local_redirection([*objects, *added])
 
     def _apply(self, digest: str, parsed: list[MeshObject] | ConfigError) -> LoadResult:
         if isinstance(parsed, ConfigError):

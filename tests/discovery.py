@@ -17,8 +17,9 @@ import grpc
 from controlplane.xds import DiscoveryServicer, register
 from mesh.model import Store
 from mesh.xds.client import Backoff, XdsClient, insecure_channel_factory
-from mesh.xds.convert import ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL
+from mesh.xds.convert import ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, TYPE_URLS
 from mesh.xds.state import ProxySnapshot, ProxyState
+from mesh.xds.waypoint_policy import WAYPOINT_POLICY_TYPE_URL
 
 
 @dataclass
@@ -48,7 +49,8 @@ class Discovery:
     def __init__(self, store: Store | None = None) -> None:
         self.store = store if store is not None else Store()  # the control plane's
         self.address = ""
-        self.subscribers: list[Subscriber] = []
+        self.subscribers: list[Subscriber] = []  # node proxies
+        self.waypoints: list[Subscriber] = []
         self._grpc: grpc.aio.Server | None = None
         self._servicer: DiscoveryServicer | None = None
 
@@ -59,24 +61,27 @@ class Discovery:
         await self._grpc.start()
         self.address = f"127.0.0.1:{port}"
 
-    async def subscribe(self, node: str, timeout: float = 30.0) -> Subscriber:
-        """A node's state, fed over gRPC; returns once the first full state is in."""
+    async def subscribe(self, node: str, timeout: float = 30.0, types: tuple[str, ...] = TYPE_URLS) -> Subscriber:
+        """A node's state (or a waypoint's, with its ``types``), fed over gRPC; returns once the
+        first full state is in."""
         state = ProxyState()
         client = XdsClient(
             state,
-            node_id=f"ztunnel~{node}",
+            node_id=f"ztunnel~{node}" if types == TYPE_URLS else f"waypoint~{node}",
             node_name=node,
             channel_factory=insecure_channel_factory(self.address),
             backoff=Backoff(initial=0.05, maximum=1.0),
+            types=types,
         )
         sub = Subscriber(node, state, client, asyncio.create_task(client.run(), name=f"xds-{node}"))
-        self.subscribers.append(sub)
+        (self.subscribers if types == TYPE_URLS else self.waypoints).append(sub)
         async with asyncio.timeout(timeout):
             await client.synced.wait()
         return sub
 
     async def converged(self, timeout: float = 30.0) -> None:
-        """Wait until every subscriber holds what the server serves right now."""
+        """Wait until every subscriber (node proxies and waypoints) holds what the server serves
+        right now (the harness's server is unscoped: every waypoint gets every waypoint policy)."""
         assert self._servicer is not None
         served = self._servicer.cache.current().by_type
         want_addresses, want_auth = set(served[ADDRESS_TYPE_URL]), set(served[AUTHORIZATION_TYPE_URL])
@@ -87,9 +92,17 @@ class Discovery:
 
         for sub in self.subscribers:
             await sub.until(done, timeout)
+        want_policies = set(served[WAYPOINT_POLICY_TYPE_URL])
+
+        def waypoint_done(snap: ProxySnapshot) -> bool:
+            have = set(snap.workloads) | set(snap.services)
+            return have == want_addresses and set(snap.waypoint_policies) == want_policies
+
+        for sub in self.waypoints:
+            await sub.until(waypoint_done, timeout)
 
     async def aclose(self) -> None:
-        for sub in self.subscribers:
+        for sub in [*self.subscribers, *self.waypoints]:
             sub.client.stop()
             await asyncio.gather(sub.task, return_exceptions=True)
         if self._grpc is not None:

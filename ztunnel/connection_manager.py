@@ -18,7 +18,7 @@ import structlog
 
 from mesh.authz import Connection
 from mesh.xds.state import ProxyState
-from ztunnel.authorize import authorize
+from ztunnel.authorize import Hop, authorize, authorize_hop
 from ztunnel.metrics import ConnectionRecord
 
 log = structlog.get_logger(__name__)
@@ -32,6 +32,7 @@ class Tracked:
     conn: Connection
     rec: ConnectionRecord
     close: Callable[[], object]
+    hop: Hop | None = None  # what the inbound hop presented (None: plaintext)
     closed: bool = field(default=False)
 
 
@@ -49,12 +50,17 @@ class ConnectionManager:
 
     @contextmanager
     def track(
-        self, workload_uid: str, conn: Connection, rec: ConnectionRecord, close: Callable[[], object]
+        self,
+        workload_uid: str,
+        conn: Connection,
+        rec: ConnectionRecord,
+        close: Callable[[], object],
+        hop: Hop | None = None,
     ) -> Iterator[Tracked]:
         """Keep the connection under re-check while the block runs."""
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-        t = Tracked(workload_uid, conn, rec, close)
+        t = Tracked(workload_uid, conn, rec, close, hop)
         self._live.add(t)
         try:
             yield t
@@ -81,7 +87,11 @@ class ConnectionManager:
             dst = snapshot.workloads.get(t.workload_uid)
             if dst is None:
                 continue  # the pod is being removed: ZDS drains it, with its own deadline
-            decision = authorize(snapshot, dst, t.conn)
+            decision = (
+                authorize_hop(snapshot, dst, t.hop, t.conn)
+                if t.hop is not None
+                else authorize(snapshot, dst, t.conn)
+            )
             if decision.allow:
                 continue
             t.closed = True

@@ -142,6 +142,26 @@ def test_app_protocol(name: str | None, expected: AppProtocol) -> None:
     assert app_protocol(name) is expected
 
 
+@pytest.mark.parametrize(
+    ("app_proto", "port_name", "expected"),
+    [
+        (None, "http", AppProtocol.HTTP11),
+        (None, "http-web", AppProtocol.HTTP11),
+        (None, "grpc-api", AppProtocol.GRPC),
+        (None, "http2", AppProtocol.HTTP2),
+        (None, "tcp-db", AppProtocol.TCP),
+        (None, "web", AppProtocol.UNKNOWN),
+        (None, "", AppProtocol.UNKNOWN),
+        ("tcp", "http-web", AppProtocol.TCP),  # appProtocol wins over the name
+        ("mongo", "http", AppProtocol.UNKNOWN),
+    ],
+)
+def test_port_name_prefix_declares_the_protocol_without_app_protocol(
+    app_proto: str | None, port_name: str, expected: AppProtocol
+) -> None:
+    assert app_protocol(app_proto, port_name) is expected
+
+
 def test_services_map_resolves_named_target_ports_per_pod() -> None:
     a = pod("web-1", "10.0.1.5", labels={"app": "web"}, named_ports={"http": 8080})
     b = pod("web-2", "10.0.1.6", labels={"app": "web"}, named_ports={"http": 9090, "admin": 9901})

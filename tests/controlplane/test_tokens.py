@@ -140,3 +140,21 @@ async def test_local_authenticator_caller(issuer: TokenIssuer) -> None:
         "local",
     )
     assert caller.pod_name is None and caller.pod_uid is None
+
+
+async def test_a_waypoint_token_proves_its_own_account_and_nothing_else(tmp_path: Path) -> None:
+    from controlplane.ca import authorize
+    from controlplane.tokens import waypoint_token_path
+    from mesh.identity import Identity
+    from mesh.model import Store
+
+    issuer = TokenIssuer.load_or_create(tmp_path)
+    (path,) = issuer.write_waypoint_tokens(tmp_path, [("shop", "waypoint", "node-a")])
+    assert path == waypoint_token_path(tmp_path, "shop", "waypoint")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    caller = await LocalTokenAuthenticator(issuer).authenticate(path.read_text())
+    assert (caller.namespace, caller.service_account) == ("shop", "waypoint")
+    snap = Store().snapshot()
+    assert authorize(caller, Identity("cluster.local", "shop", "waypoint"), snap).allowed
+    other = authorize(caller, Identity("cluster.local", "shop", "web"), snap)
+    assert not other.allowed and "may only obtain its own identity" in other.reason

@@ -175,12 +175,14 @@ def test_every_kind(tmp_path: Path) -> None:
     store = Store()
     LocalSource(path, store, options=ConvertOptions(trust_domain="td.example")).load()
     snap = store.snapshot()
+    # The waypoint Gateway gets its ServiceAccount and Service from local mode's controller (no
+    # node declares a podCIDR here, so no pod: tests/model/test_local_waypoints.py).
     assert {k: len(snap.objects(k)) for k in Kind} == {
         Kind.NODE: 2,
         Kind.NAMESPACE: 1,
-        Kind.SERVICE_ACCOUNT: 1,
+        Kind.SERVICE_ACCOUNT: 2,
         Kind.WORKLOAD: 4,
-        Kind.SERVICE: 1,
+        Kind.SERVICE: 2,
         Kind.GATEWAY: 1,
         Kind.PEER_AUTHENTICATION: 1,
         Kind.AUTHORIZATION_POLICY: 1,

@@ -29,11 +29,15 @@ from mesh.identity import Identity
 from mesh.model import MeshObject, Service, ServicePort, Store, TunnelProtocol, WaypointRef, Workload
 from mesh.netns import NetnsSocketFactory
 from mesh.pki import CertificateAuthority, Credential
+from mesh.xds.client import WAYPOINT_TYPE_URLS
 from mesh.xds.state import ProxySnapshot
 from tests.discovery import Discovery, Subscriber
 from tests.netns.agent import FakeAgent
 from tests.netns.topology import Pod, Topology
 from tests.ztunnel.fakes import FakeCa
+from waypoint.app import Addresses as WaypointAddresses
+from waypoint.app import Waypoint
+from waypoint.routing import Me
 from ztunnel.app import Addresses, Ztunnel
 
 TRUST_DOMAIN = "cluster.local"
@@ -51,6 +55,19 @@ class NodeBoundCa(FakeCa):
         snap = self.store.snapshot()
         if not any(w.identity == identity for w in snap.workloads_on_node(self.node)):
             raise CaError(f"no pod with {identity} on node {self.node}", retryable=False)
+        return await super().fetch_certificate(identity)
+
+
+class OwnIdentityCa(FakeCa):
+    """Like the real CA for a workload's own credential: its own identity and nothing else."""
+
+    def __init__(self, ca: CertificateAuthority, identity: Identity, ttl: dt.timedelta | None) -> None:
+        super().__init__(ca, ttl)
+        self.identity = identity
+
+    async def fetch_certificate(self, identity: Identity) -> Credential:
+        if identity != self.identity:
+            raise CaError(f"{self.identity} may only obtain its own identity, not {identity}", retryable=False)
         return await super().fetch_certificate(identity)
 
 
@@ -123,6 +140,7 @@ class Mesh:
         self.ca = CertificateAuthority.generate(TRUST_DOMAIN)
         self.cert_ttl = cert_ttl
         self.nodes: list[Node] = []
+        self.waypoints: list[Waypoint] = []
         self.services: list[Service] = []
         self.extra: list[MeshObject] = []  # gateways, policies …
         self._factories: dict[str, NetnsSocketFactory] = {}
@@ -248,10 +266,30 @@ class Mesh:
             except OSError:
                 pass
 
+    async def start_waypoint(self, pod: Pod, gateway: str) -> Waypoint:
+        """Run the waypoint of Gateway ``shop/<gateway>`` "in" ``pod`` (its data-path sockets in the
+        pod's netns), fed by discovery like any waypoint and holding only its own certificate."""
+        me = Me(pod.namespace, gateway)
+        sub = await self.discovery.subscribe(f"{pod.namespace}-{gateway}", types=WAYPOINT_TYPE_URLS)
+        identity = Identity(TRUST_DOMAIN, me.namespace, me.name)
+        wp = Waypoint(
+            me=me,
+            trust_domain=TRUST_DOMAIN,
+            state=sub.state,
+            ca=OwnIdentityCa(self.ca, identity, self.cert_ttl),
+            factory=self.factory(pod),
+            addresses=WaypointAddresses(("0.0.0.0", 15008), ("127.0.0.1", 0), ("127.0.0.1", 0), ("127.0.0.1", 0)),
+        )
+        await wp.start()
+        self.waypoints.append(wp)
+        return wp
+
     async def aclose(self) -> None:
         for srv in self._servers:
             srv.close()
             await srv.wait_closed()
+        for wp in self.waypoints:
+            await wp.shutdown()
         for node in self.nodes:
             await node.zt.shutdown(0)
             node.agent.close()

@@ -28,11 +28,16 @@ class Listener:
         self.serve = serve
         self.tasks: set[asyncio.Task[None]] = set()
         self.accepted = 0
+        self.peers: list[str] = []  # client IPs, in accept order
         self.server: asyncio.Server | None = None
         self.errors: list[BaseException] = []
 
-    async def start(self) -> Listener:
-        self.server = await asyncio.start_server(self._on_conn, "127.0.0.1", 0)
+    async def start(self, sock: socket.socket | None = None) -> Listener:
+        """On loopback, or on ``sock`` (a listening socket, e.g. one made in a pod's netns)."""
+        if sock is not None:
+            self.server = await asyncio.start_server(self._on_conn, sock=sock)
+        else:
+            self.server = await asyncio.start_server(self._on_conn, "127.0.0.1", 0)
         return self
 
     @property
@@ -45,6 +50,7 @@ class Listener:
         assert task is not None
         self.tasks.add(task)  # type: ignore[arg-type]
         self.accepted += 1
+        self.peers.append(str(w.get_extra_info("peername")[0]))
         stream = TcpByteStream(r, w)
         try:
             await self.serve(stream)
@@ -146,8 +152,8 @@ class H1Backend:
         self.on_body: Callable[[int], None] | None = None
         self.listener = Listener(self._serve)
 
-    async def start(self) -> H1Backend:
-        await self.listener.start()
+    async def start(self, sock: socket.socket | None = None) -> H1Backend:
+        await self.listener.start(sock)
         return self
 
     @property
@@ -428,8 +434,8 @@ class H2Backend:
         self._unacked: dict[H2Peer, dict[int, int]] = {}
         self.changed = asyncio.Event()
 
-    async def start(self) -> H2Backend:
-        await self.listener.start()
+    async def start(self, sock: socket.socket | None = None) -> H2Backend:
+        await self.listener.start(sock)
         return self
 
     @property

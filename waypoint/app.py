@@ -1,0 +1,473 @@
+"""One waypoint: terminate HBONE, apply L7 policy per request, re-originate HBONE to the endpoint.
+
+Per inbound CONNECT (:meth:`Waypoint.handle`):
+
+1. The CONNECT names the original destination (a service ``VIP:port`` or a pod ``IP:port``);
+   :func:`waypoint.routing.resolve` says whether this waypoint serves it (else 400: a
+   per-service-account waypoint never handles another account's traffic, whoever asks).
+2. The original client is the TLS peer of the tunnel (its certificate, never a header) at the
+   tunnel's TCP peer address.
+3. The protocol is the port's declaration; an undeclared port is sniffed. HTTP/1.1 and HTTP/2
+   (gRPC) go through the engines of :mod:`waypoint.http1` / :mod:`waypoint.http2`, which call
+   back here per request: path normalization (``pathNormalization``), the AuthorizationPolicies
+   bound to this waypoint (``targetRefs``) evaluated by :mod:`mesh.l7authz` (deny: 403
+   ``RBAC: access denied`` or gRPC PERMISSION_DENIED), then a ready endpoint this waypoint
+   serves, chosen per request. Anything else is relayed as TCP under the same policies'
+   connection-level fields only.
+4. Upstream: HBONE to the endpoint's node proxy with this waypoint's own certificate, from a
+   pool, telling it the client's address (``forwarded``) and identity
+   (``x-forwarded-client-cert``), which the destination believes from its own waypoint only.
+
+A CUSTOM (ext_authz) policy bound to this waypoint cannot be evaluated yet: its requests are
+denied (fail closed) and the reason logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from mesh.admin import HttpServer, Response, json_response, logging_route
+from mesh.caclient import CaClient
+from mesh.certs import CertManager, Certs
+from mesh.hbone.client import ClientProtocol, open_connection
+from mesh.hbone.pool import HbonePool, PoolKey
+from mesh.hbone.protocol import format_authority
+from mesh.hbone.server import HboneServer, InboundStream
+from mesh.identity import Identity
+from mesh.l7authz import Headers, L7Decision, Request, evaluate, select_policies
+from mesh.netns import SocketFactory, family_of
+from mesh.pathnorm import NormalizedPath, PathNormalization, normalize_path
+from mesh.tasks import Supervisor
+from mesh.xds.dump import to_json
+from mesh.xds.state import HBONE_PORT, AppProtocol, ProxySnapshot, ProxyState, Workload
+from waypoint.bytestream import ByteStream, HboneByteStream
+from waypoint.http1 import serve_http1
+from waypoint.http2 import Http2UpstreamPool, serve_http2
+from waypoint.metrics import Metrics, Peers
+from waypoint.request import Forward, RequestHead, RequestRecord, Respond, Verdict, deny
+from waypoint.routing import Me, Target, endpoints, resolve, service_of
+from waypoint.sniff import sniff
+
+log = structlog.get_logger(__name__)
+
+XFCC = "x-forwarded-client-cert"
+CLOSE_WAIT = 5.0  # after the engine returns, how long the tunnel may take to finish
+
+
+@dataclass(frozen=True, slots=True)
+class Addresses:
+    """Where the waypoint listens; port 0 picks a free one (tests)."""
+
+    hbone: tuple[str, int] = ("0.0.0.0", HBONE_PORT)
+    admin: tuple[str, int] = ("127.0.0.1", 15000)
+    stats: tuple[str, int] = ("0.0.0.0", 15020)
+    readiness: tuple[str, int] = ("0.0.0.0", 15021)
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    """The original client of one tunnel."""
+
+    identity: Identity
+    ip: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """An ``upstream_key``: requests share upstream connections only for the same client (the
+    tunnel's headers speak for that client) and the same endpoint."""
+
+    ip: str
+    port: int
+    identity: Identity
+    client: Client
+
+
+class Waypoint:
+    def __init__(
+        self,
+        *,
+        me: Me,
+        trust_domain: str,
+        state: ProxyState,
+        ca: CaClient,
+        factory: SocketFactory,
+        addresses: Addresses | None = None,
+        path_normalization: PathNormalization = PathNormalization.BASE,
+        connect_timeout: float = 10.0,
+        drain_seconds: float = 5.0,
+        process_metrics: bool = False,
+    ) -> None:
+        self.me = me
+        self.trust_domain = trust_domain
+        self.identity = Identity(trust_domain, me.namespace, me.name)  # its account: the Gateway's name
+        self.state = state
+        self.factory = factory
+        self.addresses = addresses or Addresses()
+        self.path_normalization = path_normalization
+        self.connect_timeout = connect_timeout
+        self.drain_seconds = drain_seconds
+        self.certs = CertManager(ca)
+        self.metrics = Metrics(process=process_metrics)
+        self.pool = HbonePool(self._dial)
+        self.h2_pool = Http2UpstreamPool()
+        self.server: HboneServer | None = None
+        self.bound: dict[str, tuple[str, int]] = {}
+        self.stop = asyncio.Event()
+        self.tasks = Supervisor(f"waypoint-{me.key}")
+        self._servers: list[HttpServer] = []
+        self._unsubscribe_certs: Any = None
+
+    # -- state ------------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.state.version > 0 and self.certs.ready and self.server is not None
+
+    def config_dump(self) -> dict[str, Any]:
+        snap = self.state.snapshot()
+        return {
+            "waypoint": self.me.key,
+            "identity": self.identity.uri,
+            "version": snap.version,
+            "ready": self.ready,
+            "path_normalization": self.path_normalization.value,
+            "policies": [_policy_json(p) for _, p in sorted(snap.waypoint_policies.items())],
+            "workloads": [to_json(w) for w in sorted(snap.workloads.values(), key=lambda w: w.uid)],
+            "services": [to_json(s) for _, s in sorted(snap.services.items())],
+            "certificates": self.certs.dump(),
+        }
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.certs.track(self.identity)
+        certs = await self.certs.get(self.identity, timeout=30.0)
+        listener = await self.factory.tcp_listener(*self.addresses.hbone)
+        self.server = HboneServer(self.handle, certs.server_ctx, self.trust_domain, name=f"waypoint-{self.me.key}")
+        await self.server.listen(sock=listener)
+        self.bound["hbone"] = self.server.address
+        self._unsubscribe_certs = self.certs.subscribe(self._rotated)
+
+        def metrics_route(_: dict[str, str]) -> Response:
+            return Response(200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST)
+
+        def ready_route(_: dict[str, str]) -> Response:
+            return Response(200, b"ready\n") if self.ready else Response(503, b"not ready\n")
+
+        def quit_route(_: dict[str, str]) -> Response:
+            self.stop.set()
+            return Response(200, b"shutting down\n")
+
+        servers = {
+            "admin": HttpServer(
+                {
+                    "/config_dump": lambda _: json_response(self.config_dump()),
+                    "/logging": logging_route,
+                    "/quitquitquit": quit_route,
+                },
+                "admin",
+            ),
+            "stats": HttpServer({"/metrics": metrics_route, "/stats/prometheus": metrics_route}, "stats"),
+            "readiness": HttpServer({"/healthz/ready": ready_route}, "readiness"),
+        }
+        for name, srv in servers.items():
+            host, port = getattr(self.addresses, name)
+            self.bound[name] = await srv.start(host, port)
+            self._servers.append(srv)
+        log.info(
+            "waypoint started",
+            waypoint=self.me.key,
+            identity=self.identity.uri,
+            **{k: format_authority(*a) for k, a in self.bound.items()},
+        )
+
+    def _rotated(self, identity: Identity, certs: Certs) -> None:
+        if identity == self.identity and self.server is not None:
+            self.server.ssl_ctx = certs.server_ctx
+
+    async def shutdown(self) -> None:
+        log.info("waypoint draining", waypoint=self.me.key, deadline_s=self.drain_seconds)
+        if self.server is not None:
+            await self.server.stop_accepting()
+            await self.server.close(drain_timeout=self.drain_seconds)
+        await self.tasks.aclose()
+        with contextlib.suppress(Exception):
+            await self.h2_pool.aclose()
+        with contextlib.suppress(Exception):
+            await self.pool.aclose()
+        if self._unsubscribe_certs is not None:
+            self._unsubscribe_certs()
+        await self.certs.aclose()
+        for srv in self._servers:
+            with contextlib.suppress(OSError):
+                await srv.close()
+        log.info("waypoint stopped", waypoint=self.me.key)
+
+    # -- one tunnel -------------------------------------------------------------------------------
+
+    async def handle(self, inbound: InboundStream) -> None:
+        req = inbound.request
+        snapshot = self.state.snapshot()
+        target = resolve(snapshot, self.me, req.host, req.port)
+        peer_ip, peer_port = inbound._proto.peer_addr[:2]
+        if isinstance(target, str):
+            log.warning("waypoint refused a tunnel", peer=str(inbound.peer), authority=req.authority, reason=target)
+            inbound.refuse(400)
+            return
+        client = Client(inbound.peer, peer_ip, _forwarded_port(req.header("forwarded"), peer_ip) or peer_port)
+        peers = Peers(
+            inbound.peer,
+            snapshot.workload_by_ip(peer_ip),
+            target.workload,
+            service_of(snapshot, target),
+        )
+        tunnel = _Tunnel(self, target, client, peers)
+        down: ByteStream = HboneByteStream(inbound.accept())
+        try:
+            http = target.http
+            kind = "tcp"
+            if http is None:
+                kind, down = await sniff(down)
+            elif http:
+                kind = "http1" if target.protocol is AppProtocol.HTTP11 else "h2"
+            if kind == "http1":
+                await serve_http1(
+                    down, on_request=tunnel.on_request, open_upstream=tunnel.open_upstream, on_done=tunnel.on_done
+                )
+            elif kind == "h2":
+                await serve_http2(
+                    down,
+                    on_request=tunnel.on_request,
+                    open_upstream=tunnel.open_upstream,
+                    on_done=tunnel.on_done,
+                    pool=self.h2_pool,
+                )
+            else:
+                await tunnel.relay_tcp(down)
+        finally:
+            stream = inbound.stream
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(stream.done), CLOSE_WAIT)
+
+    # -- upstream -----------------------------------------------------------------------------------
+
+    async def _dial(self, key: PoolKey) -> ClientProtocol:
+        certs = await self.certs.get(key.src_identity)
+        sock = await self.factory.tcp_socket(family_of(key.dst_addr[0]))
+        return await open_connection(
+            key.dst_addr[0],
+            key.dst_addr[1],
+            certs.client_ctx,
+            self.trust_domain,
+            key.dst_identity,
+            sock=sock,
+            timeout=self.connect_timeout,
+        )
+
+    async def open_tunnel(self, up: Upstream) -> HboneByteStream:
+        """A CONNECT to the endpoint, through its node proxy, speaking for ``up.client``."""
+        key = PoolKey(self.identity, up.identity, None, (up.ip, HBONE_PORT))
+        c = up.client
+        headers = [
+            ("forwarded", f'for="{format_authority(c.ip, c.port)}"'),
+            (XFCC, f'By={self.identity.uri};URI="{c.identity.uri}"'),
+        ]
+        stream = await asyncio.wait_for(
+            self.pool.open_stream(key, format_authority(up.ip, up.port), headers), self.connect_timeout
+        )
+        return HboneByteStream(stream)
+
+    def policies_for(self, snapshot: ProxySnapshot, target: Target) -> tuple[Any, Any]:
+        svc = service_of(snapshot, target)
+        chosen = select_policies(
+            snapshot.waypoint_policies.values(),
+            waypoint=(self.me.namespace, self.me.name),
+            service=(svc.namespace, svc.name) if svc is not None else None,
+        )
+        return chosen.rbac, chosen.custom
+
+
+class _Tunnel:
+    """The callbacks of one downstream connection (one CONNECT)."""
+
+    def __init__(self, wp: Waypoint, target: Target, client: Client, peers: Peers) -> None:
+        self.wp = wp
+        self.target = target
+        self.client = client
+        self.peers = peers
+        self._decisions: dict[int, tuple[L7Decision | None, str]] = {}
+
+    def _request(self, head: RequestHead | None, path: str) -> Request:
+        t = self.target
+        return Request(
+            source_principal=self.client.identity,
+            source_ip=ipaddress.ip_address(self.client.ip),
+            destination_ip=ipaddress.ip_address(t.host),
+            destination_port=t.port,
+            host=head.authority if head is not None else "",
+            method=head.method if head is not None else "",
+            path=path,
+            headers=Headers(head.headers) if head is not None else Headers(),
+        )
+
+    def on_request(self, head: RequestHead) -> Verdict:
+        wp = self.wp
+        snapshot = wp.state.snapshot()
+        norm = normalize_path(head.path, wp.path_normalization)
+        if not isinstance(norm, NormalizedPath):
+            self._decisions[id(head)] = (None, norm.detail)
+            return Respond(norm.status, f"{norm.reason}\n".encode(), (("content-type", "text/plain"),))
+        rbac, custom = wp.policies_for(snapshot, self.target)
+        if custom:
+            names = ", ".join(p.key for p in custom)
+            self._decisions[id(head)] = (None, f"CUSTOM policy not supported yet: {names}")
+            log.warning("request denied: CUSTOM (ext_authz) policies are not supported yet", policies=names)
+            return deny()
+        decision = evaluate(rbac, self._request(head, norm.path))
+        for dry in decision.dry_run:
+            log.info("dry-run authorization", waypoint=wp.me.key, result=str(dry))
+        self._decisions[id(head)] = (decision, "")
+        if not decision.allow:
+            return deny()
+        if norm.redirect:
+            return Respond(307, b"", (("location", norm.forward),))
+        eps = endpoints(snapshot, wp.me, self.target)
+        if not eps:
+            self._decisions[id(head)] = (decision, "no healthy upstream")
+            return Respond(503, b"no healthy upstream\n", (("content-type", "text/plain"),))
+        w, port = random.choice(eps)
+        up = Upstream(_same_family(w, self.target.host), port, w.identity, self.client)
+        return Forward(
+            upstream_key=up,
+            path=norm.forward if norm.forward != head.path else None,
+            remove_headers=frozenset({XFCC}),  # a client cannot speak for someone else
+        )
+
+    async def open_upstream(self, head: RequestHead, forward: Forward) -> ByteStream:
+        key = forward.upstream_key
+        assert isinstance(key, Upstream)
+        return await self.wp.open_tunnel(key)
+
+    def on_done(self, rec: RequestRecord) -> None:
+        decision, why = self._decisions.pop(id(rec.head), (None, ""))
+        if rec.local and decision is not None and not decision.allow:
+            flags = "RBAC"  # Envoy's flag for a request denied by authorization
+        elif rec.upstream_failure:
+            flags = "UF" if rec.status in (None, 503) and rec.upstream_failure.startswith("connect") else "UR"
+        elif rec.downstream_failure:
+            flags = "DC"
+        elif rec.local and why:
+            flags = "NR" if why == "no healthy upstream" else "-"
+        else:
+            flags = "-"
+        dst = rec.upstream_key.identity.uri if isinstance(rec.upstream_key, Upstream) else None
+        extra: dict[str, object] = {"upstream": dst} if dst else {}
+        if decision is not None and decision.policy is not None:
+            extra["policy"] = decision.policy
+            extra["rule"] = decision.rule
+        if decision is not None and not decision.allow:
+            extra["reason"] = decision.reason
+        elif why:
+            extra["reason"] = why
+        if rec.upstream_failure:
+            extra["upstream_failure"] = rec.upstream_failure
+        for audit in decision.audit if decision is not None else ():
+            extra.setdefault("audit", str(audit))
+        self.wp.metrics.request(self.peers, rec, flags, extra)
+
+    async def relay_tcp(self, down: ByteStream) -> None:
+        """Not HTTP: the policies' connection-level fields decide, then bytes are relayed."""
+        wp = self.wp
+        snapshot = wp.state.snapshot()
+        rbac, custom = wp.policies_for(snapshot, self.target)
+        decision = evaluate(rbac, self._request(None, ""))
+        flags = "-"
+        up: ByteStream | None = None
+        try:
+            if custom or not decision.allow:
+                flags = "RBAC"
+                why = "CUSTOM policy not supported yet" if custom else decision.reason
+                log.info("tcp connection denied at the waypoint", client=self.client.identity.uri, reason=why)
+                down.abort()
+                return
+            eps = endpoints(snapshot, wp.me, self.target)
+            if not eps:
+                flags = "NR"
+                down.abort()
+                return
+            w, port = random.choice(eps)
+            try:
+                up = await wp.open_tunnel(Upstream(_same_family(w, self.target.host), port, w.identity, self.client))
+            except Exception as e:  # refused, unreachable, no certificate: nothing to relay to
+                flags = "UF"
+                log.info("tcp upstream failed", endpoint=w.name, error=str(e) or type(e).__name__)
+                down.abort()
+                return
+            await _pump_both(down, up)
+        finally:
+            wp.metrics.tcp(self.peers, flags, opened=True)
+            wp.metrics.tcp(self.peers, flags, opened=False)
+
+
+async def _pump(src: ByteStream, dst: ByteStream) -> None:
+    while True:
+        data = await src.read()
+        if not data:
+            dst.write_eof()
+            return
+        dst.write(data)
+        await dst.drain()
+
+
+async def _pump_both(a: ByteStream, b: ByteStream) -> None:
+    tasks = [asyncio.ensure_future(_pump(a, b)), asyncio.ensure_future(_pump(b, a))]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for t in done:
+            if t.exception() is not None:
+                a.abort()
+                b.abort()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        for t in tasks:
+            t.cancel()
+        a.close()
+        b.close()
+
+
+def _same_family(w: Workload, like: str) -> str:
+    v6 = ":" in like
+    return next((ip for ip in w.addresses if (":" in ip) == v6), w.addresses[0])
+
+
+def _forwarded_port(header: str | None, ip: str) -> int | None:
+    """The client port in the source proxy's ``forwarded: for="ip:port"`` when the IP matches."""
+    if not header or "for=" not in header:
+        return None
+    value = header.split("for=", 1)[1].split(";", 1)[0].split(",", 1)[0].strip().strip('"')
+    host, _, port = value.rpartition(":")
+    if host.strip("[]") != ip or not port.isdigit():
+        return None
+    return int(port)
+
+
+def _policy_json(p: Any) -> dict[str, Any]:
+    return {
+        "name": p.name,
+        "namespace": p.namespace,
+        "action": p.action.value,
+        "dry_run": p.dry_run,
+        "target_refs": [{"kind": t.kind, "name": t.name, "namespace": t.namespace} for t in p.target_refs],
+        "rules": len(p.rules),
+    }
+
