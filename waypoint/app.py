@@ -12,8 +12,8 @@ Per inbound CONNECT (:meth:`Waypoint.handle`):
    back here per request: path normalization (``pathNormalization``), the AuthorizationPolicies
    bound to this waypoint (``targetRefs``) evaluated by :mod:`mesh.l7authz` (deny: 403
    ``RBAC: access denied`` or gRPC PERMISSION_DENIED), then a ready endpoint this waypoint
-   serves, chosen per request. Anything else is relayed as TCP under the same policies'
-   connection-level fields only.
+   serves, chosen per request. Anything else is relayed as TCP under the same policies as
+   Istio's TCP filter reads them (:mod:`waypoint.tcp_policy`: fail closed).
 4. Upstream: HBONE to the endpoint's node proxy with this waypoint's own certificate, from a
    pool, telling it the client's address (``forwarded``) and identity
    (``x-forwarded-client-cert``), which the destination believes from its own waypoint only.
@@ -55,6 +55,7 @@ from waypoint.metrics import Metrics, Peers
 from waypoint.request import Forward, RequestHead, RequestRecord, Respond, Verdict, deny
 from waypoint.routing import Me, Target, endpoints, resolve, service_of
 from waypoint.sniff import sniff
+from waypoint.tcp_policy import tcp_view
 
 log = structlog.get_logger(__name__)
 
@@ -386,11 +387,12 @@ class _Tunnel:
         self.wp.metrics.request(self.peers, rec, flags, extra)
 
     async def relay_tcp(self, down: ByteStream) -> None:
-        """Not HTTP: the policies' connection-level fields decide, then bytes are relayed."""
+        """Not HTTP: the policies as Istio's TCP filter reads them decide (:mod:`waypoint.tcp_policy`),
+        then bytes are relayed."""
         wp = self.wp
         snapshot = wp.state.snapshot()
         rbac, custom = wp.policies_for(snapshot, self.target)
-        decision = evaluate(rbac, self._request(None, ""))
+        decision = evaluate([tcp_view(p) for p in rbac], self._request(None, ""))
         flags = "-"
         up: ByteStream | None = None
         try:
