@@ -42,7 +42,12 @@ ROOT_CERT_FILE = "root-cert.pem"
 
 
 class PeerRejected(Exception):
-    """The peer's certificate is not acceptable; the message says why."""
+    """The peer's certificate is not acceptable; the message says why, ``kind`` in one word
+    (one of :data:`FAILURE_KINDS`, for metrics)."""
+
+    def __init__(self, message: str, kind: str = "peer_rejected") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class CredentialError(Exception):
@@ -168,7 +173,7 @@ def peer_certificate(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> x509.Certific
 
     der = ssl_object.getpeercert(binary_form=True)
     if not der:
-        raise PeerRejected("peer presented no certificate")
+        raise PeerRejected("peer presented no certificate", "no_certificate")
     return x509.load_der_x509_certificate(der)
 
 
@@ -198,12 +203,14 @@ def _check_validity_now(cert: Mapping[str, object]) -> None:
         not_before = ssl.cert_time_to_seconds(str(cert["notBefore"]))
         not_after = ssl.cert_time_to_seconds(str(cert["notAfter"]))
     except (KeyError, ValueError):
-        raise PeerRejected("resumed session's peer certificate has no readable validity period") from None
+        raise PeerRejected(
+            "resumed session's peer certificate has no readable validity period", "certificate_rejected"
+        ) from None
     now = time.time()
     if now > not_after:
-        raise PeerRejected("peer certificate has expired (resumed session)")
+        raise PeerRejected("peer certificate has expired (resumed session)", "certificate_expired")
     if now < not_before:
-        raise PeerRejected("peer certificate is not yet valid (resumed session)")
+        raise PeerRejected("peer certificate is not yet valid (resumed session)", "certificate_not_yet_valid")
 
 
 def verify_peer(
@@ -217,26 +224,30 @@ def verify_peer(
     context must verify peers (``CERT_REQUIRED``, as every HBONE context does).
     """
     if ssl_object.selected_alpn_protocol() != ALPN_H2:
-        raise PeerRejected(f"peer did not negotiate ALPN {ALPN_H2!r}")
+        raise PeerRejected(f"peer did not negotiate ALPN {ALPN_H2!r}", "alpn")
     cert = ssl_object.getpeercert()
     if cert is None:
-        raise PeerRejected("peer presented no certificate")
+        raise PeerRejected("peer presented no certificate", "no_certificate")
     if not cert:
         # Only a context that does not verify peers (CERT_NONE) hands back an empty dict.
-        raise PeerRejected("peer certificate was not verified (the TLS context must require it)")
+        raise PeerRejected(
+            "peer certificate was not verified (the TLS context must require it)", "certificate_rejected"
+        )
     if ssl_object.session_reused:
         _check_validity_now(cert)
     try:
         ident = _identity_of(cert)
     except _NotAMeshCertificate as e:
-        raise PeerRejected(str(e)) from None
+        raise PeerRejected(str(e), "not_a_mesh_identity") from None
     if ident.trust_domain != trust_domain:
-        raise PeerRejected(f"peer {ident} is from trust domain {ident.trust_domain!r}, want {trust_domain!r}")
+        raise PeerRejected(
+            f"peer {ident} is from trust domain {ident.trust_domain!r}, want {trust_domain!r}", "trust_domain"
+        )
     if isinstance(expect, Identity):
         if ident != expect:
-            raise PeerRejected(f"peer is {ident}, expected {expect}")
+            raise PeerRejected(f"peer is {ident}, expected {expect}", "wrong_identity")
     elif expect is not None and not expect(ident):
-        raise PeerRejected(f"peer {ident} is not an acceptable identity")
+        raise PeerRejected(f"peer {ident} is not an acceptable identity", "wrong_identity")
     return ident
 
 
@@ -278,7 +289,76 @@ def describe_tls_error(exc: BaseException) -> str:
         if "unsupported protocol" in reason or "protocol version" in reason or "wrong version" in reason:
             return "TLS version refused (HBONE needs TLS 1.3)"
         return f"TLS error: {exc.reason or exc}"
+    if isinstance(exc, TimeoutError) or _is_handshake_timeout(exc):
+        return "TLS handshake timed out"
     return f"{type(exc).__name__}: {exc}"
+
+
+# Why a handshake failed, in one word: the values of a metric label, so a fixed, small set.
+FAILURE_KINDS = (
+    "timeout",  # the peer did not finish the handshake in time
+    "connection_closed",  # the peer hung up or reset during the handshake
+    "not_tls",  # what arrived is not TLS (garbage, plaintext HTTP, a truncated record)
+    "tls_version",  # not TLS 1.3
+    "alpn",  # no h2
+    "no_certificate",  # no client certificate
+    "certificate_expired",
+    "certificate_not_yet_valid",
+    "untrusted_certificate",  # not signed by the mesh root
+    "certificate_rejected",  # refused by OpenSSL for another reason
+    "not_a_mesh_identity",  # no single SPIFFE URI SAN
+    "trust_domain",  # another trust domain
+    "wrong_identity",  # not the identity the client expected
+    "peer_rejected",  # refused after the handshake for another reason
+    "too_many_handshakes",  # refused before the handshake: too many in flight (from this peer)
+    "tls_error",  # any other TLS failure
+)
+
+
+def _is_handshake_timeout(exc: BaseException) -> bool:
+    # uvloop reports its ``ssl_handshake_timeout`` as ConnectionAbortedError, asyncio as TimeoutError.
+    return isinstance(exc, ConnectionAbortedError) and "handshake is taking longer" in str(exc)
+
+
+def handshake_failure_kind(exc: BaseException) -> str:
+    """One of :data:`FAILURE_KINDS` for an exception from a TLS handshake or :func:`verify_peer`.
+
+    Metrics label refusals with it (a bounded set, whatever the peer sends); logs carry
+    :func:`describe_tls_error`'s words as well.
+    """
+    if isinstance(exc, PeerRejected):
+        return exc.kind
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return {
+            "expired": "certificate_expired",
+            "not yet valid": "certificate_not_yet_valid",
+            "untrusted": "untrusted_certificate",
+        }.get(_verify_kind(exc), "certificate_rejected")
+    if isinstance(exc, ssl.SSLError):
+        reason = (exc.reason or "").lower().replace("_", " ")
+        if "did not return a certificate" in reason:
+            return "no_certificate"
+        if "no application protocol" in reason:
+            return "alpn"
+        if "unsupported protocol" in reason or "protocol version" in reason:
+            return "tls_version"
+        if any(
+            word in reason
+            for word in ("wrong version", "http request", "record", "packet length", "unexpected", "decode")
+        ):
+            return "not_tls"
+        if "expired" in reason:
+            return "certificate_expired"
+        if "unknown ca" in reason or "bad certificate" in reason or "certificate unknown" in reason:
+            return "certificate_rejected"
+        return "tls_error"
+    if isinstance(exc, TimeoutError) or _is_handshake_timeout(exc):
+        return "timeout"
+    if isinstance(exc, ConnectionError | EOFError):
+        return "connection_closed"
+    if isinstance(exc, OSError):
+        return "connection_closed"
+    return "tls_error"
 
 
 # -- contexts straight from a credential directory ------------------------------------------------

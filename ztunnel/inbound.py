@@ -21,6 +21,7 @@ from mesh.authz import Connection
 from mesh.hbone.protocol import format_authority
 from mesh.hbone.relay import TcpLeg, wait_relay
 from mesh.hbone.server import HboneServer, InboundStream
+from mesh.hbone.stream import StreamError, cancel_on_end
 from mesh.netns import MARK_TPROXY, family_of
 from ztunnel.authorize import authorize, source_ip
 from ztunnel.metrics import ConnectionRecord
@@ -51,9 +52,16 @@ async def connect_as(
     loop = asyncio.get_running_loop()
     family = family_of(target[0])
     transparent = client_ip is not None and family_of(client_ip) == family
-    sock = await pod.factory.tcp_socket(
-        family, mark=MARK_TPROXY if transparent else None, transparent=transparent
+    # The factory may make the socket on another thread (inside the pod netns): if we are
+    # cancelled meanwhile, that socket still arrives, and must be closed, not dropped.
+    making = asyncio.ensure_future(
+        pod.factory.tcp_socket(family, mark=MARK_TPROXY if transparent else None, transparent=transparent)
     )
+    try:
+        sock = await asyncio.shield(making)
+    except asyncio.CancelledError:
+        making.add_done_callback(_close_unwanted)
+        raise
     try:
         if transparent:
             assert client_ip is not None
@@ -66,6 +74,11 @@ async def connect_as(
     return sock
 
 
+def _close_unwanted(made: asyncio.Future[socket.socket]) -> None:
+    if not made.cancelled() and made.exception() is None:
+        made.result().close()
+
+
 class Inbound:
     def __init__(self, pod: PodContext, *, app_connect_timeout: float = 5.0) -> None:
         self.pod = pod
@@ -75,7 +88,11 @@ class Inbound:
     async def start(self, listener: socket.socket) -> None:
         certs = await self.pod.node.certs.get(self.pod.identity)
         self.server = HboneServer(
-            self.handle, certs.server_ctx, self.pod.node.trust_domain, name=f"inbound-{self.pod.name}"
+            self.handle,
+            certs.server_ctx,
+            self.pod.node.trust_domain,
+            name=f"inbound-{self.pod.name}",
+            stats=self.pod.node.metrics.hbone_stats("inbound"),
         )
         await self.server.listen(sock=listener)
 
@@ -123,30 +140,45 @@ class Inbound:
                     assert task is not None
                     with node.connections.track(dst.uid, conn, rec, task.cancel):
                         await self._relay(inbound, client_ip, rec)
-            if rec.result != "ok" and rec.response_flags != "UR":
+            if rec.result != "ok" and rec.response_flags not in ("UR", "DC"):
                 log.info("inbound connection refused", src=client_ip, dst=req.authority, reason=rec.reason)
 
     async def _relay(self, inbound: InboundStream, client_ip: str, rec: ConnectionRecord) -> None:
+        """Dial the app, answer, relay. The app-side socket is closed however this ends: the
+        dial is abandoned as soon as the stream or its connection ends (a peer that opens many
+        streams and hangs up leaves nothing behind), and a leg that cannot be handed to its
+        stream (gone between dial and answer) or whose relay is cut short is aborted."""
         loop = asyncio.get_running_loop()
         req = inbound.request
         try:
-            sock = await connect_as(self.pod, client_ip, (req.host, req.port), self.app_connect_timeout)
-            _, leg = await loop.create_connection(lambda: TcpLeg(loop), sock=sock)
+            async with cancel_on_end(inbound.stream):
+                sock = await connect_as(self.pod, client_ip, (req.host, req.port), self.app_connect_timeout)
+                # On failure or cancellation the loop closes ``sock`` itself.
+                _, leg = await loop.create_connection(lambda: TcpLeg(loop), sock=sock)
+        except StreamError as e:
+            rec.fail(f"client went away before the app answered: {e}", "DC")
+            return
         except (OSError, TimeoutError) as e:
             rec.fail(f"app {req.authority} unreachable: {str(e) or 'timeout'}", "UF")
             inbound.refuse(503)
             return
-        st = inbound.accept()
-        leg.attach(st)
+        st = inbound.stream
         try:
+            inbound.accept()
+            leg.attach(st)
             await wait_relay(leg, st)
+        except StreamError as e:
+            if rec.result == "ok":
+                rec.fail(f"client went away before the app answered: {e}", "DC")
         finally:
             # From the destination's point of view "sent" is towards the app.
             rec.bytes_sent, rec.bytes_received = st.bytes_received, st.bytes_sent
             if leg.error is not None and rec.result == "ok":
                 rec.fail(str(leg.error), "UR")
-            if leg.transport is not None:
-                leg.transport.close()
+            if leg.transport is not None and not leg.transport.is_closing():
+                # A relay that finished has closed its leg already; any other end is abrupt
+                # and the app is told so (RST), not handed a clean end of stream.
+                leg.transport.abort()
 
     @property
     def address(self) -> str:

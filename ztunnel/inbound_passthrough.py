@@ -65,6 +65,9 @@ class InboundPassthrough:
                 rec.fail(f"app {rec.dst_addr} unreachable: {str(e) or 'timeout'}", "UF")
                 client.close()
                 return
+            except BaseException:
+                client.close()  # cancelled (drain) mid-dial: the client's socket is ours to close
+                raise
             task = asyncio.current_task()
             assert task is not None and dst is not None
             with node.connections.track(dst.uid, conn, rec, task.cancel):

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.process_collector import ProcessCollector
 
 from mesh.identity import Identity
@@ -109,8 +109,32 @@ class Metrics:
             registry=self.registry,
         )
 
+        # Faults and load an operator watches (no Istio equivalent: our own names).
+        self.tls_handshake_failures = Counter(
+            "ambient_tls_handshake_failures",
+            "HBONE TLS handshakes refused, by reason (mesh.tls.FAILURE_KINDS)",
+            ("reason",),
+            registry=self.registry,
+        )
+        self.hbone_connections = Gauge(
+            "ambient_hbone_connections",
+            "open HBONE connections (TLS done, peer verified)",
+            ("direction",),
+            registry=self.registry,
+        )
+        self.hbone_streams = Gauge(
+            "ambient_hbone_streams",
+            "open HBONE CONNECT streams",
+            ("direction",),
+            registry=self.registry,
+        )
+
         self.connections_closed = 0  # lifetime count, for tests and drains to wait on
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+
+    def hbone_stats(self, direction: str) -> HboneStats:
+        """What an HBONE server (``mesh.hbone.server.ServerStats``) or client reports, for ``direction``."""
+        return HboneStats(self, direction)
 
     async def wait_closed(self, count: int) -> None:
         """Wait until ``count`` connections have closed in total."""
@@ -168,3 +192,21 @@ class Metrics:
             result=rec.result,
             reason=rec.reason or None,
         )
+
+
+class HboneStats:
+    """HBONE connection and stream gauges for one direction, and handshake refusals by reason."""
+
+    def __init__(self, metrics: Metrics, direction: str) -> None:
+        self._failures = metrics.tls_handshake_failures
+        self._connections = metrics.hbone_connections.labels(direction=direction)
+        self._streams = metrics.hbone_streams.labels(direction=direction)
+
+    def handshake_failed(self, kind: str) -> None:
+        self._failures.labels(reason=kind).inc()
+
+    def connections_changed(self, delta: int) -> None:
+        self._connections.inc(delta)
+
+    def streams_changed(self, delta: int) -> None:
+        self._streams.inc(delta)

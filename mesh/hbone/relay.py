@@ -15,7 +15,7 @@ import structlog
 
 from mesh.hbone.protocol import LocalProtocolError
 from mesh.hbone.server import InboundStream
-from mesh.hbone.stream import HIGH_WATER, Stream, StreamError
+from mesh.hbone.stream import HIGH_WATER, Stream, StreamError, cancel_on_end
 
 log = structlog.get_logger(__name__)
 
@@ -185,18 +185,25 @@ async def connect_and_relay(
 ) -> TcpLeg | None:
     """Serve a CONNECT by dialing its target over plain TCP: 503 if that fails, else relay.
 
-    Returns the finished leg (for byte counts), or None when the target was unreachable.
+    Returns the finished leg (for byte counts), or None when the target was unreachable. The
+    target connection is closed however the stream ends: the dial is abandoned if the stream
+    or its connection ends first, and a relay cut short aborts it.
     """
     loop = asyncio.get_running_loop()
     host = host or inbound.request.host
     port = port or inbound.request.port
     try:
-        _, leg = await loop.create_connection(lambda: TcpLeg(loop), host, port)
+        async with cancel_on_end(inbound.stream):
+            _, leg = await loop.create_connection(lambda: TcpLeg(loop), host, port)
     except OSError as e:
         log.info("hbone upstream unreachable", target=f"{host}:{port}", error=str(e), status=503)
         inbound.refuse(503)
         return None
-    st = inbound.accept()
-    leg.attach(st)
-    await wait_relay(leg, st)
+    try:
+        st = inbound.accept()
+        leg.attach(st)
+        await wait_relay(leg, st)
+    finally:
+        if leg.transport is not None and not leg.transport.is_closing():
+            leg.transport.abort()
     return leg

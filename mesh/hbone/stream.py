@@ -15,7 +15,8 @@ reads. Backpressure is explicit and end to end:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from mesh.hbone.protocol import CONNECT_ERROR
@@ -166,6 +167,47 @@ class Stream:
         if self.local_closed and self.remote_closed and not self.done.done():
             self.done.set_result(None)
             self._owner.stream_finished(self)
+
+
+@contextlib.asynccontextmanager
+async def cancel_on_end(stream: Stream) -> AsyncIterator[None]:
+    """Run the block only while ``stream`` lasts: if it ends first, the block is cancelled.
+
+    For work done on a stream's behalf before it carries bytes — dialing its upstream, say —
+    that must not outlive it: a peer that resets the stream or drops the connection mid-dial
+    has the dial cancelled at once (and whatever it opened closed by its own cleanup), rather
+    than finished and then left with nobody to hand it to. The cancellation surfaces as
+    ``StreamError`` naming why the stream ended; a cancellation from outside (a drain, a
+    policy close) stays a ``CancelledError``. Like ``asyncio.timeout``, the request is only
+    made while the task is inside the block, so it never lands on a later ``await``.
+    """
+    task = asyncio.current_task()
+    assert task is not None, "cancel_on_end needs a task"
+    if stream.done.done():
+        raise StreamError(str(stream._error or "stream already ended"))
+    inside, fired = True, False
+
+    def end(_: object) -> None:
+        nonlocal fired
+        if inside and not fired:  # a callback scheduled just before the block left is stale
+            fired = True
+            task.cancel()
+
+    stream.done.add_done_callback(end)
+    try:
+        yield
+    except asyncio.CancelledError:
+        if fired:
+            fired = False
+            if task.uncancel() == 0:
+                # A new exception each time: raising the stored one would grow its traceback.
+                raise StreamError(str(stream._error or "stream ended")) from None
+        raise
+    finally:
+        inside = False
+        if fired:
+            task.uncancel()  # our request was swallowed inside the block: take it back
+        stream.done.remove_done_callback(end)
 
 
 class BufferedSink:
