@@ -17,9 +17,8 @@ import grpc
 from controlplane.xds import DiscoveryServicer, register
 from mesh.model import Store
 from mesh.xds.client import Backoff, XdsClient, insecure_channel_factory
-from mesh.xds.convert import ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, TYPE_URLS
+from mesh.xds.convert import TYPE_URLS
 from mesh.xds.state import ProxySnapshot, ProxyState
-from mesh.xds.waypoint_policy import WAYPOINT_POLICY_TYPE_URL
 
 
 @dataclass
@@ -80,26 +79,18 @@ class Discovery:
         return sub
 
     async def converged(self, timeout: float = 30.0) -> None:
-        """Wait until every subscriber (node proxies and waypoints) holds what the server serves
-        right now (the harness's server is unscoped: every waypoint gets every waypoint policy)."""
+        """Wait until every subscriber (node proxies and waypoints) holds exactly the versions the
+        server serves right now — a changed resource counts, not only added and removed names
+        (the harness's server is unscoped: every waypoint gets every waypoint policy)."""
         assert self._servicer is not None
         served = self._servicer.cache.current().by_type
-        want_addresses, want_auth = set(served[ADDRESS_TYPE_URL]), set(served[AUTHORIZATION_TYPE_URL])
 
-        def done(snap: ProxySnapshot) -> bool:
-            have = set(snap.workloads) | set(snap.services)
-            return have == want_addresses and set(snap.authorizations) == want_auth
+        async def caught_up(sub: Subscriber) -> None:
+            want = {t: {name: e.version for name, e in served[t].items()} for t in sub.client.versions}
+            await sub.until(lambda _: {t: dict(v) for t, v in sub.client.versions.items()} == want, timeout)
 
-        for sub in self.subscribers:
-            await sub.until(done, timeout)
-        want_policies = set(served[WAYPOINT_POLICY_TYPE_URL])
-
-        def waypoint_done(snap: ProxySnapshot) -> bool:
-            have = set(snap.workloads) | set(snap.services)
-            return have == want_addresses and set(snap.waypoint_policies) == want_policies
-
-        for sub in self.waypoints:
-            await sub.until(waypoint_done, timeout)
+        for sub in [*self.subscribers, *self.waypoints]:
+            await caught_up(sub)
 
     async def aclose(self) -> None:
         for sub in [*self.subscribers, *self.waypoints]:
