@@ -42,7 +42,7 @@ from controlplane.lowering import (
     service_state,
     workload_state,
 )
-from controlplane.waypoints import policy_audiences
+from controlplane.waypoints import policy_audiences, workload_binding
 from mesh.model import Delta, Kind, Snapshot, Store
 from mesh.proto import discovery_pb2, discovery_pb2_grpc
 from mesh.xds.convert import (
@@ -136,6 +136,7 @@ class ResourceCache:
         self._lock = threading.Lock()
         self._pending: list[Delta] = []
         self._warned: dict[str, tuple[str, ...]] = {}
+        self._waypoint_problems: dict[str, str] = {}
         self._unsubscribe = store.subscribe(self._on_delta)
         self._selector_policies = SelectorPolicyIndex()
         self._peer_auth = PeerAuthenticationIndex(())
@@ -162,6 +163,27 @@ class ResourceCache:
             self._resources = self._render(latest)
         return self._resources
 
+    def _log_waypoint_problems(self, snapshot: Snapshot, uids: Iterable[str] | None = None) -> None:
+        """Say once why a workload's named waypoint is not used (fails open, or closed in strict
+        mode); ``uids``: only those changed (else all)."""
+        if uids is None:
+            problems: dict[str, str] = {}
+            uids = snapshot.workloads
+        else:
+            problems = dict(self._waypoint_problems)
+        for uid in uids:
+            w = snapshot.workloads.get(uid)
+            problems.pop(uid, None)
+            if w is None:
+                continue
+            b = workload_binding(w, snapshot)
+            if b.problem is not None:
+                problem = b.problem + (" (strict mode: fails closed)" if b.strict else "")
+                problems[uid] = problem
+                if self._waypoint_problems.get(uid) != problem:
+                    log.warning("waypoint binding not used", workload=f"{w.namespace}/{w.name}", reason=problem)
+        self._waypoint_problems = problems
+
     def _update_workloads(self, snapshot: Snapshot, deltas: Sequence[Delta]) -> Resources:
         current = self._resources.by_type[ADDRESS_TYPE_URL]
         # MappingProxyType.copy() copies the dict underneath in C; dict(view) walks it in Python.
@@ -174,6 +196,7 @@ class ResourceCache:
                 addresses[uid] = _workload_entry(uid, snapshot, self._selector_policies, self._peer_auth)
             else:
                 addresses.pop(uid, None)
+        self._log_waypoint_problems(snapshot, touched)
         by_type = dict(self._resources.by_type)
         by_type[ADDRESS_TYPE_URL] = MappingProxyType(addresses)
         # Which waypoints handle a service can follow its pods (per-account waypoints).
@@ -201,6 +224,7 @@ class ResourceCache:
                 for warning in warnings:
                     log.warning("policy not fully enforceable by ztunnel", policy=key, detail=warning)
         self._warned = dict(lowered.warnings)
+        self._log_waypoint_problems(snapshot)
         self._selector_policies = lowered.selector_policies
         self._peer_auth = lowered.peer_authentications
         authorizations = {a.key: _entry(a.key, authorization_to_any(a)) for a in lowered.authorizations}

@@ -65,10 +65,9 @@ def connection_for(
     snapshot: ProxySnapshot, dst: Workload, hop: Hop, dst_ip: str, dst_port: int
 ) -> Connection:
     """The connection facts policy decides on for ``hop`` (module docstring)."""
-    own = from_own_waypoint(snapshot, dst, hop.peer, hop.peer_ip)
-    ip = hop.forwarded_for if own and hop.forwarded_for else hop.peer_ip
+    ip = source_ip(snapshot, dst, hop.peer, hop.peer_ip, hop.forwarded_for)
     identity = hop.peer
-    if own and dst.waypoint_strict:
+    if dst.waypoint_strict and from_own_waypoint(snapshot, dst, hop.peer, hop.peer_ip):
         identity = hop.vouched_identity() or hop.peer
     return Connection.of(identity, ip, dst_ip, dst_port)
 

@@ -17,13 +17,12 @@ import ssl
 
 import structlog
 
-from mesh.authz import Connection
 from mesh.hbone.protocol import format_authority
 from mesh.hbone.relay import TcpLeg, wait_relay
 from mesh.hbone.server import HboneServer, InboundStream
 from mesh.hbone.stream import StreamError, cancel_on_end
 from mesh.netns import MARK_TPROXY, family_of
-from ztunnel.authorize import authorize, source_ip
+from ztunnel.authorize import XFCC, Hop, authorize_hop, connection_for
 from ztunnel.metrics import ConnectionRecord
 from ztunnel.state import PodContext
 
@@ -107,18 +106,16 @@ class Inbound:
         peer_ip = inbound._proto.peer_addr[0]
         snapshot = node.snapshot()
         dst = self.pod.workload(snapshot)
-        client_ip = (
-            source_ip(snapshot, dst, inbound.peer, peer_ip, forwarded_for(req.header("forwarded")))
-            if dst is not None
-            else peer_ip
-        )
+        hop = Hop(inbound.peer, peer_ip, forwarded_for(req.header("forwarded")), req.header(XFCC))
+        conn = connection_for(snapshot, dst, hop, req.host, req.port) if dst is not None else None
+        client_ip = str(conn.src_ip) if conn is not None else peer_ip
         rec = ConnectionRecord(
             reporter="destination",
             direction="inbound",
             src_addr=client_ip,
             dst_addr=req.authority,
             src_workload=snapshot.workload_by_ip(client_ip),
-            src_identity=inbound.peer,
+            src_identity=conn.src_identity if conn is not None else inbound.peer,
             dst_workload=dst,
             dst_identity=self.pod.identity,
             mtls=True,
@@ -126,19 +123,18 @@ class Inbound:
         if dst is not None and dst.services:
             rec.service = snapshot.services.get(next(iter(dst.services)))
         with node.metrics.connection(rec):
-            if dst is None or req.host not in dst.addresses:
+            if dst is None or conn is None or req.host not in dst.addresses:
                 rec.fail(f"CONNECT {req.authority} is not for this pod", "NR")
                 inbound.refuse(400)
             else:
-                conn = Connection.of(inbound.peer, client_ip, req.host, req.port)
-                decision = authorize(snapshot, dst, conn)
+                decision = authorize_hop(snapshot, dst, hop, conn)
                 if not decision.allow:
                     rec.fail(decision.reason, "DENY")
                     inbound.refuse(401)
                 else:
                     task = asyncio.current_task()
                     assert task is not None
-                    with node.connections.track(dst.uid, conn, rec, task.cancel):
+                    with node.connections.track(dst.uid, conn, rec, task.cancel, hop):
                         await self._relay(inbound, client_ip, rec)
             if rec.result != "ok" and rec.response_flags not in ("UR", "DC"):
                 log.info("inbound connection refused", src=client_ip, dst=req.authority, reason=rec.reason)

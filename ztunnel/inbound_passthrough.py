@@ -2,7 +2,8 @@
 
 :func:`ztunnel.authorize.authorize` decides it like any other, with no identity: under STRICT
 the destination lists the converted static STRICT policy (deny without identity), so it is
-refused; under PERMISSIVE it is allowed unless another policy denies. The redirected connection
+refused; under PERMISSIVE it is allowed unless another policy denies. A workload in strict
+waypoint mode refuses it too: only its waypoint may reach it. The redirected connection
 is relayed to its original destination from a transparent socket bound
 to the client's IP, like inbound HBONE, so the app sees the real source either way.
 """
@@ -16,7 +17,7 @@ import structlog
 
 from mesh.authz import Connection
 from mesh.hbone.protocol import format_authority
-from ztunnel.authorize import authorize
+from ztunnel.authorize import Hop, authorize_hop
 from ztunnel.inbound import connect_as
 from ztunnel.metrics import ConnectionRecord
 from ztunnel.state import PodContext, redirected_connection, relay_sockets
@@ -51,8 +52,9 @@ class InboundPassthrough:
             if dst is None:
                 rec.fail("destination pod not known yet", "NR")
             else:
+                hop = Hop(None, peer[0])
                 conn = Connection.of(None, peer[0], dst_ip, dst_port)
-                decision = authorize(snapshot, dst, conn)
+                decision = authorize_hop(snapshot, dst, hop, conn)
                 if not decision.allow:
                     rec.fail(decision.reason, "DENY")
             if rec.result != "ok":
@@ -70,7 +72,7 @@ class InboundPassthrough:
                 raise
             task = asyncio.current_task()
             assert task is not None and dst is not None
-            with node.connections.track(dst.uid, conn, rec, task.cancel):
+            with node.connections.track(dst.uid, conn, rec, task.cancel, hop):
                 res = await relay_sockets(client, up)
             rec.bytes_sent, rec.bytes_received = res.sent, res.received
             if res.error and rec.result == "ok":

@@ -176,3 +176,20 @@ def test_policy_audiences() -> None:
         "shop/elsewhere": set(),  # a target in another namespace binds nothing
         "istio-system/mesh": {"shop/waypoint", "shop/wp-cart", "other/other"},
     }
+
+
+def test_the_control_plane_says_once_why_a_named_waypoint_is_not_used() -> None:
+    from structlog.testing import capture_logs
+
+    from controlplane.xds import ResourceCache
+
+    store = Store()
+    ref = WaypointRef("ghost", "shop")
+    store.replace_all([namespace("shop", ref), pod("web-1")])
+    with capture_logs() as logs:
+        cache = ResourceCache(store)
+        store.upsert(pod("web-2", "10.0.0.2"))
+        cache.current()
+    cache.close()
+    lines = [(e["workload"], e["reason"]) for e in logs if e["event"] == "waypoint binding not used"]
+    assert lines == [(f"shop/web-{i}", "waypoint shop/ghost does not exist") for i in (1, 2)]
