@@ -80,7 +80,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def down() -> int:
-    from ambientctl.localmesh.state import RunState, list_runs, teardown
+    from ambientctl.localmesh.state import RunState, list_runs
 
     runs = list_runs()
     if not runs:
@@ -90,11 +90,20 @@ def down() -> int:
     for path in runs:
         st = RunState.load(path)
         say(f"removing local mesh {st.run_id} ({len(st.procs)} processes, {len(st.netns)} netns)")
-        for err in teardown(st):
+        for err in _teardown(st):
             say(f"  warning: {err}")
             rc = 1
     say("done: nothing of the demo is left")
     return rc
+
+
+def _teardown(st: Any) -> list[str]:
+    """The waypoint supervisor first (it stops its waypoints and deletes their netns), then the rest."""
+    from ambientctl.localmesh import supervisor
+    from ambientctl.localmesh.state import teardown
+
+    errors = supervisor.teardown(st)
+    return errors + teardown(st)
 
 
 def up(*, keep: bool) -> int:
@@ -102,8 +111,9 @@ def up(*, keep: bool) -> int:
     from ambientctl.localmesh.mesh import DemoError, LocalMesh
     from ambientctl.localmesh.policyact import PolicyAct
     from ambientctl.localmesh.procs import ProcError
-    from ambientctl.localmesh.state import RunState, teardown
+    from ambientctl.localmesh.state import RunState
     from ambientctl.localmesh.topology import TopologyError
+    from ambientctl.localmesh.waypointact import WaypointAct
 
     old = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     st = RunState.create()
@@ -119,10 +129,20 @@ def up(*, keep: bool) -> int:
         for line in verdict.lines:
             say(line)
         failures = list(verdict.failures)
+        acts = {"traffic": "ok" if not failures else f"{len(failures)} failed"}
         if failures:
-            say("\n(the policy act is skipped: the mesh did not behave as expected without policies)")
+            say(
+                "\n(the policy and waypoint acts are skipped: the mesh did not behave as expected without policies)"
+            )
         else:
-            failures += PolicyAct(mesh, say).run()
+            for act in (PolicyAct(mesh, say), WaypointAct(mesh, say)):
+                failed = act.run()
+                acts[type(act).__name__.removesuffix("Act").lower()] = (
+                    "ok" if not failed else f"{len(failed)} failed"
+                )
+                failures += failed
+        say("")
+        say("Acts: " + "; ".join(f"{name} act {how}" for name, how in acts.items()))
         for line in report.result(failures):
             say(line)
         rc = 0 if not failures else 1
@@ -147,7 +167,7 @@ def up(*, keep: bool) -> int:
                 if "mesh" in locals() and mesh.capture is not None:
                     mesh.capture.stop()
                 say("tearing down: processes, network namespaces (with their links, nft tables, ip rules)")
-                errors = teardown(st)
+                errors = _teardown(st)
                 for err in errors:
                     say(f"  warning: {err}")
                 say("torn down: nothing left behind" if not errors else "teardown had problems (see above)")
@@ -173,8 +193,16 @@ def _print_keep(mesh: Any) -> None:
         say(f"  {name} ztunnel metrics:  curl -s http://127.0.0.1:{np.stats}/metrics | grep istio_tcp")
     say(f"  logs:                   ls {mesh.state.run_dir}/logs/")
     if mesh.policies:
-        say(f"  policies in effect:     {', '.join(p.key for p in mesh.policies)} (in {mesh.config})")
-        say("                          shop/web now refuses frontend and cart, and plaintext: edit the file")
+        say(f"  objects added:          {', '.join(p.key for p in mesh.policies)} (in {mesh.config})")
+        if any(p.key == "shop/web-deny-post-admin" for p in mesh.policies):
+            say(
+                "                          shop/web: STRICT; at L4 only frontend and the waypoint may connect;"
+            )
+            say("                          its waypoint refuses POST /admin: edit the file")
+        else:
+            say(
+                "                          shop/web now refuses frontend and cart, and plaintext: edit the file"
+            )
         say(
             "                          (delete a policy's document) and the control plane applies it within a second"
         )
@@ -184,4 +212,18 @@ def _print_keep(mesh: Any) -> None:
             for name, np in mesh.nodes.items()
         )
         say(f"  mTLS report:            ambientctl policy mtls-report {args}")
+    for key, wp in mesh.waypoints().items():
+        say(
+            f"  waypoint {key}: {wp.get('phase')} on {wp.get('node')} {wp.get('ip')} (netns {wp.get('netns')})"
+        )
+        say(f"    config:               curl -s http://127.0.0.1:{wp.get('admin_port')}/config_dump")
+        say(
+            f"    metrics:              curl -s http://127.0.0.1:{wp.get('stats_port')}/metrics | grep istio_requests"
+        )
+        say(f"    access log:           {wp.get('log')}")
+    say(
+        f"  waypoints:              the supervisor ({mesh.state.run_dir}/logs/supervisor.log) runs every waypoint "
+        "Gateway in the file:"
+    )
+    say("                          add one and it starts within seconds, delete its document and it stops")
     say("Remove it with: ambientctl demo down")

@@ -2,7 +2,8 @@
 
 ``serve`` is a tiny HTTP server answering ``hello from <ns>/<pod>, you are <client ip>``, and on
 ``/stream`` a line every 0.2 s for as long as the client stays (a long-lived connection);
-``get`` makes one request carrying a marker header and prints a JSON line with the outcome;
+``get`` makes one request (``--method``, GET by default; POST sends a small body) carrying a
+marker header and prints a JSON line with the outcome; the server answers POST as it answers GET;
 ``hold`` opens ``/stream`` and prints JSON lines: once data flows (``open``), every 5 lines
 (``receiving``), and when the connection ends (``closed``: after how long, why) — what the demo watches a policy close.
 """
@@ -28,6 +29,15 @@ def serve(name: str, port: int, ready_file: str | None) -> int:
             if self.path.startswith("/stream"):
                 self._stream()
                 return
+            self._hello()
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(length)
+            self._hello()
+
+        def _hello(self) -> None:
             body = f"hello from {name}, you are {self.client_address[0]}\n".encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")
@@ -68,7 +78,7 @@ def serve(name: str, port: int, ready_file: str | None) -> int:
     return 0
 
 
-def get(url: str, marker: str, timeout: float) -> int:
+def get(url: str, marker: str, timeout: float, method: str = "GET") -> int:
     u = urlsplit(url)
     out: dict[str, object] = {"url": url}
     conn = http.client.HTTPConnection(u.hostname or "", u.port or 80, timeout=timeout)
@@ -77,7 +87,8 @@ def get(url: str, marker: str, timeout: float) -> int:
         assert conn.sock is not None
         host, port = conn.sock.getsockname()[:2]
         out["local"] = f"{host}:{port}"
-        conn.request("GET", u.path or "/", headers={"X-Order": marker})
+        payload = b'{"order": 42}' if method in ("POST", "PUT", "PATCH") else None
+        conn.request(method, u.path or "/", body=payload, headers={"X-Order": marker})
         r = conn.getresponse()
         body = r.read()
         out.update(status=r.status, body=body.decode(errors="replace").strip(), bytes=len(body))
@@ -137,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("url")
     g.add_argument("--marker", default="")
     g.add_argument("--timeout", type=float, default=10.0)
+    g.add_argument("--method", default="GET")
     h = sub.add_parser("hold")
     h.add_argument("url")
     h.add_argument("--timeout", type=float, default=30.0)
@@ -145,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         return serve(a.name, a.port, a.ready_file)
     if a.cmd == "hold":
         return hold(a.url, a.timeout)
-    return get(a.url, a.marker, a.timeout)
+    return get(a.url, a.marker, a.timeout, a.method.upper())
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ Order matters and mirrors a real node: control plane → nodes (netns + bridge +
 the cni agent and ztunnel → each pod "run" as a container runtime does (sandbox netns, main
 network plugin's work, then our chained CNI plugin with its prevResult, which returns only once
 redirection is in place) → wait for ztunnel to own every enrolled pod → apps → capture → traffic.
+Next to the node daemons runs the waypoint supervisor (``supervisor.py``): whatever waypoint
+``Gateway`` the file gains later (the waypoint act's, or a user's on a ``--keep`` mesh), it runs.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ambientctl.localmesh import spec
+from ambientctl.localmesh import spec, supervisor
 from ambientctl.localmesh.capture import Capture, Flow, read_flows
 from ambientctl.localmesh.procs import (
     Procs,
@@ -92,7 +94,10 @@ class LocalMesh:
         self.cp_address = ""
         self._step = 0
         self.redirected: set[str] = set()
-        self.policies: list[spec.Policy] = []  # in mesh.yaml after the pods (the policy act)
+        # In mesh.yaml after the pods, in order: the policy act's policies, the waypoint act's
+        # Gateway and policies (replaced or removed by key as a user would edit the file).
+        self.policies: list[spec.Document] = []
+        self.web_waypoint: str | None = None  # the label istio.io/use-waypoint on Service web
         self.capture: Capture | None = None
 
     def step(self, msg: str) -> None:
@@ -130,9 +135,10 @@ class LocalMesh:
         a, b = (self.topo.nodes[n] for n in spec.NODES)
         self.topo.connect(a, b)
 
-        self.step("starting the cni agent and ztunnel of each node")
+        self.step("starting the cni agent and ztunnel of each node, and the waypoint supervisor")
         for node in self.topo.nodes.values():
             self._start_node(node)
+        self._start_supervisor()
 
         if not enroll:
             self.step("running the pods: sandbox netns only (the CNI plugin chain runs later)")
@@ -154,14 +160,59 @@ class LocalMesh:
 
     def _write_config(self) -> None:
         tmp = self.config.with_suffix(".tmp")
-        tmp.write_text(spec.local_config(frozenset(self.redirected), tuple(p.yaml for p in self.policies)))
+        tmp.write_text(
+            spec.local_config(
+                frozenset(self.redirected),
+                tuple(p.yaml for p in self.policies),
+                web_waypoint=self.web_waypoint,
+            )
+        )
         os.replace(tmp, self.config)
 
-    def apply_policy(self, policy: spec.Policy) -> None:
-        """Add ``policy`` to mesh.yaml, as a user editing the file would; the control plane,
-        which polls the file, reloads it and pushes the result to the ztunnels."""
-        self.policies.append(policy)
+    def apply_policy(self, policy: spec.Document) -> None:
+        """Add ``policy`` to mesh.yaml (or replace the document of the same key), as a user editing
+        the file would; the control plane, which polls the file, reloads it and pushes the result
+        to the ztunnels (and the waypoint supervisor starts or stops waypoints)."""
+        at = next((i for i, p in enumerate(self.policies) if p.key == policy.key), None)
+        if at is None:
+            self.policies.append(policy)
+        else:
+            self.policies[at] = policy
         self._write_config()
+
+    def remove_policy(self, key: str) -> bool:
+        """Delete the document ``key`` from mesh.yaml; False if it was not there."""
+        kept = [p for p in self.policies if p.key != key]
+        if len(kept) == len(self.policies):
+            return False
+        self.policies = kept
+        self._write_config()
+        return True
+
+    def use_waypoint(self, gateway: str | None) -> None:
+        """Label Service ``web`` ``istio.io/use-waypoint: <gateway>`` (None: remove the label)."""
+        self.web_waypoint = gateway
+        self._write_config()
+
+    def _start_supervisor(self) -> None:
+        ready = self.state.path / "supervisor.ready"
+        self.procs.start(
+            supervisor.PROC_NAME,
+            supervisor.argv(
+                self.state.path, self.config, self.cp_dir, self.cp_address,
+                {n.name: n.netns for n in self.topo.nodes.values()}, ready,
+            ),
+        )  # fmt: skip
+        self.procs.wait_file(supervisor.PROC_NAME, ready)
+        self.say(
+            f"      waypoint supervisor: watches {self.config.name} for waypoint Gateways, runs them "
+            f"(log {self.state.path / 'logs' / 'supervisor.log'})"
+        )
+
+    def waypoints(self) -> dict[str, Any]:
+        """What the supervisor runs now: ``{"ns/gateway": {"phase", "node", "ip", "admin_port", ...}}``."""
+        waypoints = supervisor.read_status(self.state.path).get("waypoints", {})
+        return waypoints if isinstance(waypoints, dict) else {}
 
     def _start_node(self, node: NodeNet) -> None:
         d = self.state.path / node.name
@@ -371,12 +422,12 @@ class LocalMesh:
     def _client(self, req: spec.Request) -> dict[str, Any]:
         return self.request(req.src, req.url)
 
-    def request(self, src: str, url: str, timeout: float = 10.0) -> dict[str, Any]:
-        """One HTTP GET from inside pod ``src`` (carrying the marker): the client's JSON outcome."""
+    def request(self, src: str, url: str, timeout: float = 10.0, method: str = "GET") -> dict[str, Any]:
+        """One HTTP request from inside pod ``src`` (carrying the marker): the client's JSON outcome."""
         net = self.pods[src]
         r = subprocess.run(
             ["ip", "netns", "exec", net.netns, sys.executable, "-m", "ambientctl.localmesh.app", "get",
-             url, "--marker", spec.MARKER, "--timeout", str(timeout)],
+             url, "--marker", spec.MARKER, "--timeout", str(timeout), "--method", method],
             capture_output=True, text=True, timeout=timeout + 20,
         )  # fmt: skip
         try:

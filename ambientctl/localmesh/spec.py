@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ambientctl.localmesh.topology import node_cidr
 from sources.convert import pod_uid
 
 TRUST_DOMAIN = "cluster.local"
 MARKER = "SECRET-ORDER-4242"
 APP_PORT = 8080
 NODES = ("node-a", "node-b")
+
+
+def pod_cidr(node: str) -> str:
+    """``spec.podCIDR`` of ``node``: the bridge's subnet the demo builds it with (topology.py);
+    local mode gives waypoint pods an address from it."""
+    return node_cidr(NODES.index(node) + 1)
 
 
 @dataclass(frozen=True)
@@ -83,17 +90,28 @@ REQUESTS = (
 
 
 REDIRECTION_ANNOTATION = "ambient.istio.io/redirection"
+USE_WAYPOINT_LABEL = "istio.io/use-waypoint"
 
 
-def local_config(redirected: frozenset[str] = frozenset(), policies: tuple[str, ...] = ()) -> str:
+def local_config(
+    redirected: frozenset[str] = frozenset(),
+    policies: tuple[str, ...] = (),
+    *,
+    web_waypoint: str | None = None,
+) -> str:
     """The local-mode YAML (LOCAL_MODE.md): plain Kubernetes objects.
 
     ``redirected``: pod keys whose redirection the cni agent confirmed; they carry the annotation
     ``ambient.istio.io/redirection: enabled`` that the agent writes through the API server in
     Kubernetes mode, and that makes the control plane publish them as HBONE-capable.
-    ``policies``: further documents (the policy act's ``security.istio.io/v1`` objects), appended.
+    ``policies``: further documents (the acts' ``security.istio.io/v1`` objects, a waypoint's
+    ``Gateway``), appended. ``web_waypoint``: the Service ``web`` gets the label
+    ``istio.io/use-waypoint: <it>`` (the waypoint act).
     """
-    docs = [f"apiVersion: v1\nkind: Node\nmetadata: {{name: {n}}}\n" for n in NODES]
+    docs = [
+        f"apiVersion: v1\nkind: Node\nmetadata: {{name: {n}}}\nspec: {{podCIDR: {pod_cidr(n)}}}\n"
+        for n in NODES
+    ]
     for ns, enrolled in NAMESPACES.items():
         labels = "\n  labels: {istio.io/dataplane-mode: ambient}" if enrolled else ""
         docs.append(f"apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}{labels}\n")
@@ -106,8 +124,9 @@ def local_config(redirected: frozenset[str] = frozenset(), policies: tuple[str, 
             f"spec: {{nodeName: {p.node}, serviceAccountName: {p.service_account}}}\n"
             f"status: {{podIP: {p.ip}}}\n"
         )
+    labels = f", labels: {{{USE_WAYPOINT_LABEL}: {web_waypoint}}}" if web_waypoint else ""
     docs.append(
-        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n"
+        f"apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop{labels}}}\n"
         f"spec:\n  clusterIP: {WEB_VIP}\n  selector: {{app: web}}\n"
         f"  ports: [{{name: http, port: 80, targetPort: {APP_PORT}}}]\n"
     )
@@ -121,9 +140,14 @@ STATIC_STRICT = "istio-system/istio_converted_static_strict"  # what STRICT beco
 
 
 @dataclass(frozen=True)
-class Policy:
+class Document:
+    """One object the acts add to mesh.yaml, as a user would write it."""
+
     key: str  # namespace/name
     yaml: str
+
+
+Policy = Document
 
 
 STRICT_SHOP = Policy(
@@ -145,4 +169,44 @@ WEB_DENY_FRONTEND = Policy(
     "metadata: {name: web-deny-frontend, namespace: shop}\n"
     "spec:\n  selector: {matchLabels: {app: web}}\n  action: DENY\n"
     f'  rules:\n  - from: [{{source: {{principals: ["{TRUST_DOMAIN}/ns/shop/sa/frontend"]}}}}]\n',
+)
+
+
+# -- the waypoint act: an L7 proxy for shop/web -----------------------------------------------------
+
+WAYPOINT_NODE = "node-b"  # the Gateway's ambient-mesh.io/node annotation: next to web
+WAYPOINT = Document(
+    "shop/waypoint",
+    "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n"
+    "metadata:\n  name: waypoint\n  namespace: shop\n"
+    f"  annotations: {{ambient-mesh.io/node: {WAYPOINT_NODE}}}\n"
+    "spec:\n  gatewayClassName: istio-waypoint\n"
+    "  listeners:\n  - {name: mesh, port: 15008, protocol: HBONE}\n",
+)
+
+
+def waypoint_identity(gateway: Document = WAYPOINT) -> str:
+    """The waypoint's own identity: the service account named after its Gateway (as in Istio)."""
+    ns, name = gateway.key.split("/", 1)
+    return f"spiffe://{TRUST_DOMAIN}/ns/{ns}/sa/{name}"
+
+
+# With a waypoint, web's ztunnel sees the waypoint's identity on service traffic (Istio's default):
+# the L4 ALLOW for frontend must also name the waypoint, as Istio's documentation says.
+WEB_ALLOW_FRONTEND_AND_WAYPOINT = Document(
+    "shop/web-allow-frontend",
+    "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+    "metadata: {name: web-allow-frontend, namespace: shop}\n"
+    "spec:\n  selector: {matchLabels: {app: web}}\n  action: ALLOW\n"
+    "  rules:\n  - from: [{source: {principals:\n"
+    f'      ["{TRUST_DOMAIN}/ns/shop/sa/frontend", "{TRUST_DOMAIN}/ns/shop/sa/waypoint"]}}}}]\n',
+)
+WEB_DENY_POST_ADMIN = Document(
+    "shop/web-deny-post-admin",
+    "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+    "metadata: {name: web-deny-post-admin, namespace: shop}\n"
+    "spec:\n"
+    '  targetRefs: [{kind: Service, group: "", name: web}]\n'
+    "  action: DENY\n"
+    '  rules:\n  - to: [{operation: {methods: ["POST"], paths: ["/admin"]}}]\n',
 )

@@ -3,6 +3,7 @@
 Layout (N = node number 1.., P = pod number 2..)::
 
     pod netns  <prefix><namespace>-<pod>   eth0 10.0.N.P/24, default via 10.0.N.1
+               (a waypoint's pod: the highest free address of the node's pod CIDR, 10.0.N.254)
          | veth
     node netns <prefix><node>              br0 10.0.N.1/24 (its pods' veths), ip_forward on
          | veth "wire" 10.0.254.N/24 -- node-to-node traffic crosses it: the demo captures there
@@ -10,10 +11,15 @@ Layout (N = node number 1.., P = pod number 2..)::
 
 Nothing is created in the root netns but the netns files: deleting a netns deletes its links,
 nft tables and ip rules with it. Every netns is recorded in the run state before it exists.
+
+The demo builds the nodes (:meth:`Topology.add_node`); the waypoint supervisor, another process,
+finds them again by name (:meth:`Topology.adopt_node`, which reads the bridge's address) and
+adds and removes its waypoints' pods on them (:meth:`Topology.add_pod`, :meth:`Topology.remove_pod`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
 from dataclasses import dataclass
@@ -22,6 +28,12 @@ from ambientctl.localmesh.state import RunState
 
 WIRE = "wire"
 WIRE_NET = "10.0.254"
+BRIDGE = "br0"
+
+
+def node_cidr(index: int) -> str:
+    """The pod CIDR of node number ``index`` (1..): its bridge is the CIDR's first address."""
+    return f"10.0.{index}.0/24"
 
 
 class TopologyError(RuntimeError):
@@ -40,10 +52,8 @@ class NodeNet:
     name: str
     index: int
     netns: str
-
-    @property
-    def gateway(self) -> str:
-        return f"10.0.{self.index}.1"
+    gateway: str  # the bridge's address: its pods' default route
+    prefixlen: int = 24
 
 
 @dataclass(frozen=True)
@@ -69,7 +79,9 @@ class PodNet:
                 {"name": self.host_if},
                 {"name": "eth0", "mac": mac, "sandbox": self.netns_path},
             ],
-            "ips": [{"address": f"{self.ip}/24", "gateway": self.node.gateway, "interface": 2}],
+            "ips": [
+                {"address": f"{self.ip}/{self.node.prefixlen}", "gateway": self.node.gateway, "interface": 2}
+            ],
             "routes": [{"dst": "0.0.0.0/0", "gw": self.node.gateway}],
         }
 
@@ -87,12 +99,15 @@ class Topology:
 
     def add_node(self, name: str) -> NodeNet:
         index = len(self.nodes) + 1
-        node = NodeNet(name, index, f"{self.state.prefix}{name}")
+        cidr = ipaddress.ip_network(node_cidr(index))
+        node = NodeNet(
+            name, index, f"{self.state.prefix}{name}", str(cidr.network_address + 1), cidr.prefixlen
+        )
         self._add_netns(node.netns)
         ns = node.netns
-        run("ip", "-n", ns, "link", "add", "br0", "type", "bridge")
-        run("ip", "-n", ns, "addr", "add", f"{node.gateway}/24", "dev", "br0")
-        run("ip", "-n", ns, "link", "set", "br0", "up")
+        run("ip", "-n", ns, "link", "add", BRIDGE, "type", "bridge")
+        run("ip", "-n", ns, "addr", "add", f"{node.gateway}/{node.prefixlen}", "dev", BRIDGE)
+        run("ip", "-n", ns, "link", "set", BRIDGE, "up")
         run("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         self.nodes[name] = node
         return node
@@ -104,8 +119,23 @@ class Topology:
         for n in (a, b):
             run("ip", "-n", n.netns, "addr", "add", f"{WIRE_NET}.{n.index}/24", "dev", WIRE)
             run("ip", "-n", n.netns, "link", "set", WIRE, "up")
-        run("ip", "-n", a.netns, "route", "add", f"10.0.{b.index}.0/24", "via", f"{WIRE_NET}.{b.index}")
-        run("ip", "-n", b.netns, "route", "add", f"10.0.{a.index}.0/24", "via", f"{WIRE_NET}.{a.index}")
+        run("ip", "-n", a.netns, "route", "add", node_cidr(b.index), "via", f"{WIRE_NET}.{b.index}")
+        run("ip", "-n", b.netns, "route", "add", node_cidr(a.index), "via", f"{WIRE_NET}.{a.index}")
+
+    def adopt_node(self, name: str, netns: str) -> NodeNet:
+        """A node another process built (:meth:`add_node`): its bridge's IPv4 address tells the
+        gateway and prefix its new pods get. Not recorded here: the netns is not ours to delete."""
+        try:
+            links = json.loads(run("ip", "-n", netns, "-j", "-4", "addr", "show", "dev", BRIDGE))
+        except (TopologyError, ValueError) as e:
+            raise TopologyError(f"node {name}: no bridge {BRIDGE} in netns {netns}: {e}") from None
+        addrs = [a for link in links for a in link.get("addr_info", []) if a.get("family") == "inet"]
+        if not addrs:
+            raise TopologyError(f"node {name}: bridge {BRIDGE} in netns {netns} has no IPv4 address")
+        gateway, prefixlen = str(addrs[0]["local"]), int(addrs[0]["prefixlen"])
+        node = NodeNet(name, 0, netns, gateway, prefixlen)  # index: only the builder numbers nodes
+        self.nodes[name] = node
+        return node
 
     def pod_ip(self, node: NodeNet) -> str:
         return f"10.0.{node.index}.{2 + sum(1 for p in self.pods if p.node == node)}"
@@ -118,9 +148,23 @@ class Topology:
         self._add_netns(netns)
         run("ip", "link", "add", "name", "eth0", "netns", netns, "type", "veth", "peer", "name", host_if,
             "netns", node.netns)  # fmt: skip
-        run("ip", "-n", node.netns, "link", "set", host_if, "master", "br0", "up")
-        run("ip", "-n", netns, "addr", "add", f"{ip}/24", "dev", "eth0")
+        run("ip", "-n", node.netns, "link", "set", host_if, "master", BRIDGE, "up")
+        run("ip", "-n", netns, "addr", "add", f"{ip}/{node.prefixlen}", "dev", "eth0")
         run("ip", "-n", netns, "link", "set", "eth0", "up")
         run("ip", "-n", netns, "route", "add", "default", "via", node.gateway)
         self.pods.append(pod)
         return pod
+
+    def remove_pod(self, pod: PodNet) -> None:
+        """Delete the pod's netns (its veth, and the peer on the bridge, go with it), then forget it."""
+        if pod.netns in netns_list():
+            run("ip", "netns", "del", pod.netns)
+        if pod in self.pods:
+            self.pods.remove(pod)
+        if pod.netns in self.state.netns:
+            self.state.netns.remove(pod.netns)
+            self.state.save()
+
+
+def netns_list() -> set[str]:
+    return {line.split(" ", 1)[0] for line in run("ip", "netns", "list").splitlines() if line.strip()}

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,6 +85,8 @@ def test_demo_end_to_end_leaves_nothing(run_root: dict[str, str]) -> None:
     assert "shop (enrolled):       TLS only (HBONE on :15008), marker never visible" in out
     assert "legacy (not enrolled): plaintext, marker visible on the wire" in out
     assert_policy_act(out)
+    assert_waypoint_act(out)
+    assert "Acts: traffic act ok; policy act ok; waypoint act ok" in out
     assert "RESULT: every expected result holds." in out
     assert_nothing_left(run_id(out), run_root, before)
 
@@ -93,7 +96,7 @@ STRICT_KEY = "istio-system/istio_converted_static_strict"
 
 def assert_policy_act(out: str) -> None:
     """The policy act's outcomes, as printed (each line marked ok only if it was checked)."""
-    act = out.split("Policy act:", 1)[1]
+    act = out.split("Policy act:", 1)[1].split("Waypoint act:", 1)[0]
     assert "[FAILED]" not in act, act
     for step in range(1, 5):
         assert f"[policy {step}/4]" in act
@@ -131,6 +134,59 @@ def assert_policy_act(out: str) -> None:
     assert re.search(r"shop/frontend -> http://10\.0\.2\.2:8080/order: refused \(.*\)  \[ok\]", c), c
 
 
+FRONTEND_ID = "spiffe://cluster.local/ns/shop/sa/frontend"
+WAYPOINT_ID = "spiffe://cluster.local/ns/shop/sa/waypoint"
+
+
+def assert_waypoint_act(out: str) -> None:
+    """The waypoint act's outcomes, as printed."""
+    act = out.split("Waypoint act:", 1)[1].split("\nActs:", 1)[0]
+    assert "[FAILED]" not in act, act
+    for step in range(1, 5):
+        assert f"[waypoint {step}/4]" in act
+    # 1. The policy act's L4 leftovers are adjusted, and said so.
+    a = act.split("[waypoint 1/4]", 1)[1].split("[waypoint 2/4]", 1)[0]
+    assert "shop/web-deny-frontend deleted from mesh.yaml" in a
+    assert '["cluster.local/ns/shop/sa/frontend", "cluster.local/ns/shop/sa/waypoint"]' in a
+    assert "no longer shop/web-deny-frontend" in a
+    # 2. The supervisor runs the Gateway's waypoint on node-b, at the top of its pod CIDR.
+    b = act.split("[waypoint 2/4]", 1)[1].split("[waypoint 3/4]", 1)[0]
+    assert "| kind: Gateway" in b and "|   gatewayClassName: istio-waypoint" in b
+    assert "labels: {istio.io/use-waypoint: waypoint}" in b
+    assert re.search(
+        r"waypoint supervisor: shop/waypoint ready on node-b 10\.0\.2\.254 \(netns ambd-[0-9a-f]+-wp-shop-waypoint-0",
+        b,
+    ), b
+    assert "supervisor log: 'waypoint shop/waypoint: started on node-b 10.0.2.254, ready'" in b
+    assert f"the waypoint's config_dump: identity {WAYPOINT_ID}, knows service shop/web" in b
+    assert "service shop/web has waypoint waypoint.shop.svc.cluster.local (HBONE :15008)  [ok]" in b
+    # 3. The L7 policy reaches the waypoint.
+    c = act.split("[waypoint 3/4]", 1)[1].split("[waypoint 4/4]", 1)[0]
+    assert '|   targetRefs: [{kind: Service, group: "", name: web}]' in c
+    assert "the waypoint applies shop/web-deny-post-admin" in c
+    # 4. GET passes, POST /admin is refused by the waypoint, with identities and the metric.
+    d = act.split("[waypoint 4/4]", 1)[1]
+    assert "shop/frontend -> GET http://10.96.0.20:80/order: HTTP 200 'hello from shop/web" in d
+    assert "shop/frontend -> POST http://10.96.0.20:80/order: HTTP 200 'hello from shop/web" in d
+    assert "shop/frontend -> POST http://10.96.0.20:80/admin: HTTP 403 'RBAC: access denied'  [ok]" in d
+    assert re.search(
+        rf"\| POST /admin 403 src={FRONTEND_ID} dst_service=web\.shop\.svc\.cluster\.local .* "
+        r"policy=shop/web-deny-post-admin reason='denied by DENY policy shop/web-deny-post-admin rule 0'",
+        d,
+    ), d
+    assert f"| GET /order 200 src={FRONTEND_ID} dst_service=web.shop.svc.cluster.local" in d
+    assert f"decided at the waypoint ({WAYPOINT_ID})  [ok]" in d
+    assert "forwarded to spiffe://cluster.local/ns/shop/sa/web  [ok]" in d
+    assert (
+        f"web's ztunnel (node-b) access log: inbound from {WAYPOINT_ID} to spiffe://cluster.local/ns/shop/sa/web"
+        in d
+    )
+    assert (
+        f'istio_requests_total{{reporter="waypoint",source_principal="{FRONTEND_ID}",'
+        'destination_service="web.shop.svc.cluster.local",response_code="403",response_flags="RBAC"} 1  [ok]'
+    ) in d
+
+
 @pytest.mark.netns
 @pytest.mark.slow
 @needs_root
@@ -145,20 +201,34 @@ def test_keep_then_down(run_root: dict[str, str]) -> None:
     assert m, p.stdout
     # Still running: its netns exist and ztunnel answers.
     assert f"ambd-{rid}-shop-web" in sh("ip", "netns", "list")
-    import urllib.request
-
     with urllib.request.urlopen(m.group(1), timeout=5) as r:
         assert b"spiffe://cluster.local/ns/shop/sa/frontend" in r.read()
-    # The policies of the act stay applied, and mtls-report works on the kept mesh.
-    assert "policies in effect:     shop/default, shop/web-allow-frontend, shop/web-deny-frontend" in p.stdout
+    # What the acts added stays applied, and mtls-report works on the kept mesh.
+    assert (
+        "objects added:          shop/default, shop/web-allow-frontend, shop/waypoint, shop/web-deny-post-admin"
+        in p.stdout
+    )
     yaml_text = (Path(run_root["AMBIENT_DEMO_RUN_ROOT"]) / rid / "mesh.yaml").read_text()
-    assert "kind: PeerAuthentication" in yaml_text and "name: web-deny-frontend" in yaml_text
+    assert "kind: PeerAuthentication" in yaml_text and "name: web-deny-post-admin" in yaml_text
+    assert "kind: Gateway" in yaml_text and "name: web-deny-frontend" not in yaml_text
+    # The waypoint keeps running too, in its own netns, and answers.
+    assert (
+        f"waypoint shop/waypoint: ready on node-b 10.0.2.254 (netns ambd-{rid}-wp-shop-waypoint-0)"
+        in p.stdout
+    )
+    assert f"ambd-{rid}-wp-shop-waypoint-0" in sh("ip", "netns", "list")
+    m = re.search(r"    config:\s+curl -s (http://127.0.0.1:\d+/config_dump)", p.stdout)
+    assert m, p.stdout
+    with urllib.request.urlopen(m.group(1), timeout=5) as r:
+        wp = json.loads(r.read())
+    assert wp["identity"] == WAYPOINT_ID and [x["name"] for x in wp["policies"]] == ["web-deny-post-admin"]
     m = re.search(r"node-b ztunnel config:\s+curl -s (http://127.0.0.1:\d+/config_dump)", p.stdout)
     assert m, p.stdout
     with urllib.request.urlopen(m.group(1), timeout=5) as r:
         dump = json.loads(r.read())
     web = next(x for x in dump["pods"] if x["name"] == "web")
-    assert {STRICT_KEY, "shop/web-allow-frontend", "shop/web-deny-frontend"} <= set(web["authorizations"])
+    assert {STRICT_KEY, "shop/web-allow-frontend"} <= set(web["authorizations"])
+    assert "shop/web-deny-frontend" not in web["authorizations"]
     m = re.search(r"mTLS report:\s+ambientctl (policy mtls-report .*)", p.stdout)
     assert m, p.stdout
     r = subprocess.run(
