@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -91,6 +92,7 @@ class Upstream:
     port: int
     identity: Identity
     client: Client
+    workload: Workload | None = field(default=None, compare=False, hash=False)  # for telemetry
 
 
 class Waypoint:
@@ -347,7 +349,7 @@ class _Tunnel:
             self._decisions[id(head)] = (decision, "no healthy upstream")
             return Respond(503, b"no healthy upstream\n", (("content-type", "text/plain"),))
         w, port = random.choice(eps)
-        up = Upstream(_same_family(w, self.target.host), port, w.identity, self.client)
+        up = Upstream(_same_family(w, self.target.host), port, w.identity, self.client, w)
         return Forward(
             upstream_key=up,
             path=norm.forward if norm.forward != head.path else None,
@@ -384,7 +386,10 @@ class _Tunnel:
             extra["upstream_failure"] = rec.upstream_failure
         for audit in decision.audit if decision is not None else ():
             extra.setdefault("audit", str(audit))
-        self.wp.metrics.request(self.peers, rec, flags, extra)
+        peers = self.peers
+        if isinstance(rec.upstream_key, Upstream) and rec.upstream_key.workload is not None:
+            peers = dataclasses.replace(peers, dst_workload=rec.upstream_key.workload)
+        self.wp.metrics.request(peers, rec, flags, extra)
 
     async def relay_tcp(self, down: ByteStream) -> None:
         """Not HTTP: the policies as Istio's TCP filter reads them decide (:mod:`waypoint.tcp_policy`),
@@ -409,7 +414,7 @@ class _Tunnel:
                 return
             w, port = random.choice(eps)
             try:
-                up = await wp.open_tunnel(Upstream(_same_family(w, self.target.host), port, w.identity, self.client))
+                up = await wp.open_tunnel(Upstream(_same_family(w, self.target.host), port, w.identity, self.client, w))
             except Exception as e:  # refused, unreachable, no certificate: nothing to relay to
                 flags = "UF"
                 log.info("tcp upstream failed", endpoint=w.name, error=str(e) or type(e).__name__)
