@@ -269,6 +269,13 @@ async def test_http1_post_admin_denied_while_get_order_passes(env: Env) -> None:
         env.waypoint, "istio_requests_total", response_code="403", source_principal=uri("frontend")
     )
     assert after - before == 2
+    # Labelled with the endpoint each request went to.
+    assert (
+        metric(
+            env.waypoint, "istio_requests_total", destination_workload="web", destination_principal=uri("web")
+        )
+        >= 2
+    )
     assert (
         metric(
             env.waypoint,
