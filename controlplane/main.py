@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import functools
+import ssl
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ from controlplane.auth import (
     TokenReviewAuthenticator,
 )
 from controlplane.ca import bearer_token
+from controlplane.jwks import DEFAULT_REFRESH as DEFAULT_JWKS_REFRESH
+from controlplane.jwks import JwksCache
 from controlplane.server import DEFAULT_PORT, ServerError, parse_listen, start_server
 from controlplane.tokens import DEFAULT_TOKEN_TTL, TokenError, TokenIssuer
 from mesh import log as meshlog
@@ -108,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_POLL_INTERVAL,
         help="how often to check the local config file for changes",
     )
+    p.add_argument(
+        "--jwks-ca-file",
+        metavar="PEM",
+        help="CA bundle to verify RequestAuthentication jwksUri servers with (default: the system's)",
+    )
+    p.add_argument(
+        "--jwks-refresh",
+        metavar="SECONDS",
+        type=float,
+        default=DEFAULT_JWKS_REFRESH,
+        help="how often to re-fetch every jwksUri (default: 20 minutes, as istiod)",
+    )
     p.add_argument("--log-level", default="info", choices=meshlog.LEVELS)
     return p
 
@@ -118,6 +133,13 @@ def validate(args: argparse.Namespace) -> None:
         raise StartupError("one of --local-config FILE or --kubernetes is required")
     if not args.state_dir:
         raise StartupError("--state-dir DIR is required")
+    if args.jwks_refresh <= 0:
+        raise StartupError(f"--jwks-refresh must be positive, not {args.jwks_refresh}")
+    if args.jwks_ca_file:
+        try:
+            ssl.create_default_context(cafile=args.jwks_ca_file)
+        except (OSError, ssl.SSLError) as e:
+            raise StartupError(f"--jwks-ca-file {args.jwks_ca_file}: {e}") from None
     if args.local_config and not Path(args.local_config).is_file():
         raise StartupError(f"--local-config: {args.local_config} is not a readable file")
     if args.kubeconfig and not args.kubernetes:
@@ -269,8 +291,16 @@ async def serve(args: argparse.Namespace, p: Prepared) -> int:
     authenticator = p.authenticator
     servicers: list[xds.DiscoveryServicer] = []
 
+    jwks = JwksCache(
+        p.store,
+        refresh=args.jwks_refresh,
+        ssl_context=ssl.create_default_context(cafile=args.jwks_ca_file) if args.jwks_ca_file else None,
+    )
+
     def register_discovery(grpc_server: Any) -> None:
-        servicers.append(xds.register(grpc_server, p.store, authenticate=xds_authenticate(authenticator)))
+        servicers.append(
+            xds.register(grpc_server, p.store, authenticate=xds_authenticate(authenticator), jwks=jwks)
+        )
 
     try:
         server = await start_server(args.listen, p.ca, p.store, authenticator, [register_discovery])
@@ -280,6 +310,7 @@ async def serve(args: argparse.Namespace, p: Prepared) -> int:
             s.close()
         raise StartupError(str(e)) from None
     try:
+        jwks.start()
         p.source.start()
         # Serve only a complete picture: before the first full list, every node would be refused
         # certificates for pods it does run. (The local file was loaded by prepare(): no wait.)
@@ -301,6 +332,7 @@ async def serve(args: argparse.Namespace, p: Prepared) -> int:
         log.info("stopping control plane")
     finally:
         unsubscribe()
+        await jwks.aclose()
         await p.source.astop()
         if p.api_client is not None:
             p.api_client.close()

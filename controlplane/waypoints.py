@@ -28,10 +28,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from mesh.model import Gateway, Service, Snapshot, Workload
 from mesh.model.objects import ANNOTATION_WAYPOINT_MODE, LABEL_GATEWAY_NAME, WaypointRef
-from mesh.model.policy import ROOT_NAMESPACE, AuthorizationPolicy
+from mesh.model.policy import ROOT_NAMESPACE, PolicyTargetRef
 
 GATEWAY_GROUP = "gateway.networking.k8s.io"
 _FOR_WORKLOADS = frozenset({"workload", "all"})
@@ -158,7 +159,18 @@ def _is_waypoint_service(service: Service, snapshot: Snapshot) -> bool:
 # --- who receives which waypoint policy ------------------------------------------------------------
 
 
-def _gateway_refs(policy: AuthorizationPolicy) -> Iterable[tuple[str, str, str]]:
+class Targeted(Protocol):
+    """A policy bound with ``targetRefs`` (AuthorizationPolicy, RequestAuthentication)."""
+
+    @property
+    def namespace(self) -> str: ...
+    @property
+    def key(self) -> str: ...
+    @property
+    def target_refs(self) -> tuple[PolicyTargetRef, ...]: ...
+
+
+def _gateway_refs(policy: Targeted) -> Iterable[tuple[str, str, str]]:
     """(kind, namespace, name) of each target; a target in another namespace binds nothing (istiod)."""
     for t in policy.target_refs:
         ns = t.namespace or policy.namespace
@@ -180,9 +192,7 @@ def waypoints_of_service(service: Service, snapshot: Snapshot) -> set[str]:
     return found
 
 
-def policy_audiences(
-    policies: Iterable[AuthorizationPolicy], snapshot: Snapshot
-) -> Mapping[str, frozenset[str]]:
+def policy_audiences(policies: Iterable[Targeted], snapshot: Snapshot) -> Mapping[str, frozenset[str]]:
     """Policy key → the waypoint Gateways (``ns/name``) it binds to; selector policies are absent.
 
     ``Gateway`` targets name the waypoint, ``Service`` targets reach the waypoints that handle

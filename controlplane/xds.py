@@ -35,6 +35,7 @@ from typing import Any
 import grpc
 import structlog
 
+from controlplane.jwks import JwksCache
 from controlplane.lowering import (
     PeerAuthenticationIndex,
     SelectorPolicyIndex,
@@ -51,7 +52,13 @@ from mesh.xds.convert import (
     address_to_any,
     authorization_to_any,
 )
-from mesh.xds.waypoint_policy import WAYPOINT_POLICY_TYPE_URL, waypoint_policy_to_any
+from mesh.xds.state import WaypointAuthentication
+from mesh.xds.waypoint_policy import (
+    WAYPOINT_AUTHN_TYPE_URL,
+    WAYPOINT_POLICY_TYPE_URL,
+    waypoint_authn_to_any,
+    waypoint_policy_to_any,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -59,11 +66,12 @@ Metadata = Sequence[tuple[str, str | bytes]]
 # Verifies a stream's credentials; returns the caller's "<namespace>/<service account>", which
 # decides the waypoint policies it may receive (None: unscoped, for tests without credentials).
 Authenticator = Callable[[Metadata], Awaitable[str | None]]
-TYPES = (ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, WAYPOINT_POLICY_TYPE_URL)
+TYPES = (ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, WAYPOINT_POLICY_TYPE_URL, WAYPOINT_AUTHN_TYPE_URL)
+_SCOPED = (WAYPOINT_POLICY_TYPE_URL, WAYPOINT_AUTHN_TYPE_URL)  # served only to the waypoints they bind to
 
 WILDCARD = "*"
 # Kinds whose changes cannot alter any served resource.
-_IRRELEVANT_KINDS = frozenset({Kind.NODE, Kind.SERVICE_ACCOUNT, Kind.REQUEST_AUTHENTICATION})
+_IRRELEVANT_KINDS = frozenset({Kind.NODE, Kind.SERVICE_ACCOUNT})
 
 
 class AuthenticationFailed(Exception):
@@ -103,16 +111,17 @@ class Resources:
     by_type: Mapping[str, Mapping[str, Entry]]
     parent_version: int | None = None
     changed: Mapping[str, frozenset[str]] | None = None
-    # Waypoint policy name -> the waypoint accounts ("ns/name", a waypoint runs as the service
-    # account named after its Gateway) that may receive it; no other stream sees it.
-    audiences: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    # Per waypoint type: resource name -> the waypoint accounts ("ns/name", a waypoint runs as
+    # the service account named after its Gateway) that may receive it; no other stream sees it.
+    audiences: Mapping[str, Mapping[str, frozenset[str]]] = field(default_factory=dict)
 
     def visible(self, type_url: str, caller: str | None) -> Mapping[str, Entry]:
         """What of ``type_url`` a stream authenticated as ``caller`` is served."""
         current = self.by_type[type_url]
-        if type_url != WAYPOINT_POLICY_TYPE_URL or caller is None:
+        if type_url not in _SCOPED or caller is None:
             return current
-        return {name: e for name, e in current.items() if caller in self.audiences.get(name, ())}
+        audience = self.audiences.get(type_url, {})
+        return {name: e for name, e in current.items() if caller in audience.get(name, ())}
 
 
 def _workload_entry(
@@ -132,11 +141,14 @@ class ResourceCache:
     happens lazily on the event loop when a stream asks for :meth:`current`.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, jwks: JwksCache | None = None) -> None:
+        self._jwks = jwks
+        self._jwks_version = jwks.version if jwks is not None else 0
         self._lock = threading.Lock()
         self._pending: list[Delta] = []
         self._warned: dict[str, tuple[str, ...]] = {}
         self._waypoint_problems: dict[str, str] = {}
+        self._store = store
         self._unsubscribe = store.subscribe(self._on_delta)
         self._selector_policies = SelectorPolicyIndex()
         self._peer_auth = PeerAuthenticationIndex(())
@@ -153,6 +165,12 @@ class ResourceCache:
         with self._lock:
             pending, self._pending = self._pending, []
         pending = [d for d in pending if d.version > self._resources.version]
+        if self._jwks is not None and self._jwks.version != self._jwks_version:
+            # New keys: re-render (rare: once per fetch that changed a document).
+            self._jwks_version = self._jwks.version
+            latest = pending[-1].snapshot if pending else self._store.snapshot()
+            self._resources = self._render(latest)
+            return self._resources
         if not pending:
             return self._resources
         kinds = frozenset().union(*(d.kinds for d in pending)) - _IRRELEVANT_KINDS
@@ -201,8 +219,11 @@ class ResourceCache:
         by_type[ADDRESS_TYPE_URL] = MappingProxyType(addresses)
         # Which waypoints handle a service can follow its pods (per-account waypoints).
         audiences = _audiences(snapshot)
-        old = self._resources.audiences
-        moved = frozenset(k for k in audiences.keys() | old.keys() if audiences.get(k) != old.get(k))
+
+        def moved(type_url: str) -> frozenset[str]:
+            new, old = audiences.get(type_url, {}), self._resources.audiences.get(type_url, {})
+            return frozenset(k for k in new.keys() | old.keys() if new.get(k) != old.get(k))
+
         return Resources(
             snapshot.version,
             MappingProxyType(by_type),
@@ -211,7 +232,8 @@ class ResourceCache:
                 {
                     ADDRESS_TYPE_URL: frozenset(touched),
                     AUTHORIZATION_TYPE_URL: frozenset(),
-                    WAYPOINT_POLICY_TYPE_URL: moved,
+                    WAYPOINT_POLICY_TYPE_URL: moved(WAYPOINT_POLICY_TYPE_URL),
+                    WAYPOINT_AUTHN_TYPE_URL: moved(WAYPOINT_AUTHN_TYPE_URL),
                 }
             ),
             audiences=audiences,
@@ -240,6 +262,17 @@ class ResourceCache:
             for p in snapshot.authorization_policies.values()
             if p.target_refs
         }
+        docs = self._jwks.documents() if self._jwks is not None else {}
+        waypoint_authns = {
+            ra.key: _entry(
+                ra.key,
+                waypoint_authn_to_any(
+                    WaypointAuthentication(ra, {r.jwks_uri: docs[r.jwks_uri] for r in ra.jwt_rules if r.jwks_uri in docs})
+                ),
+            )
+            for ra in snapshot.request_authentications.values()
+            if ra.target_refs
+        }
         return Resources(
             snapshot.version,
             MappingProxyType(
@@ -247,16 +280,24 @@ class ResourceCache:
                     ADDRESS_TYPE_URL: MappingProxyType(addresses),
                     AUTHORIZATION_TYPE_URL: MappingProxyType(authorizations),
                     WAYPOINT_POLICY_TYPE_URL: MappingProxyType(waypoint_policies),
+                    WAYPOINT_AUTHN_TYPE_URL: MappingProxyType(waypoint_authns),
                 }
             ),
             audiences=_audiences(snapshot),
         )
 
 
-def _audiences(snapshot: Snapshot) -> Mapping[str, frozenset[str]]:
-    """Policy key -> accounts of the waypoints it binds to (a waypoint runs as its Gateway's name)."""
-    targeted = (p for p in snapshot.authorization_policies.values() if p.target_refs)
-    return MappingProxyType(dict(policy_audiences(targeted, snapshot)))
+def _audiences(snapshot: Snapshot) -> Mapping[str, Mapping[str, frozenset[str]]]:
+    """Per waypoint type, resource name -> accounts of the waypoints it binds to (a waypoint runs
+    as its Gateway's name)."""
+    policies = (p for p in snapshot.authorization_policies.values() if p.target_refs)
+    authns = (a for a in snapshot.request_authentications.values() if a.target_refs)
+    return MappingProxyType(
+        {
+            WAYPOINT_POLICY_TYPE_URL: MappingProxyType(dict(policy_audiences(policies, snapshot))),
+            WAYPOINT_AUTHN_TYPE_URL: MappingProxyType(dict(policy_audiences(authns, snapshot))),
+        }
+    )
 
 
 @dataclass(slots=True)
@@ -406,10 +447,13 @@ class _Stream:
 class DiscoveryServicer:
     """``AggregatedDiscoveryService`` for grpc.aio; one instance serves every stream."""
 
-    def __init__(self, store: Store, *, authenticate: Authenticator | None = None) -> None:
+    def __init__(
+        self, store: Store, *, authenticate: Authenticator | None = None, jwks: JwksCache | None = None
+    ) -> None:
         self._store = store
         self._authenticate = authenticate
-        self.cache = ResourceCache(store)
+        self._jwks = jwks
+        self.cache = ResourceCache(store, jwks)
 
     def close(self) -> None:
         """Stop following the store (the gRPC server ends the streams themselves)."""
@@ -444,6 +488,10 @@ class DiscoveryServicer:
                 loop.call_soon_threadsafe(mark_changed)
 
         unsubscribe = self._store.subscribe(on_delta)
+        def on_keys(_version: int) -> None:
+            loop.call_soon_threadsafe(mark_changed)
+
+        unsubscribe_jwks = self._jwks.subscribe(on_keys) if self._jwks is not None else None
         try:
             async with asyncio.TaskGroup() as tg:
                 reader = tg.create_task(self._read(request_iterator, inbox, peer), name=f"xds-read {peer}")
@@ -460,6 +508,8 @@ class DiscoveryServicer:
                 reader.cancel()
         finally:
             unsubscribe()
+            if unsubscribe_jwks is not None:
+                unsubscribe_jwks()
             log.info("xds stream closed", peer=peer)
 
     @staticmethod
@@ -476,9 +526,13 @@ class DiscoveryServicer:
 
 
 def register(
-    server: grpc.aio.Server, store: Store, *, authenticate: Authenticator | None = None
+    server: grpc.aio.Server,
+    store: Store,
+    *,
+    authenticate: Authenticator | None = None,
+    jwks: JwksCache | None = None,
 ) -> DiscoveryServicer:
     """Add the discovery service to ``server``; call ``close()`` on the result at shutdown."""
-    servicer = DiscoveryServicer(store, authenticate=authenticate)
+    servicer = DiscoveryServicer(store, authenticate=authenticate, jwks=jwks)
     discovery_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(servicer, server)
     return servicer

@@ -76,7 +76,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 from mesh.identity import SCHEME as SPIFFE_SCHEME
 from mesh.identity import Identity
@@ -1118,8 +1118,28 @@ def _group_is(ref: PolicyTargetRef, group: str) -> bool:
     return (ref.group or "core") == group  # config.CanonicalGroup: "" is the core group
 
 
+class _Bound(Protocol):
+    @property
+    def namespace(self) -> str: ...
+    @property
+    def target_refs(self) -> tuple[PolicyTargetRef, ...]: ...
+
+
+def attaches(
+    policy: _Bound,
+    *,
+    waypoint: tuple[str, str],
+    service: tuple[str, str] | None,
+    root_namespace: str = ROOT_NAMESPACE,
+    service_kind: str = "Service",
+) -> bool:
+    """Whether a targetRefs-bound object (an AuthorizationPolicy, a RequestAuthentication)
+    applies to a request of ``service`` through waypoint ``waypoint`` (see :func:`select_policies`)."""
+    return any(_attaches(policy, ref, waypoint, service, service_kind, root_namespace) for ref in policy.target_refs)
+
+
 def _attaches(
-    policy: AuthorizationPolicy,
+    policy: _Bound,
     ref: PolicyTargetRef,
     waypoint: tuple[str, str],
     service: tuple[str, str] | None,

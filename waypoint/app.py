@@ -18,6 +18,8 @@ Per inbound CONNECT (:meth:`Waypoint.handle`):
    pool, telling it the client's address (``forwarded``) and identity
    (``x-forwarded-client-cert``), which the destination believes from its own waypoint only.
 
+Before authorization, the RequestAuthentications bound to the waypoint validate end-user JWTs
+(:mod:`waypoint.jwt`: a bad token is 401, a valid one gives the request principal and claims).
 A CUSTOM (ext_authz) policy bound to this waypoint cannot be evaluated yet: its requests are
 denied (fail closed) and the reason logged.
 """
@@ -43,17 +45,25 @@ from mesh.hbone.pool import HbonePool, PoolKey
 from mesh.hbone.protocol import format_authority
 from mesh.hbone.server import HboneServer, InboundStream
 from mesh.identity import Identity
-from mesh.l7authz import Headers, L7Decision, Request, evaluate, select_policies
+from mesh.l7authz import Headers, L7Decision, Request, attaches, evaluate, select_policies
 from mesh.netns import SocketFactory, family_of
 from mesh.pathnorm import NormalizedPath, PathNormalization, normalize_path
 from mesh.tasks import Supervisor
 from mesh.xds.dump import to_json
-from mesh.xds.state import HBONE_PORT, AppProtocol, ProxySnapshot, ProxyState, Workload
+from mesh.xds.state import (
+    HBONE_PORT,
+    AppProtocol,
+    ProxySnapshot,
+    ProxyState,
+    WaypointAuthentication,
+    Workload,
+)
 from waypoint.bytestream import ByteStream, HboneByteStream
 from waypoint.http1 import serve_http1
 from waypoint.http2 import Http2UpstreamPool, serve_http2
+from waypoint.jwt import Authenticated, Authenticator, Refused
 from waypoint.metrics import Metrics, Peers
-from waypoint.request import Forward, RequestHead, RequestRecord, Respond, Verdict, deny
+from waypoint.request import GRPC_UNAUTHENTICATED, Forward, RequestHead, RequestRecord, Respond, Verdict, deny
 from waypoint.routing import Me, Target, endpoints, resolve, service_of
 from waypoint.sniff import sniff
 from waypoint.tcp_policy import tcp_view
@@ -129,6 +139,7 @@ class Waypoint:
         self.tasks = Supervisor(f"waypoint-{me.key}")
         self._servers: list[HttpServer] = []
         self._unsubscribe_certs: Any = None
+        self._authenticators: dict[tuple[int, ...], tuple[tuple[WaypointAuthentication, ...], Authenticator]] = {}
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -145,6 +156,18 @@ class Waypoint:
             "ready": self.ready,
             "path_normalization": self.path_normalization.value,
             "policies": [_policy_json(p) for _, p in sorted(snap.waypoint_policies.items())],
+            "authentications": [
+                {
+                    "name": a.policy.name,
+                    "namespace": a.policy.namespace,
+                    "issuers": [r.issuer for r in a.policy.jwt_rules],
+                    "jwks_fetched": sorted(a.jwks_by_uri),
+                    "jwks_missing": sorted(
+                        r.jwks_uri for r in a.policy.jwt_rules if r.jwks_uri and not r.jwks and r.jwks_uri not in a.jwks_by_uri
+                    ),
+                }
+                for _, a in sorted(snap.waypoint_authentications.items())
+            ],
             "workloads": [to_json(w) for w in sorted(snap.workloads.values(), key=lambda w: w.uid)],
             "services": [to_json(s) for _, s in sorted(snap.services.items())],
             "certificates": self.certs.dump(),
@@ -290,6 +313,26 @@ class Waypoint:
         )
         return HboneByteStream(stream)
 
+    def authenticator_for(self, snapshot: ProxySnapshot, target: Target) -> Authenticator:
+        """The RequestAuthentications bound to requests for ``target``, ready to validate."""
+        svc = service_of(snapshot, target)
+        bound = tuple(
+            a
+            for _, a in sorted(snapshot.waypoint_authentications.items())
+            if attaches(
+                a.policy,
+                waypoint=(self.me.namespace, self.me.name),
+                service=(svc.namespace, svc.name) if svc is not None else None,
+            )
+        )
+        key = tuple(id(a) for a in bound)
+        found = self._authenticators.get(key)
+        if found is None or found[0] != bound:
+            if len(self._authenticators) > 256:
+                self._authenticators.clear()
+            found = self._authenticators[key] = (bound, Authenticator(bound))
+        return found[1]
+
     def policies_for(self, snapshot: ProxySnapshot, target: Target) -> tuple[Any, Any]:
         svc = service_of(snapshot, target)
         chosen = select_policies(
@@ -310,9 +353,11 @@ class _Tunnel:
         self.peers = peers
         self._decisions: dict[int, tuple[L7Decision | None, str]] = {}
 
-    def _request(self, head: RequestHead | None, path: str) -> Request:
+    def _request(self, head: RequestHead | None, path: str, authn: Authenticated | None = None) -> Request:
         t = self.target
         return Request(
+            request_principal=authn.principal if authn is not None else None,
+            request_auth_claims=authn.claims if authn is not None and authn.principal else {},
             source_principal=self.client.identity,
             source_ip=ipaddress.ip_address(self.client.ip),
             destination_ip=ipaddress.ip_address(t.host),
@@ -330,13 +375,23 @@ class _Tunnel:
         if not isinstance(norm, NormalizedPath):
             self._decisions[id(head)] = (None, norm.detail)
             return Respond(norm.status, f"{norm.reason}\n".encode(), (("content-type", "text/plain"),))
+        authn = wp.authenticator_for(snapshot, self.target).authenticate(head.headers, norm.forward)
+        if isinstance(authn, Refused):
+            self._decisions[id(head)] = (None, f"{authn.message}: {authn.reason}")
+            log.info("request refused: JWT", client=self.client.identity.uri, reason=authn.reason)
+            return Respond(
+                401,
+                authn.message.encode(),
+                (("content-type", "text/plain"), ("www-authenticate", 'Bearer realm="", error="invalid_token"')),
+                grpc_status=GRPC_UNAUTHENTICATED,
+            )
         rbac, custom = wp.policies_for(snapshot, self.target)
         if custom:
             names = ", ".join(p.key for p in custom)
             self._decisions[id(head)] = (None, f"CUSTOM policy not supported yet: {names}")
             log.warning("request denied: CUSTOM (ext_authz) policies are not supported yet", policies=names)
             return deny()
-        decision = evaluate(rbac, self._request(head, norm.path))
+        decision = evaluate(rbac, self._request(head, norm.path, authn))
         for dry in decision.dry_run:
             log.info("dry-run authorization", waypoint=wp.me.key, result=str(dry))
         self._decisions[id(head)] = (decision, "")
@@ -350,10 +405,12 @@ class _Tunnel:
             return Respond(503, b"no healthy upstream\n", (("content-type", "text/plain"),))
         w, port = random.choice(eps)
         up = Upstream(_same_family(w, self.target.host), port, w.identity, self.client, w)
+        path = authn.path if authn.path is not None else norm.forward
         return Forward(
             upstream_key=up,
-            path=norm.forward if norm.forward != head.path else None,
-            remove_headers=frozenset({XFCC}),  # a client cannot speak for someone else
+            path=path if path != head.path else None,
+            add_headers=authn.add_headers,
+            remove_headers=frozenset({XFCC}) | authn.remove_headers,  # a client cannot speak for someone else
         )
 
     async def open_upstream(self, head: RequestHead, forward: Forward) -> ByteStream:

@@ -247,9 +247,20 @@ class JwtRule:
     forward_original_token: bool = False
     output_payload_to_header: str = ""
     output_claim_to_headers: tuple[ClaimToHeader, ...] = ()
+    from_cookies: tuple[str, ...] = ()
+    timeout: float | None = None  # seconds; for fetching jwks_uri (default: the control plane's)
+    space_delimited_claims: tuple[str, ...] = ()  # besides Istio's "scope" and "permission"
 
     def __post_init__(self) -> None:
-        tuple_fields(self, "audiences", "from_headers", "from_params", "output_claim_to_headers")
+        tuple_fields(
+            self,
+            "audiences",
+            "from_headers",
+            "from_params",
+            "output_claim_to_headers",
+            "from_cookies",
+            "space_delimited_claims",
+        )
 
 
 @dataclass(frozen=True, slots=True)

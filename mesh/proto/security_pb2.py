@@ -22,32 +22,41 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from mesh.proto import selector_pb2 as mesh_dot_proto_dot_selector__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19mesh/proto/security.proto\x12\x16istio.security.v1beta1\x1a\x19mesh/proto/selector.proto\"\xf8\x03\n\x13\x41uthorizationPolicy\x12\x36\n\x08selector\x18\x01 \x01(\x0b\x32$.istio.type.v1beta1.WorkloadSelector\x12<\n\ttargetRef\x18\x05 \x01(\x0b\x32).istio.type.v1beta1.PolicyTargetReference\x12=\n\ntargetRefs\x18\x06 \x03(\x0b\x32).istio.type.v1beta1.PolicyTargetReference\x12+\n\x05rules\x18\x02 \x03(\x0b\x32\x1c.istio.security.v1beta1.Rule\x12\x42\n\x06\x61\x63tion\x18\x03 \x01(\x0e\x32\x32.istio.security.v1beta1.AuthorizationPolicy.Action\x12Q\n\x08provider\x18\x04 \x01(\x0b\x32=.istio.security.v1beta1.AuthorizationPolicy.ExtensionProviderH\x00\x1a!\n\x11\x45xtensionProvider\x12\x0c\n\x04name\x18\x01 \x01(\t\"4\n\x06\x41\x63tion\x12\t\n\x05\x41LLOW\x10\x00\x12\x08\n\x04\x44\x45NY\x10\x01\x12\t\n\x05\x41UDIT\x10\x02\x12\n\n\x06\x43USTOM\x10\x03\x42\x0f\n\raction_detail\"\x89\x02\n\x04Rule\x12/\n\x04\x66rom\x18\x01 \x03(\x0b\x32!.istio.security.v1beta1.Rule.From\x12+\n\x02to\x18\x02 \x03(\x0b\x32\x1f.istio.security.v1beta1.Rule.To\x12/\n\x04when\x18\x03 \x03(\x0b\x32!.istio.security.v1beta1.Condition\x1a\x36\n\x04\x46rom\x12.\n\x06source\x18\x01 \x01(\x0b\x32\x1e.istio.security.v1beta1.Source\x1a:\n\x02To\x12\x34\n\toperation\x18\x01 \x01(\x0b\x32!.istio.security.v1beta1.Operation\"\xe8\x02\n\x06Source\x12\x12\n\nprincipals\x18\x01 \x03(\t\x12\x16\n\x0enot_principals\x18\x05 \x03(\t\x12\x1a\n\x12request_principals\x18\x02 \x03(\t\x12\x1e\n\x16not_request_principals\x18\x06 \x03(\t\x12\x12\n\nnamespaces\x18\x03 \x03(\t\x12\x16\n\x0enot_namespaces\x18\x07 \x03(\t\x12\x18\n\x10service_accounts\x18\x0b \x03(\t\x12\x1c\n\x14not_service_accounts\x18\x0c \x03(\t\x12\x11\n\tip_blocks\x18\x04 \x03(\t\x12\x15\n\rnot_ip_blocks\x18\x08 \x03(\t\x12\x18\n\x10remote_ip_blocks\x18\t \x03(\t\x12\x1c\n\x14not_remote_ip_blocks\x18\n \x03(\t\x12\x15\n\rtrust_domains\x18\r \x03(\t\x12\x19\n\x11not_trust_domains\x18\x0e \x03(\t\"\x97\x01\n\tOperation\x12\r\n\x05hosts\x18\x01 \x03(\t\x12\x11\n\tnot_hosts\x18\x05 \x03(\t\x12\r\n\x05ports\x18\x02 \x03(\t\x12\x11\n\tnot_ports\x18\x06 \x03(\t\x12\x0f\n\x07methods\x18\x03 \x03(\t\x12\x13\n\x0bnot_methods\x18\x07 \x03(\t\x12\r\n\x05paths\x18\x04 \x03(\t\x12\x11\n\tnot_paths\x18\x08 \x03(\t\"<\n\tCondition\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\x12\x12\n\nnot_values\x18\x03 \x03(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19mesh/proto/security.proto\x12\x16istio.security.v1beta1\x1a\x1egoogle/protobuf/duration.proto\x1a\x19mesh/proto/selector.proto\"\xf8\x03\n\x13\x41uthorizationPolicy\x12\x36\n\x08selector\x18\x01 \x01(\x0b\x32$.istio.type.v1beta1.WorkloadSelector\x12<\n\ttargetRef\x18\x05 \x01(\x0b\x32).istio.type.v1beta1.PolicyTargetReference\x12=\n\ntargetRefs\x18\x06 \x03(\x0b\x32).istio.type.v1beta1.PolicyTargetReference\x12+\n\x05rules\x18\x02 \x03(\x0b\x32\x1c.istio.security.v1beta1.Rule\x12\x42\n\x06\x61\x63tion\x18\x03 \x01(\x0e\x32\x32.istio.security.v1beta1.AuthorizationPolicy.Action\x12Q\n\x08provider\x18\x04 \x01(\x0b\x32=.istio.security.v1beta1.AuthorizationPolicy.ExtensionProviderH\x00\x1a!\n\x11\x45xtensionProvider\x12\x0c\n\x04name\x18\x01 \x01(\t\"4\n\x06\x41\x63tion\x12\t\n\x05\x41LLOW\x10\x00\x12\x08\n\x04\x44\x45NY\x10\x01\x12\t\n\x05\x41UDIT\x10\x02\x12\n\n\x06\x43USTOM\x10\x03\x42\x0f\n\raction_detail\"\x89\x02\n\x04Rule\x12/\n\x04\x66rom\x18\x01 \x03(\x0b\x32!.istio.security.v1beta1.Rule.From\x12+\n\x02to\x18\x02 \x03(\x0b\x32\x1f.istio.security.v1beta1.Rule.To\x12/\n\x04when\x18\x03 \x03(\x0b\x32!.istio.security.v1beta1.Condition\x1a\x36\n\x04\x46rom\x12.\n\x06source\x18\x01 \x01(\x0b\x32\x1e.istio.security.v1beta1.Source\x1a:\n\x02To\x12\x34\n\toperation\x18\x01 \x01(\x0b\x32!.istio.security.v1beta1.Operation\"\xe8\x02\n\x06Source\x12\x12\n\nprincipals\x18\x01 \x03(\t\x12\x16\n\x0enot_principals\x18\x05 \x03(\t\x12\x1a\n\x12request_principals\x18\x02 \x03(\t\x12\x1e\n\x16not_request_principals\x18\x06 \x03(\t\x12\x12\n\nnamespaces\x18\x03 \x03(\t\x12\x16\n\x0enot_namespaces\x18\x07 \x03(\t\x12\x18\n\x10service_accounts\x18\x0b \x03(\t\x12\x1c\n\x14not_service_accounts\x18\x0c \x03(\t\x12\x11\n\tip_blocks\x18\x04 \x03(\t\x12\x15\n\rnot_ip_blocks\x18\x08 \x03(\t\x12\x18\n\x10remote_ip_blocks\x18\t \x03(\t\x12\x1c\n\x14not_remote_ip_blocks\x18\n \x03(\t\x12\x15\n\rtrust_domains\x18\r \x03(\t\x12\x19\n\x11not_trust_domains\x18\x0e \x03(\t\"\x97\x01\n\tOperation\x12\r\n\x05hosts\x18\x01 \x03(\t\x12\x11\n\tnot_hosts\x18\x05 \x03(\t\x12\r\n\x05ports\x18\x02 \x03(\t\x12\x11\n\tnot_ports\x18\x06 \x03(\t\x12\x0f\n\x07methods\x18\x03 \x03(\t\x12\x13\n\x0bnot_methods\x18\x07 \x03(\t\x12\r\n\x05paths\x18\x04 \x03(\t\x12\x11\n\tnot_paths\x18\x08 \x03(\t\"<\n\tCondition\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\x12\x12\n\nnot_values\x18\x03 \x03(\t\"\x80\x02\n\x15RequestAuthentication\x12\x36\n\x08selector\x18\x01 \x01(\x0b\x32$.istio.type.v1beta1.WorkloadSelector\x12<\n\ttargetRef\x18\x03 \x01(\x0b\x32).istio.type.v1beta1.PolicyTargetReference\x12=\n\ntargetRefs\x18\x04 \x03(\x0b\x32).istio.type.v1beta1.PolicyTargetReference\x12\x32\n\tjwt_rules\x18\x02 \x03(\x0b\x32\x1f.istio.security.v1beta1.JWTRule\"\x86\x03\n\x07JWTRule\x12\x0e\n\x06issuer\x18\x01 \x01(\t\x12\x11\n\taudiences\x18\x02 \x03(\t\x12\x10\n\x08jwks_uri\x18\x03 \x01(\t\x12\x0c\n\x04jwks\x18\n \x01(\t\x12\x37\n\x0c\x66rom_headers\x18\x06 \x03(\x0b\x32!.istio.security.v1beta1.JWTHeader\x12\x13\n\x0b\x66rom_params\x18\x07 \x03(\t\x12 \n\x18output_payload_to_header\x18\x08 \x01(\t\x12\x14\n\x0c\x66rom_cookies\x18\x0c \x03(\t\x12\x1e\n\x16\x66orward_original_token\x18\t \x01(\x08\x12\x46\n\x17output_claim_to_headers\x18\x0b \x03(\x0b\x32%.istio.security.v1beta1.ClaimToHeader\x12*\n\x07timeout\x18\r \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1e\n\x16space_delimited_claims\x18\x0e \x03(\t\")\n\tJWTHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06prefix\x18\x02 \x01(\t\".\n\rClaimToHeader\x12\x0e\n\x06header\x18\x01 \x01(\t\x12\r\n\x05\x63laim\x18\x02 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mesh.proto.security_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AUTHORIZATIONPOLICY']._serialized_start=81
-  _globals['_AUTHORIZATIONPOLICY']._serialized_end=585
-  _globals['_AUTHORIZATIONPOLICY_EXTENSIONPROVIDER']._serialized_start=481
-  _globals['_AUTHORIZATIONPOLICY_EXTENSIONPROVIDER']._serialized_end=514
-  _globals['_AUTHORIZATIONPOLICY_ACTION']._serialized_start=516
-  _globals['_AUTHORIZATIONPOLICY_ACTION']._serialized_end=568
-  _globals['_RULE']._serialized_start=588
-  _globals['_RULE']._serialized_end=853
-  _globals['_RULE_FROM']._serialized_start=739
-  _globals['_RULE_FROM']._serialized_end=793
-  _globals['_RULE_TO']._serialized_start=795
-  _globals['_RULE_TO']._serialized_end=853
-  _globals['_SOURCE']._serialized_start=856
-  _globals['_SOURCE']._serialized_end=1216
-  _globals['_OPERATION']._serialized_start=1219
-  _globals['_OPERATION']._serialized_end=1370
-  _globals['_CONDITION']._serialized_start=1372
-  _globals['_CONDITION']._serialized_end=1432
+  _globals['_AUTHORIZATIONPOLICY']._serialized_start=113
+  _globals['_AUTHORIZATIONPOLICY']._serialized_end=617
+  _globals['_AUTHORIZATIONPOLICY_EXTENSIONPROVIDER']._serialized_start=513
+  _globals['_AUTHORIZATIONPOLICY_EXTENSIONPROVIDER']._serialized_end=546
+  _globals['_AUTHORIZATIONPOLICY_ACTION']._serialized_start=548
+  _globals['_AUTHORIZATIONPOLICY_ACTION']._serialized_end=600
+  _globals['_RULE']._serialized_start=620
+  _globals['_RULE']._serialized_end=885
+  _globals['_RULE_FROM']._serialized_start=771
+  _globals['_RULE_FROM']._serialized_end=825
+  _globals['_RULE_TO']._serialized_start=827
+  _globals['_RULE_TO']._serialized_end=885
+  _globals['_SOURCE']._serialized_start=888
+  _globals['_SOURCE']._serialized_end=1248
+  _globals['_OPERATION']._serialized_start=1251
+  _globals['_OPERATION']._serialized_end=1402
+  _globals['_CONDITION']._serialized_start=1404
+  _globals['_CONDITION']._serialized_end=1464
+  _globals['_REQUESTAUTHENTICATION']._serialized_start=1467
+  _globals['_REQUESTAUTHENTICATION']._serialized_end=1723
+  _globals['_JWTRULE']._serialized_start=1726
+  _globals['_JWTRULE']._serialized_end=2116
+  _globals['_JWTHEADER']._serialized_start=2118
+  _globals['_JWTHEADER']._serialized_end=2159
+  _globals['_CLAIMTOHEADER']._serialized_start=2161
+  _globals['_CLAIMTOHEADER']._serialized_end=2207
 # @@protoc_insertion_point(module_scope)

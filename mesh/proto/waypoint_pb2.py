@@ -25,15 +25,21 @@ _sym_db = _symbol_database.Default()
 from mesh.proto import security_pb2 as mesh_dot_proto_dot_security__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19mesh/proto/waypoint.proto\x12\x19\x61mbient.waypoint.v1alpha1\x1a\x19mesh/proto/security.proto\"?\n\x0fWaypointBinding\x12\x0e\n\x06strict\x18\x01 \x01(\x08\x12\x1c\n\x14\x61\x63\x63ount_waypoint_for\x18\x02 \x01(\t\"\x99\x01\n\x0eWaypointPolicy\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x39\n\x04spec\x18\x03 \x01(\x0b\x32+.istio.security.v1beta1.AuthorizationPolicy\x12\x0f\n\x07\x64ry_run\x18\x04 \x01(\x08\x12\x1a\n\x12\x63reation_timestamp\x18\x05 \x01(\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19mesh/proto/waypoint.proto\x12\x19\x61mbient.waypoint.v1alpha1\x1a\x19mesh/proto/security.proto\"?\n\x0fWaypointBinding\x12\x0e\n\x06strict\x18\x01 \x01(\x08\x12\x1c\n\x14\x61\x63\x63ount_waypoint_for\x18\x02 \x01(\t\"\x99\x01\n\x0eWaypointPolicy\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x39\n\x04spec\x18\x03 \x01(\x0b\x32+.istio.security.v1beta1.AuthorizationPolicy\x12\x0f\n\x07\x64ry_run\x18\x04 \x01(\x08\x12\x1a\n\x12\x63reation_timestamp\x18\x05 \x01(\x03\"\x9b\x02\n\x16WaypointAuthentication\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12;\n\x04spec\x18\x03 \x01(\x0b\x32-.istio.security.v1beta1.RequestAuthentication\x12\x1a\n\x12\x63reation_timestamp\x18\x04 \x01(\x03\x12U\n\x0bjwks_by_uri\x18\x05 \x03(\x0b\x32@.ambient.waypoint.v1alpha1.WaypointAuthentication.JwksByUriEntry\x1a\x30\n\x0eJwksByUriEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mesh.proto.waypoint_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_WAYPOINTAUTHENTICATION_JWKSBYURIENTRY']._loaded_options = None
+  _globals['_WAYPOINTAUTHENTICATION_JWKSBYURIENTRY']._serialized_options = b'8\001'
   _globals['_WAYPOINTBINDING']._serialized_start=83
   _globals['_WAYPOINTBINDING']._serialized_end=146
   _globals['_WAYPOINTPOLICY']._serialized_start=149
   _globals['_WAYPOINTPOLICY']._serialized_end=302
+  _globals['_WAYPOINTAUTHENTICATION']._serialized_start=305
+  _globals['_WAYPOINTAUTHENTICATION']._serialized_end=588
+  _globals['_WAYPOINTAUTHENTICATION_JWKSBYURIENTRY']._serialized_start=540
+  _globals['_WAYPOINTAUTHENTICATION_JWKSBYURIENTRY']._serialized_end=588
 # @@protoc_insertion_point(module_scope)

@@ -1,5 +1,6 @@
 # mypy: ignore-errors
 from mesh.proto import security_pb2 as _security_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Mapping as _Mapping
@@ -28,3 +29,24 @@ class WaypointPolicy(_message.Message):
     dry_run: bool
     creation_timestamp: int
     def __init__(self, namespace: _Optional[str] = ..., name: _Optional[str] = ..., spec: _Optional[_Union[_security_pb2.AuthorizationPolicy, _Mapping]] = ..., dry_run: _Optional[bool] = ..., creation_timestamp: _Optional[int] = ...) -> None: ...
+
+class WaypointAuthentication(_message.Message):
+    __slots__ = ("namespace", "name", "spec", "creation_timestamp", "jwks_by_uri")
+    class JwksByUriEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    CREATION_TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    JWKS_BY_URI_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    name: str
+    spec: _security_pb2.RequestAuthentication
+    creation_timestamp: int
+    jwks_by_uri: _containers.ScalarMap[str, str]
+    def __init__(self, namespace: _Optional[str] = ..., name: _Optional[str] = ..., spec: _Optional[_Union[_security_pb2.RequestAuthentication, _Mapping]] = ..., creation_timestamp: _Optional[int] = ..., jwks_by_uri: _Optional[_Mapping[str, str]] = ...) -> None: ...

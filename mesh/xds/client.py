@@ -29,10 +29,15 @@ from mesh.xds.convert import (
     authorization_from_any,
 )
 from mesh.xds.state import ProxyState
-from mesh.xds.waypoint_policy import WAYPOINT_POLICY_TYPE_URL, waypoint_policy_from_any
+from mesh.xds.waypoint_policy import (
+    WAYPOINT_AUTHN_TYPE_URL,
+    WAYPOINT_POLICY_TYPE_URL,
+    waypoint_authn_from_any,
+    waypoint_policy_from_any,
+)
 
-# What a waypoint subscribes to: addresses to route by, and the policies bound to it.
-WAYPOINT_TYPE_URLS = (ADDRESS_TYPE_URL, WAYPOINT_POLICY_TYPE_URL)
+# What a waypoint subscribes to: addresses to route by, the policies and authentications bound to it.
+WAYPOINT_TYPE_URLS = (ADDRESS_TYPE_URL, WAYPOINT_POLICY_TYPE_URL, WAYPOINT_AUTHN_TYPE_URL)
 
 log = structlog.get_logger(__name__)
 
@@ -259,10 +264,15 @@ class XdsClient:
                 authorizations=[authorization_from_any(r.resource, r.name) for r in resp.resources],
                 removed_authorizations=resp.removed_resources,
             )
-        else:
+        elif type_url == WAYPOINT_POLICY_TYPE_URL:
             self.state.apply(
                 waypoint_policies=[waypoint_policy_from_any(r.resource, r.name) for r in resp.resources],
                 removed_waypoint_policies=resp.removed_resources,
+            )
+        else:
+            self.state.apply(
+                waypoint_authentications=[waypoint_authn_from_any(r.resource, r.name) for r in resp.resources],
+                removed_waypoint_authentications=resp.removed_resources,
             )
         for r in resp.resources:
             versions[r.name] = r.version

@@ -21,19 +21,39 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import TypeVar
 
 import structlog
 
 from mesh.identity import Identity
 from mesh.model.frozen import FrozenMap, freeze_fields, tuple_fields
 from mesh.model.objects import DEFAULT_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN, TunnelProtocol, WorkloadStatus
-from mesh.model.policy import AuthorizationPolicy
+from mesh.model.policy import AuthorizationPolicy, RequestAuthentication
 from mesh.subscribers import Subscribers
 from mesh.xds.authorization import Authorization, Scope
 
 log = structlog.get_logger(__name__)
 
 _NO_POLICIES: Mapping[str, AuthorizationPolicy] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class WaypointAuthentication:
+    """A waypoint-bound RequestAuthentication as written, with the JWKS documents the control
+    plane fetched for its ``jwksUri`` rules (by URI; a URI missing was never fetched)."""
+
+    policy: RequestAuthentication
+    jwks_by_uri: Mapping[str, str] = field(default_factory=FrozenMap)
+
+    def __post_init__(self) -> None:
+        freeze_fields(self, "jwks_by_uri")
+
+    @property
+    def key(self) -> str:
+        return self.policy.key
+
+
+_NO_AUTHNS: Mapping[str, WaypointAuthentication] = MappingProxyType({})
 
 HBONE_PORT = 15008
 
@@ -183,7 +203,15 @@ class _Indexes:
 class ProxySnapshot:
     """One consistent view of the proxy's state. Cheap to take, safe to keep."""
 
-    __slots__ = ("_authorizations", "_ix", "_services", "_version", "_waypoint_policies", "_workloads")
+    __slots__ = (
+        "_authorizations",
+        "_ix",
+        "_services",
+        "_version",
+        "_waypoint_authentications",
+        "_waypoint_policies",
+        "_workloads",
+    )
 
     def __init__(
         self,
@@ -193,8 +221,10 @@ class ProxySnapshot:
         authorizations: Mapping[str, Authorization],
         indexes: _Indexes,
         waypoint_policies: Mapping[str, AuthorizationPolicy] = _NO_POLICIES,
+        waypoint_authentications: Mapping[str, WaypointAuthentication] = _NO_AUTHNS,
     ) -> None:
         self._version = version
+        self._waypoint_authentications = waypoint_authentications
         self._workloads = workloads
         self._services = services
         self._authorizations = authorizations
@@ -214,6 +244,11 @@ class ProxySnapshot:
     def services(self) -> Mapping[str, Service]:
         """``namespace/hostname`` -> service."""
         return self._services
+
+    @property
+    def waypoint_authentications(self) -> Mapping[str, WaypointAuthentication]:
+        """``namespace/name`` -> waypoint-bound RequestAuthentication with its keys (waypoints only)."""
+        return self._waypoint_authentications
 
     @property
     def waypoint_policies(self) -> Mapping[str, AuthorizationPolicy]:
@@ -322,6 +357,8 @@ class ProxyState:
         removed_authorizations: Iterable[str] = (),
         waypoint_policies: Iterable[AuthorizationPolicy] = (),
         removed_waypoint_policies: Iterable[str] = (),
+        waypoint_authentications: Iterable[WaypointAuthentication] = (),
+        removed_waypoint_authentications: Iterable[str] = (),
     ) -> bool:
         """Apply one batch atomically; returns whether anything changed.
 
@@ -401,17 +438,11 @@ class ProxyState:
                 if auths.get(a.key) != a:
                     auths[a.key] = a
                     auth_changed = True
-            wp_policies = old.waypoint_policies
-            wp_changed = False
-            removed_wp = [k for k in removed_waypoint_policies if k in wp_policies]
-            new_wp = [p for p in waypoint_policies if wp_policies.get(p.key) != p]
-            if removed_wp or new_wp:
-                wp = dict(wp_policies)
-                for key in removed_wp:
-                    del wp[key]
-                for p in new_wp:
-                    wp[p.key] = p
-                wp_policies, wp_changed = MappingProxyType(wp), True
+            wp_policies = _merged(old.waypoint_policies, waypoint_policies, removed_waypoint_policies)
+            wp_authns = _merged(
+                old.waypoint_authentications, waypoint_authentications, removed_waypoint_authentications
+            )
+            wp_changed = wp_policies is not old.waypoint_policies or wp_authns is not old.waypoint_authentications
             if not (changed or auth_changed or wp_changed):
                 return False
             for key, m in touched_endpoints.items():
@@ -435,6 +466,7 @@ class ProxyState:
                     namespace_policies,
                 ),
                 wp_policies,
+                wp_authns,
             )
             version, subscribers = self._snapshot.version, self._subscribers.snapshot
         for callback in subscribers:
@@ -443,6 +475,24 @@ class ProxyState:
             except Exception:
                 log.exception("proxy state subscriber failed", version=version)
         return True
+
+
+_V = TypeVar("_V", AuthorizationPolicy, WaypointAuthentication)
+
+
+def _merged(current: Mapping[str, _V], upserts: Iterable[_V], removed: Iterable[str]) -> Mapping[str, _V]:
+    """``current`` with ``removed`` dropped and ``upserts`` set (by key); ``current`` itself when
+    nothing changes, so callers can tell by identity."""
+    gone = [k for k in removed if k in current]
+    new = [v for v in upserts if current.get(v.key) != v]
+    if not gone and not new:
+        return current
+    out = dict(current)
+    for k in gone:
+        del out[k]
+    for v in new:
+        out[v.key] = v
+    return MappingProxyType(out)
 
 
 def _policy_scopes(auths: Mapping[str, Authorization]) -> tuple[tuple[str, ...], Mapping[str, tuple[str, ...]]]:

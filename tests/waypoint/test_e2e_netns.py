@@ -32,6 +32,7 @@ from mesh.model import (
     Namespace,
     Operation,
     PolicyTargetRef,
+    RequestAuthentication,
     Rule,
     RuleFrom,
     RuleTo,
@@ -422,5 +423,62 @@ async def test_strict_mode_only_the_waypoint_and_the_original_identity(env: Env)
             w.close()
         assert not re.match(rb"HTTP/1\.1 200", got), got[:100]
         assert len(env.web_h1.requests) == served
+    finally:
+        await env.apply()
+
+
+# --- RequestAuthentication (JWT) ------------------------------------------------------------------
+
+
+async def test_jwt_through_the_waypoint(env: Env) -> None:
+    from tests.waypoint.test_jwt import ISS, RULE, token
+
+    authn = RequestAuthentication(
+        namespace="shop", name="jwt", target_refs=(PolicyTargetRef("Service", "web"),), jwt_rules=(RULE,)
+    )
+    need_user = targeting(
+        "me-needs-a-user",
+        "Service",
+        "web",
+        DENY,
+        Rule(
+            from_=(RuleFrom(Source(not_request_principals=("*",))),),
+            to=(RuleTo(Operation(paths=("/me",))),),
+        ),
+    )
+    only_alice = targeting(
+        "me-is-alice",
+        "Service",
+        "web",
+        DENY,
+        Rule(
+            from_=(RuleFrom(Source(not_request_principals=(f"{ISS}/alice",))),),
+            to=(RuleTo(Operation(paths=("/me",))),),
+        ),
+    )
+    try:
+        await env.apply(authn, need_user, only_alice)
+        c = await h1(env, env.pods.frontend, WEB_VIP)
+        try:
+            resp, body = await c.request("GET", "/me")
+            assert (resp.status_code, body) == (403, b"RBAC: access denied")  # no token: no principal
+            before = len(env.web_h1.requests)
+            resp, body = await c.request("GET", "/me", headers=[("authorization", f"Bearer {token()}")])
+            assert (resp.status_code, body) == (200, b"GET /me 0")
+            # ... and the token is not forwarded to the app.
+            assert all(k != "authorization" for k, _ in env.web_h1.requests[before].headers)
+            resp, body = await c.request("GET", f"/me?access_token={token()}")
+            assert (resp.status_code, body) == (200, b"GET /me 0")
+            assert env.web_h1.requests[-1].target == "/me"
+            resp, _ = await c.request("GET", "/me", headers=[("authorization", f"Bearer {token(sub='bob')}")])
+            assert resp.status_code == 403  # a valid token, but not alice
+            resp, body = await c.request(
+                "GET", "/order", headers=[("authorization", f"Bearer {token(exp=1)}")]
+            )
+            assert (resp.status_code, body) == (401, b"Jwt verification fails")
+            resp, _ = await c.request("GET", "/order")
+            assert resp.status_code == 200  # no token, no rule needing one
+        finally:
+            await c.close()
     finally:
         await env.apply()
