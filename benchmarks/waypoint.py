@@ -1,0 +1,1385 @@
+"""Waypoint benchmark: HTTP/1.1 and gRPC-shaped HTTP/2 requests through the waypoint, side by side.
+
+    .venv/bin/python benchmarks/waypoint.py [--repeat N] [--duration S] [--profile] [--output FILE]
+
+One run builds two nodes and their pods as network namespaces (tests/netns/topology.py), the
+real discovery server (tests/discovery.py) holding the mesh's objects, a ztunnel per node and the
+namespace waypoint of ``shop`` — each its own process, fed only by discovery, as the netns end to
+end tests build them (tests/netns/mesh.py), but one process per proxy so that /proc tells each
+one's CPU and memory. The same 1 KiB requests then go, in one run, through four paths:
+
+1. ``direct``: plain TCP from an unenrolled client pod (node 1) to an unenrolled server pod (node 2);
+2. ``mesh``: client → ztunnel → HBONE → ztunnel → server, a service without waypoint;
+3. ``waypoint``: client → ztunnel → HBONE → waypoint → HBONE → ztunnel → server, a service bound
+   to the waypoint (L7: HTTP parsed, an AuthorizationPolicy evaluated, endpoint chosen per request);
+4. ``haproxy``: the reference, three haproxy processes in the same netns positions as (3), all
+   ``mode http``: the client pod's haproxy originates mutual TLS 1.3 to a middle haproxy in the
+   waypoint's position, which terminates it, routes the request and re-originates mutual TLS 1.3 to
+   the server pod's haproxy, which delivers plain HTTP to the server.
+
+Load: ``wrk`` (HTTP/1.1, POST of 1 KiB, 1 KiB answer) and ``h2load`` (HTTP/2 with prior knowledge,
+gRPC-shaped unary calls: POST ``application/grpc``, ``te: trailers``, 1,029-byte DATA each way,
+``grpc-status`` in trailers): a throughput run with many requests in flight, then a latency run
+with one connection and one request at a time (``h2load``, ``--h1`` for HTTP/1.1). The backend is
+nginx. ``--quick`` (and ``--load python`` /
+``--backend python``) use small Python generators and backends instead, so the harness runs
+without those tools. Needs root, ``ip`` and ``nft``. Results: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, cast
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
+
+import datapath as dp  # noqa: E402 - the data-path harness's process and /proc helpers
+
+PYTHON = sys.executable
+SELF = str(Path(__file__).resolve())
+TIMES = "\N{MULTIPLICATION SIGN}"
+
+PATHS = ["direct", "mesh", "waypoint", "haproxy"]
+PROTOCOLS = ["http1", "grpc"]
+LABELS = {
+    "direct": "direct TCP (pod → pod)",
+    "mesh": "two ztunnels, no waypoint",
+    "waypoint": "ztunnel → waypoint → ztunnel",
+    "haproxy": "haproxy chain (mode http, TLS)",
+}
+PROTO_TITLES = {
+    "http1": "HTTP/1.1, 1 KiB POST (wrk; latency: h2load --h1)",
+    "grpc": "gRPC-shaped HTTP/2 unary, 1 KiB (h2load)",
+}
+PY_PROTO_TITLES = {"http1": "HTTP/1.1, 1 KiB POST", "grpc": "gRPC-shaped HTTP/2 unary, 1 KiB"}
+ISTIO_VCPU_PER_1000, ISTIO_MB_PER_1000 = 0.25, 60.0
+
+# The mesh: pods (node, name, namespace, service account, labels, enrolled) in Topology's order,
+# which gives the addresses 10.0.<node>.<2, 3, ...>.
+GATEWAY_LABEL = "gateway.networking.k8s.io/gateway-name"
+POD_SPECS: list[tuple[int, str, str, str, dict[str, str], bool]] = [
+    (1, "frontend", "shop", "frontend", {"app": "frontend"}, True),  # 10.0.1.2: mesh client
+    (1, "client", "plain", "client", {"app": "client"}, False),  # 10.0.1.3: direct / reference client
+    (2, "web", "shop", "web", {"app": "web"}, True),  # 10.0.2.2: mesh server
+    (2, "server", "plain", "server", {"app": "server"}, False),  # 10.0.2.3: direct / reference server
+    (2, "waypoint-0", "shop", "waypoint", {GATEWAY_LABEL: "waypoint"}, False),  # 10.0.2.4
+    (2, "refmid", "plain", "refmid", {"app": "refmid"}, False),  # 10.0.2.5: the middle haproxy
+]
+WEB_VIP, NOWP_VIP, WAYPOINT_VIP = "10.96.0.20", "10.96.0.30", "10.96.0.98"
+SERVER_IP, REFMID_IP = "10.0.2.3", "10.0.2.5"
+APP_PORTS = {"http1": 8080, "grpc": 8081}  # on the server pods
+SVC_PORTS = {"http1": 80, "grpc": 81}  # on the services
+REF_PORTS = {"http1": (18080, 15442, 15443), "grpc": (18081, 15444, 15445)}  # client, middle, server haproxy
+URL_PATHS = {"http1": "/echo", "grpc": "/demo.Bench/Unary"}
+BODY = b"x" * 1024
+GRPC_FRAME = b"\x00\x00\x00\x04\x00" + b"y" * 1024  # length prefix + a 1 KiB message
+GRPC_REQUEST_HEADERS = (("content-type", "application/grpc"), ("te", "trailers"))
+
+
+@dataclass
+class Settings:
+    repeat: int = 3
+    duration: int = 8  # seconds per throughput run
+    latency_seconds: int = 5  # seconds per one-connection latency run
+    warmup_seconds: int = 1
+    h1_connections: int = 16
+    h2_connections: int = 4
+    h2_streams: int = 4  # concurrent streams per HTTP/2 connection
+    profile_seconds: int = 8
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(
+            repeat=1,
+            duration=1,
+            latency_seconds=1,
+            warmup_seconds=0,
+            h1_connections=4,
+            h2_connections=2,
+            h2_streams=2,
+            profile_seconds=1,
+        )
+
+
+# -- the mesh's objects ---------------------------------------------------------------------------
+
+
+def pods_json(topo: Any) -> list[dict[str, Any]]:
+    return [asdict(p) for p in topo.pods]
+
+
+def mesh_objects(pods: list[dict[str, Any]]) -> list[Any]:
+    """What the control plane's store holds: every pod, the waypoint's Gateway and service, the
+    service ``web`` bound to it, ``web-nowp`` (the same pods, no waypoint) and the demo's L7 policy."""
+    from mesh.model import (
+        WAYPOINT_GATEWAY_CLASS,
+        AuthorizationAction,
+        AuthorizationPolicy,
+        Gateway,
+        Operation,
+        PolicyTargetRef,
+        Rule,
+        RuleTo,
+        Service,
+        ServicePort,
+        TunnelProtocol,
+        WaypointRef,
+        Workload,
+    )
+
+    workloads = [
+        Workload(
+            uid=f"{p['namespace']}-{p['name']}",
+            name=p["name"],
+            namespace=p["namespace"],
+            node=f"node-{p['node']}",
+            service_account=p["service_account"],
+            ips=(p["ip"],),
+            labels=dict(p["labels"]),
+            tunnel_protocol=TunnelProtocol.HBONE if p["enrolled"] else TunnelProtocol.NONE,
+            trust_domain="cluster.local",
+        )
+        for p in pods
+    ]
+    ports = (
+        ServicePort(SVC_PORTS["http1"], APP_PORTS["http1"], "http"),
+        ServicePort(SVC_PORTS["grpc"], APP_PORTS["grpc"], "grpc"),
+    )
+    return [
+        *workloads,
+        Gateway("shop", "waypoint", WAYPOINT_GATEWAY_CLASS),
+        Service(
+            "shop", "waypoint", vips=(WAYPOINT_VIP,), ports=(ServicePort(15008, 15008, "mesh"),),
+            selector={GATEWAY_LABEL: "waypoint"},
+        ),
+        Service("shop", "web", vips=(WEB_VIP,), ports=ports, selector={"app": "web"},
+                waypoint=WaypointRef("waypoint", "shop")),
+        Service("shop", "web-nowp", vips=(NOWP_VIP,), ports=ports, selector={"app": "web"}),
+        AuthorizationPolicy(
+            namespace="shop",
+            name="web-no-admin",
+            target_refs=(PolicyTargetRef("Service", "web", ""),),
+            action=AuthorizationAction.DENY,
+            rules=(Rule(to=(RuleTo(Operation(methods=("POST",), paths=("/admin",))),)),),
+        ),
+    ]  # fmt: skip
+
+
+# -- child processes: the proxies, backends and Python load generators -----------------------------
+#
+# ``python benchmarks/waypoint.py _child ROLE SPEC.json`` runs one of them; SPEC.json holds what the
+# parent decided (pods, paths, ports). Each writes its ready file once serving and stops on SIGTERM.
+
+
+def _ready(path: str, data: dict[str, Any]) -> None:
+    tmp = Path(path + ".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+async def _subscribe(address: str, name: str, waypoint: bool) -> Any:
+    from mesh.xds.client import WAYPOINT_TYPE_URLS, Backoff, XdsClient, insecure_channel_factory
+    from mesh.xds.convert import TYPE_URLS
+    from mesh.xds.state import ProxyState
+
+    state = ProxyState()
+    client = XdsClient(
+        state,
+        node_id=f"{'waypoint' if waypoint else 'ztunnel'}~{name}",
+        node_name=name,
+        channel_factory=insecure_channel_factory(address),
+        backoff=Backoff(initial=0.05, maximum=1.0),
+        types=WAYPOINT_TYPE_URLS if waypoint else TYPE_URLS,
+    )
+    task = asyncio.create_task(client.run(), name=f"xds-{name}")
+    await asyncio.wait_for(client.synced.wait(), 30)
+    return state, client, task
+
+
+async def _child_discovery(spec: dict[str, Any]) -> int:
+    from mesh import runtime
+    from tests.discovery import Discovery
+
+    stop = runtime.stop_on_signals()
+    d = Discovery()
+    d.store.replace_all(mesh_objects(spec["pods"]))
+    await d.start()
+    _ready(spec["ready"], {"address": d.address})
+    await stop.wait()
+    await d.aclose()
+    return 0
+
+
+async def _child_ztunnel(spec: dict[str, Any]) -> int:
+    """One node's ztunnel as tests/netns/mesh.py runs it, with a fake cni agent handing it the
+    node's enrolled pods over ZDS, its certificates signed by the benchmark's CA."""
+    from mesh import runtime
+    from mesh.pki import CertificateAuthority
+    from tests.netns.agent import FakeAgent
+    from tests.netns.topology import Pod
+    from tests.ztunnel.fakes import FakeCa
+    from ztunnel.app import Addresses, Ztunnel
+
+    stop = runtime.stop_on_signals()
+    node = int(spec["node"])
+    name = f"node-{node}"
+    state, client, task = await _subscribe(spec["discovery"], name, waypoint=False)
+    ca = FakeCa(CertificateAuthority.load_cacerts(spec["ca_dir"]))
+    agent = FakeAgent(spec["zds"])
+    zt = Ztunnel(
+        node=name,
+        trust_domain="cluster.local",
+        state=state,
+        ca=ca,
+        zds_path=spec["zds"],
+        addresses=Addresses(("127.0.0.1", 0), ("127.0.0.1", 0), ("127.0.0.1", 0)),
+    )
+    await zt.start()
+    await agent.accept()
+    for p in spec["pods"]:
+        if p["node"] == node and p["enrolled"]:
+            pod = Pod(**{**p, "labels": tuple(tuple(kv) for kv in p["labels"])})
+            err = await agent.add(pod)
+            if err:
+                raise RuntimeError(f"ztunnel {name} refused {pod.name}: {err}")
+    err = await agent.snapshot_sent()
+    if err:
+        raise RuntimeError(f"ztunnel {name}: snapshot: {err}")
+    _ready(spec["ready"], {"node": name})
+    await stop.wait()
+    await zt.shutdown(1.0)
+    agent.close()
+    client.stop()
+    await asyncio.gather(task, return_exceptions=True)
+    return 0
+
+
+async def _child_waypoint(spec: dict[str, Any]) -> int:
+    """The waypoint of Gateway shop/waypoint, its data path in the waypoint pod's netns (how
+    ``waypoint --netns`` runs it), fed by discovery, holding only its own certificate."""
+    from mesh import runtime
+    from mesh.netns import NetnsSocketFactory
+    from mesh.pki import CertificateAuthority
+    from tests.ztunnel.fakes import FakeCa
+    from waypoint.app import Addresses, Waypoint
+    from waypoint.routing import Me
+
+    stop = runtime.stop_on_signals()
+    state, client, task = await _subscribe(spec["discovery"], "shop-waypoint", waypoint=True)
+    fd = os.open(spec["netns"], os.O_RDONLY)
+    try:
+        factory = NetnsSocketFactory(fd, name="waypoint-0")
+    finally:
+        os.close(fd)
+    wp = Waypoint(
+        me=Me("shop", "waypoint"),
+        trust_domain="cluster.local",
+        state=state,
+        ca=FakeCa(CertificateAuthority.load_cacerts(spec["ca_dir"])),
+        factory=factory,
+        addresses=Addresses(("0.0.0.0", 15008), ("127.0.0.1", 0), ("127.0.0.1", 0), ("127.0.0.1", 0)),
+        drain_seconds=1.0,
+    )
+    await wp.start()
+    _ready(spec["ready"], {"stats_port": wp.bound["stats"][1]})
+    await stop.wait()
+    await wp.shutdown()
+    client.stop()
+    await asyncio.gather(task, return_exceptions=True)
+    factory.close()
+    return 0
+
+
+class _H1Backend(asyncio.Protocol):
+    """Keep-alive HTTP/1.1: every request (Content-Length bodies) gets 200 with 1 KiB."""
+
+    RESPONSE = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: 1024\r\n\r\n" + BODY
+    )
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        self.buf = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while (end := self.buf.find(b"\r\n\r\n")) >= 0:
+            length = 0
+            for line in self.buf[:end].split(b"\r\n")[1:]:
+                k, _, v = line.partition(b":")
+                if k.strip().lower() == b"content-length":
+                    length = int(v)
+            if len(self.buf) < end + 4 + length:
+                return
+            self.buf = self.buf[end + 4 + length :]
+            self.t.write(self.RESPONSE)
+
+
+class _H2Backend(asyncio.Protocol):
+    """HTTP/2 prior knowledge: every stream gets a gRPC-shaped answer (headers, 1,029 bytes, trailers)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        import h2.config
+        import h2.connection
+
+        self.t = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        self.c = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding=None)
+        )
+        self.c.initiate_connection()
+        self.t.write(self.c.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        import h2.events
+        import h2.exceptions
+
+        try:
+            events = self.c.receive_data(data)
+        except h2.exceptions.ProtocolError:
+            self.t.close()
+            return
+        for e in events:
+            if isinstance(e, h2.events.DataReceived):
+                self.c.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+            elif isinstance(e, h2.events.StreamEnded):
+                sid = e.stream_id
+                self.c.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+                self.c.send_data(sid, GRPC_FRAME)
+                self.c.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
+        self.t.write(self.c.data_to_send())
+
+
+async def _child_backend(spec: dict[str, Any]) -> int:
+    from mesh import runtime
+
+    stop = runtime.stop_on_signals()
+    loop = asyncio.get_running_loop()
+    servers = [
+        await loop.create_server(_H1Backend, "0.0.0.0", APP_PORTS["http1"]),
+        await loop.create_server(_H2Backend, "0.0.0.0", APP_PORTS["grpc"]),
+    ]
+    _ready(spec["ready"], {})
+    await stop.wait()
+    for s in servers:
+        s.close()
+    return 0
+
+
+def _percentiles(lat_us: list[float]) -> tuple[float, float]:
+    if not lat_us:
+        return 0.0, 0.0
+    lat_us.sort()
+    return lat_us[len(lat_us) // 2], lat_us[min(len(lat_us) - 1, int(len(lat_us) * 0.99))]
+
+
+async def _load_h1(host: str, port: int, conns: int, seconds: float) -> dict[str, float]:
+    lat: list[float] = []
+    errors = non2xx = 0
+    request = (
+        f"POST {URL_PATHS['http1']} HTTP/1.1\r\nhost: {host}:{port}\r\n"
+        "content-type: application/octet-stream\r\ncontent-length: 1024\r\n\r\n"
+    ).encode() + BODY
+    deadline = time.monotonic() + seconds
+
+    async def worker() -> None:
+        nonlocal errors, non2xx
+        try:
+            r, w = await asyncio.open_connection(host, port)
+        except OSError:
+            errors += 1
+            return
+        try:
+            while time.monotonic() < deadline:
+                t0 = time.perf_counter()
+                w.write(request)
+                head = await r.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    k, _, v = line.partition(b":")
+                    if k.strip().lower() == b"content-length":
+                        length = int(v)
+                await r.readexactly(length)
+                lat.append((time.perf_counter() - t0) * 1e6)
+                if not head.startswith(b"HTTP/1.1 2"):
+                    non2xx += 1
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            errors += 1
+        finally:
+            w.close()
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(conns)))
+    elapsed = time.monotonic() - t0
+    p50, p99 = _percentiles(lat)
+    n = len(lat)
+    return {
+        "requests": n,
+        "errors": errors,
+        "non2xx": non2xx,
+        "rps": n / elapsed,
+        "p50_us": p50,
+        "p99_us": p99,
+    }
+
+
+async def _load_h2(host: str, port: int, conns: int, streams: int, seconds: float) -> dict[str, float]:
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    lat: list[float] = []
+    errors = non2xx = 0
+    deadline = time.monotonic() + seconds
+    headers = [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":authority", f"{host}:{port}".encode()),
+        (b":path", URL_PATHS["grpc"].encode()),
+        *((k.encode(), v.encode()) for k, v in GRPC_REQUEST_HEADERS),
+    ]
+
+    async def connection() -> None:
+        nonlocal errors, non2xx
+        try:
+            r, w = await asyncio.open_connection(host, port)
+        except OSError:
+            errors += 1
+            return
+        c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        c.initiate_connection()
+        w.write(c.data_to_send())
+        pending: dict[int, asyncio.Future[bool]] = {}
+        status: dict[int, bytes] = {}
+
+        async def reader() -> None:
+            while data := await r.read(65536):
+                for e in c.receive_data(data):
+                    if isinstance(e, h2.events.ResponseReceived):
+                        status[e.stream_id] = dict(e.headers).get(b":status", b"")
+                    elif isinstance(e, h2.events.DataReceived):
+                        c.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+                    elif isinstance(e, h2.events.StreamEnded | h2.events.StreamReset):
+                        fut = pending.pop(e.stream_id, None)
+                        if fut is not None and not fut.done():
+                            fut.set_result(isinstance(e, h2.events.StreamEnded))
+                w.write(c.data_to_send())
+            for fut in pending.values():
+                if not fut.done():
+                    fut.set_result(False)
+
+        async def caller() -> None:
+            nonlocal errors, non2xx
+            loop = asyncio.get_running_loop()
+            while time.monotonic() < deadline:
+                t0 = time.perf_counter()
+                sid = c.get_next_available_stream_id()
+                fut: asyncio.Future[bool] = loop.create_future()
+                pending[sid] = fut
+                c.send_headers(sid, headers)
+                c.send_data(sid, GRPC_FRAME, end_stream=True)
+                w.write(c.data_to_send())
+                if not await fut:
+                    errors += 1
+                    return
+                lat.append((time.perf_counter() - t0) * 1e6)
+                if not status.pop(sid, b"").startswith(b"2"):
+                    non2xx += 1
+
+        read_task = asyncio.ensure_future(reader())
+        try:
+            await asyncio.gather(*(caller() for _ in range(streams)))
+        except (OSError, asyncio.IncompleteReadError):
+            errors += 1
+        finally:
+            read_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await read_task
+            w.close()
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(connection() for _ in range(conns)))
+    elapsed = time.monotonic() - t0
+    p50, p99 = _percentiles(lat)
+    n = len(lat)
+    return {
+        "requests": n,
+        "errors": errors,
+        "non2xx": non2xx,
+        "rps": n / elapsed,
+        "p50_us": p50,
+        "p99_us": p99,
+    }
+
+
+async def _child_load(spec: dict[str, Any]) -> int:
+    if spec["protocol"] == "http1":
+        out = await _load_h1(spec["host"], spec["port"], spec["connections"], spec["seconds"])
+    else:
+        out = await _load_h2(
+            spec["host"], spec["port"], spec["connections"], spec["streams"], spec["seconds"]
+        )
+    print(json.dumps(out))
+    return 0
+
+
+CHILDREN = {
+    "discovery": _child_discovery,
+    "ztunnel": _child_ztunnel,
+    "waypoint": _child_waypoint,
+    "backend": _child_backend,
+    "load": _child_load,
+}
+
+
+def child_main(role: str, spec_path: str) -> int:
+    from mesh import log as meshlog
+    from mesh import runtime
+
+    spec = json.loads(Path(spec_path).read_text())
+    if role in ("ztunnel", "waypoint", "discovery"):
+        meshlog.configure("info", json=True)  # as in production: one access-log line per request
+    return runtime.run(lambda: CHILDREN[role](spec))
+
+
+# -- the parent: tools, processes, paths --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tools:
+    load: str  # "real" (wrk, h2load) or "python"
+    backend: str  # "nginx" or "python"
+    haproxy: str | None  # None: the reference is not run
+    pyspy: str | None
+
+    def versions(self) -> str:
+        parts = []
+        if self.load == "real":
+            parts.append(_first_line(["wrk", "--version"]))
+            parts.append(_first_line(["h2load", "--version"]))
+        else:
+            parts.append("load: the Python generators in this file")
+        parts.append(
+            _first_line(["nginx", "-v"])
+            if self.backend == "nginx"
+            else "backend: the Python one in this file"
+        )
+        if self.haproxy:
+            parts.append(_first_line([self.haproxy, "-v"]))
+        return "; ".join(p for p in parts if p)
+
+
+def _first_line(argv: list[str]) -> str:
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except OSError:
+        return ""
+    out = (p.stdout or p.stderr).strip().splitlines()
+    return out[0].strip() if out else ""
+
+
+def find_tools(args: argparse.Namespace) -> Tools | str:
+    """The tools the run will use, or why it cannot run (naming the missing tool and its package)."""
+    load = args.load if args.load != "auto" else ("python" if args.quick else "real")
+    backend = args.backend if args.backend != "auto" else ("python" if args.quick else "nginx")
+    missing = []
+    if load == "real":
+        if not shutil.which("wrk"):
+            missing.append("wrk (Debian package wrk)")
+        if not shutil.which("h2load"):
+            missing.append("h2load (Debian package nghttp2-client)")
+    if backend == "nginx" and not shutil.which(
+        "nginx", path="/usr/sbin:/usr/bin:" + os.environ.get("PATH", "")
+    ):
+        missing.append("nginx (Debian package nginx-light or nginx)")
+    haproxy = shutil.which("haproxy", path="/usr/sbin:/usr/bin:" + os.environ.get("PATH", ""))
+    if haproxy is None and not args.quick:
+        missing.append("haproxy (Debian package haproxy), the reference proxy")
+    if missing:
+        return (
+            "missing: "
+            + "; ".join(missing)
+            + ". Install them (apt-get install wrk nghttp2-client nginx-light"
+            " haproxy), or run with --load python / --backend python (not a measurement)"
+        )
+    if os.geteuid() != 0 or not all(shutil.which(t) for t in ("ip", "nft")):
+        return "builds network namespaces and nft rules: run as root, with ip and nft installed"
+    pyspy = shutil.which("py-spy") or (
+        str(Path(PYTHON).parent / "py-spy") if (Path(PYTHON).parent / "py-spy").exists() else None
+    )
+    return Tools(load, backend, haproxy, pyspy)
+
+
+class RssSampler:
+    """The largest VmRSS of ``pids`` seen while it runs (every 0.2 s)."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.peak = dict.fromkeys(pids, 0.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            for pid in self.pids:
+                with contextlib.suppress(OSError, dp.BenchError):
+                    self.peak[pid] = max(self.peak[pid], dp.rss_mib(pid))
+            if self._stop.wait(0.2):
+                return
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class Bench:
+    def __init__(self, s: Settings, tools: Tools, work: Path, procs: dp.Processes) -> None:
+        self.s = s
+        self.tools = tools
+        self.work = work
+        self.procs = procs
+        self.topo: Any = None
+        self.pods: dict[str, Any] = {}
+        self.pids: dict[str, int] = {}  # role -> pid (ztunnel-1, ztunnel-2, waypoint, haproxy-*)
+        self.waypoint_stats = 0
+        self.n = 0
+
+    def _next(self, stem: str) -> Path:
+        self.n += 1
+        return self.work / f"{self.n:03d}-{stem}"
+
+    # -- building -------------------------------------------------------------------------------------
+
+    def build(self) -> None:
+        from mesh.identity import Identity
+        from mesh.pki import CertificateAuthority, write_credential
+        from tests.netns.topology import Topology
+
+        self.topo = Topology()
+        n1, n2 = self.topo.add_node(), self.topo.add_node()
+        self.topo.connect_nodes()
+        for node, name, ns, sa, labels, enrolled in POD_SPECS:
+            self.pods[name] = self.topo.add_pod(n1 if node == 1 else n2, name, ns, sa, labels, enrolled)
+        ca = CertificateAuthority.generate("cluster.local")
+        ca_dir = self.work / "ca"
+        ca.save(ca_dir)
+        for name in ("client", "refmid", "server"):
+            d = self.work / "creds" / name
+            write_credential(d, ca.issue(Identity("cluster.local", "plain", name)))
+            (d / "combined.pem").write_bytes(
+                (d / "cert-chain.pem").read_bytes() + (d / "key.pem").read_bytes()
+            )
+        base = {"pods": pods_json(self.topo), "ca_dir": str(ca_dir)}
+
+        discovery = self.child("discovery", base)
+        address = self.wait_ready(discovery)["address"]
+        base["discovery"] = address
+        starting = [
+            self.child("ztunnel", {**base, "node": n, "zds": str(self.work / f"zds-{n}.sock")})
+            for n in (1, 2)
+        ]
+        starting.append(self.child("waypoint", {**base, "netns": self.pods["waypoint-0"].netns_path}))
+        for role, (proc, _) in zip(("ztunnel-1", "ztunnel-2", "waypoint"), starting, strict=True):
+            info = self.wait_ready((proc, _))
+            self.pids[role] = proc.pid
+            if role == "waypoint":
+                self.waypoint_stats = int(info["stats_port"])
+        for pod in ("web", "server"):
+            self.start_backend(pod)
+        if self.tools.haproxy:
+            self.start_haproxy_chain()
+
+    def child(self, role: str, spec: dict[str, Any], prefix: list[str] | None = None) -> tuple[Any, Path]:
+        ready = self._next(f"{role}.ready")
+        spec_path = self._next(f"{role}.json")
+        spec_path.write_text(json.dumps({**spec, "ready": str(ready)}))
+        proc = self.procs.start(role, [*(prefix or []), PYTHON, SELF, "_child", role, str(spec_path)])
+        return proc, ready
+
+    def wait_ready(self, started: tuple[Any, Path], timeout: float = 60.0) -> dict[str, Any]:
+        proc, ready = started
+        dp.wait_for(ready.exists, f"{proc.args[-2]} child", [proc], timeout=timeout)
+        data: dict[str, Any] = json.loads(ready.read_text())
+        return data
+
+    def netns(self, pod: str) -> list[str]:
+        return ["ip", "netns", "exec", self.pods[pod].netns]
+
+    def start_backend(self, pod: str) -> None:
+        if self.tools.backend == "python":
+            self.wait_ready(self.child("backend", {}, prefix=self.netns(pod)))
+            return
+        d = self._next(f"nginx-{pod}")
+        d.mkdir()
+        body = BODY.decode()
+        # nginx cannot return NUL bytes from its config: the gRPC-shaped answer is 1,029 bytes of
+        # text in place of the 5-byte length prefix and message (no proxy on the path parses it).
+        grpc_body = "GRPC:" + "y" * 1024
+        temp = " ".join(
+            f"{k}_temp_path {d}/{k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        conf = d / "nginx.conf"
+        conf.write_text(
+            f"daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n"
+            "events { worker_connections 8192; }\n"
+            f"http {{\n  access_log off;\n  {temp}\n  keepalive_requests 10000000;\n  keepalive_timeout 300s;\n"
+            f"  server {{\n    listen 0.0.0.0:{APP_PORTS['http1']};\n"
+            f'    location / {{ default_type application/octet-stream; return 200 "{body}"; }}\n  }}\n'
+            f"  server {{\n    listen 0.0.0.0:{APP_PORTS['grpc']} http2;\n"
+            "    location / { default_type application/grpc; add_trailer grpc-status 0 always;"
+            f' return 200 "{grpc_body}"; }}\n  }}\n}}\n'
+        )
+        proc = self.procs.start(f"nginx-{pod}", [*self.netns(pod), "nginx", "-c", str(conf)])
+        dp.wait_for(
+            lambda: all(dp.listening(p, proc.pid) for p in APP_PORTS.values()), f"nginx in {pod}", [proc]
+        )
+
+    def start_haproxy_chain(self) -> None:
+        """client pod: plain in, TLS out → refmid pod: TLS in, route, TLS out → server pod: TLS in,
+        plain to the server. ``mode http`` everywhere, mutual TLS 1.3 on both TLS hops, HTTP/1.1
+        for the HTTP/1.1 test and HTTP/2 (ALPN h2, prior knowledge at the ends) for gRPC."""
+        assert self.tools.haproxy
+        creds = self.work / "creds"
+        root = creds / "client" / "root-cert.pem"
+        head = (
+            "global\n  maxconn 5000\n"
+            "defaults\n  mode http\n  option http-keep-alive\n  timeout connect 5s\n"
+            "  timeout client 1h\n  timeout server 1h\n  timeout http-keep-alive 1h\n"
+        )
+        tls_in = f"ssl crt {{crt}} ca-file {root} verify required ssl-min-ver TLSv1.3 alpn {{alpn}}"
+        tls_out = f"ssl verify required ca-file {root} crt {{crt}} ssl-min-ver TLSv1.3 alpn {{alpn}}"
+        confs: dict[str, str] = {"client": head, "refmid": head, "server": head}
+        for proto, (c_port, m_port, s_port) in REF_PORTS.items():
+            alpn = "h2" if proto == "grpc" else "http/1.1"
+            h2 = " proto h2" if proto == "grpc" else ""
+            app = APP_PORTS[proto]
+            c_crt, m_crt, s_crt = (creds / n / "combined.pem" for n in ("client", "refmid", "server"))
+            confs["client"] += (
+                f"frontend in_{proto}\n  bind 127.0.0.1:{c_port}{h2}\n  default_backend out_{proto}\n"
+                f"backend out_{proto}\n  server mid {REFMID_IP}:{m_port} "
+                + tls_out.format(crt=c_crt, alpn=alpn)
+                + "\n"
+            )
+            confs["refmid"] += (
+                f"frontend in_{proto}\n  bind 0.0.0.0:{m_port} " + tls_in.format(crt=m_crt, alpn=alpn) + "\n"
+                f"  default_backend out_{proto}\n"
+                f"backend out_{proto}\n  server srv {SERVER_IP}:{s_port} "
+                + tls_out.format(crt=m_crt, alpn=alpn)
+                + "\n"
+            )
+            confs["server"] += (
+                f"frontend in_{proto}\n  bind 0.0.0.0:{s_port} " + tls_in.format(crt=s_crt, alpn=alpn) + "\n"
+                f"  default_backend out_{proto}\n"
+                f"backend out_{proto}\n  server app 127.0.0.1:{app}{h2}\n"
+            )
+        for pod, ports in (("server", 2), ("refmid", 1), ("client", 0)):
+            conf = self._next(f"haproxy-{pod}.cfg")
+            conf.write_text(confs[pod])
+            proc = self.procs.start(
+                f"haproxy-{pod}", [*self.netns(pod), self.tools.haproxy, "-db", "-f", str(conf)]
+            )
+            want = [REF_PORTS[p][ports] for p in PROTOCOLS]
+            dp.wait_for(
+                lambda w=want, pid=proc.pid: all(dp.listening(p, pid) for p in w), f"haproxy {pod}", [proc]
+            )
+            self.pids[f"haproxy-{pod}"] = proc.pid
+
+    def teardown(self) -> list[str]:
+        self.procs.stop_all()
+        return self.topo.destroy() if self.topo is not None else []
+
+    # -- one measurement --------------------------------------------------------------------------
+
+    def target(self, path: str, protocol: str) -> tuple[str, str, int]:
+        """(client pod, host, port) a request of ``path`` is sent from and to."""
+        if path == "direct":
+            return "client", SERVER_IP, APP_PORTS[protocol]
+        if path == "haproxy":
+            return "client", "127.0.0.1", REF_PORTS[protocol][0]
+        return "frontend", WEB_VIP if path == "waypoint" else NOWP_VIP, SVC_PORTS[protocol]
+
+    def proxies(self, path: str) -> list[str]:
+        return {
+            "direct": [],
+            "mesh": ["ztunnel-1", "ztunnel-2"],
+            "waypoint": ["ztunnel-1", "waypoint", "ztunnel-2"],
+            "haproxy": ["haproxy-client", "haproxy-refmid", "haproxy-server"],
+        }[path]
+
+    def middle(self, path: str) -> str | None:
+        return {"waypoint": "waypoint", "haproxy": "haproxy-refmid"}.get(path)
+
+    def load(
+        self, path: str, protocol: str, conns: int, streams: int, seconds: int, latency: bool = False
+    ) -> dict[str, float]:
+        """One load-generator run; returns requests, rps, p50_us, p99_us, errors, non2xx.
+
+        ``latency``: the one-connection run. For HTTP/1.1 it is ``h2load --h1`` rather than wrk,
+        whose per-request latencies on one connection are not self-consistent here (226,008
+        requests in 3.0 s on one connection, each waiting for the last, reported with a mean of
+        386 µs and a p99 of 7 ms); h2load's per-request log is exact.
+        """
+        out = self._load(path, protocol, conns, streams, seconds, latency)
+        if out["requests"] <= 0 or out["non2xx"] >= out["requests"]:
+            raise dp.BenchError(f"{path}/{protocol}: no successful request ({out})")
+        return out
+
+    def _load(
+        self, path: str, protocol: str, conns: int, streams: int, seconds: int, latency: bool
+    ) -> dict[str, float]:
+        pod, host, port = self.target(path, protocol)
+        timeout = seconds + 60
+        if self.tools.load == "python":
+            spec = {"protocol": protocol, "host": host, "port": port, "connections": conns,
+                    "streams": streams, "seconds": seconds}  # fmt: skip
+            spec_path = self._next("load.json")
+            spec_path.write_text(json.dumps(spec))
+            out = self.run_out(
+                "load", [*self.netns(pod), PYTHON, SELF, "_child", "load", str(spec_path)], timeout
+            )
+            return dict(json.loads(out))
+        url = f"http://{host}:{port}{URL_PATHS[protocol]}"
+        if protocol == "http1" and not latency:
+            script = self.work / "wrk-post.lua"
+            if not script.exists():
+                script.write_text(WRK_SCRIPT)
+            argv = ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--timeout", "10s", "-s", str(script), url]
+            return parse_wrk(self.run_out("wrk", [*self.netns(pod), *argv], timeout))
+        body = self.work / f"{protocol}-request.bin"
+        if not body.exists():
+            body.write_bytes(GRPC_FRAME if protocol == "grpc" else BODY)
+        log_file = self._next("h2load.log")
+        argv = ["h2load", "-t1", f"-c{conns}", f"-m{streams}", f"-D{seconds}", "-d", str(body)]
+        headers = (
+            GRPC_REQUEST_HEADERS if protocol == "grpc" else (("content-type", "application/octet-stream"),)
+        )
+        for k, v in headers:
+            argv += ["-H", f"{k}: {v}"]
+        if protocol == "http1":
+            argv.append("--h1")
+        argv += ["--log-file", str(log_file), url]
+        out = parse_h2load(self.run_out("h2load", [*self.netns(pod), *argv], timeout), log_file)
+        log_file.unlink(missing_ok=True)
+        return out
+
+    def run_out(self, name: str, argv: list[str], timeout: float) -> str:
+        proc = self.procs.start(name, argv, stdout=subprocess.PIPE)
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.procs.stop(proc)
+            raise dp.BenchError(f"{name} timed out after {timeout:.0f} s") from None
+        self.procs.stop(proc)
+        if proc.returncode != 0:
+            raise dp.BenchError(f"{name} failed with {proc.returncode}:\n{dp.log_tail(proc)}")
+        return out.decode()
+
+    def waypoint_requests(self) -> float:
+        """istio_requests_total summed over every label set: what the waypoint says it handled."""
+        url = f"http://127.0.0.1:{self.waypoint_stats}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            text = r.read().decode()
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("istio_requests_total{")
+        )
+
+    def check_alive(self) -> None:
+        for proc in self.procs.procs:
+            if proc.poll() is not None and proc.args[-3:-1] != ["_child", "load"]:
+                raise dp.BenchError(f"{proc.args!r} died with {proc.returncode}:\n{dp.log_tail(proc)}")
+
+    def measure(self, path: str, protocol: str, profile_dir: Path | None = None) -> dict[str, float]:
+        s = self.s
+        conns, streams = (s.h1_connections, 1) if protocol == "http1" else (s.h2_connections, s.h2_streams)
+        pids = [self.pids[r] for r in self.proxies(path)]
+        middle = self.middle(path)
+        out: dict[str, float] = {}
+        if s.warmup_seconds:
+            self.load(path, protocol, conns, streams, s.warmup_seconds)
+        seen0 = self.waypoint_requests()
+        cpu0 = dp.cpu_split(pids)
+        mid0 = dp.cpu_split([self.pids[middle]]) if middle else (0.0, 0.0)
+        with RssSampler([self.pids[middle]] if middle else []) as rss:
+            tput = self.load(path, protocol, conns, streams, s.duration)
+        cpu1 = dp.cpu_split(pids)
+        mid1 = dp.cpu_split([self.pids[middle]]) if middle else (0.0, 0.0)
+        seen = self.waypoint_requests() - seen0
+        n = tput["requests"]
+        out["rps"] = tput["rps"]
+        out["load_p50_us"], out["load_p99_us"] = tput["p50_us"], tput["p99_us"]
+        out["errors"] = tput["errors"] + tput["non2xx"]
+        out["waypoint_requests_per_client_request"] = seen / max(n, 1)
+        if pids:
+            out["cpu_us_per_req"] = (sum(cpu1) - sum(cpu0)) / max(n, 1) * 1e6
+        if middle:
+            user, system = dp.per_op_us(mid0, mid1, n)
+            out["mid_cpu_user_us_per_req"], out["mid_cpu_sys_us_per_req"] = user, system
+            out["mid_cpu_us_per_req"] = user + system
+            out["mid_rss_mib"] = rss.peak[self.pids[middle]]
+        # Through the waypoint every request must be counted by it, on every other path none.
+        if (path == "waypoint") != (seen > 0) or (path == "waypoint" and seen < 0.9 * n):
+            raise dp.BenchError(
+                f"{path}/{protocol}: the waypoint counted {seen:.0f} requests for {n:.0f} sent"
+            )
+        lat = self.load(path, protocol, 1, 1, s.latency_seconds, latency=True)
+        out["p50_us"], out["p99_us"] = lat["p50_us"], lat["p99_us"]
+        out["errors"] += lat["errors"] + lat["non2xx"]
+        if profile_dir is not None and path == "waypoint" and self.tools.pyspy:
+            self.profile(protocol, conns, streams, profile_dir)
+        self.check_alive()
+        return out
+
+    def profile(self, protocol: str, conns: int, streams: int, profile_dir: Path) -> None:
+        """py-spy (Python frames, ``--nonblocking``: the waypoint is never paused) on the waypoint
+        during one more throughput run of ``protocol``."""
+        assert self.tools.pyspy
+        secs = self.s.profile_seconds
+        outfile = profile_dir / f"waypoint-{protocol}.txt"
+        argv = [self.tools.pyspy, "record", "-p", str(self.pids["waypoint"]), "-d", str(secs), "-r", "200"]
+        argv += ["--nonblocking", "--format", "raw", "-o", str(outfile)]
+        spy = self.procs.start(f"py-spy-{protocol}", argv)
+        self.load("waypoint", protocol, conns, streams, secs + 2)
+        spy.wait(timeout=60)
+        self.procs.stop(spy)
+        if not outfile.exists():
+            raise dp.BenchError(f"py-spy wrote nothing:\n{dp.log_tail(spy)}")
+
+
+WRK_SCRIPT = """\
+wrk.method = "POST"
+wrk.body = string.rep("x", 1024)
+wrk.headers["Content-Type"] = "application/octet-stream"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {"requests": %d, "duration_us": %d, "errors": %d, "non2xx": %d, "p50_us": %d, "p99_us": %d}\\n',
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def parse_wrk(out: str) -> dict[str, float]:
+    for line in out.splitlines():
+        if line.startswith("WRKJSON "):
+            d = json.loads(line[len("WRKJSON ") :])
+            return {
+                "requests": d["requests"],
+                "rps": d["requests"] / (d["duration_us"] / 1e6),
+                "p50_us": d["p50_us"],
+                "p99_us": d["p99_us"],
+                "errors": d["errors"],
+                "non2xx": d["non2xx"],
+            }
+    raise dp.BenchError(f"wrk printed no summary:\n{out[-2000:]}")
+
+
+def parse_h2load(out: str, log_file: Path) -> dict[str, float]:
+    """h2load's summary for counts and rate; latency percentiles from its per-request log
+    (``--log-file``: start µs, status, µs to the end of the response)."""
+    rps = succeeded = failed = 0.0
+    non2xx = 0.0
+    for raw in out.splitlines():
+        line = raw.strip()
+        if line.startswith("finished in"):
+            rps = float(line.split(",")[1].split()[0])
+        elif line.startswith("requests:"):
+            fields = {v.split()[1]: float(v.split()[0]) for v in line[len("requests:") :].split(",")}
+            succeeded = fields["succeeded"]
+            failed = fields["failed"] + fields["errored"] + fields["timeout"]
+        elif line.startswith("status codes:"):
+            for part in line[len("status codes:") :].split(","):
+                count, code = part.split()
+                if code != "2xx":
+                    non2xx += float(count)
+    lat = []
+    for row in log_file.read_text().splitlines():
+        cols = row.split("\t")
+        if len(cols) >= 3 and cols[1].startswith("2"):
+            lat.append(float(cols[2]))
+    if not succeeded or not lat:
+        raise dp.BenchError(f"h2load: no successful request:\n{out[-2000:]}")
+    p50, p99 = _percentiles(lat)
+    return {
+        "requests": succeeded,
+        "rps": rps,
+        "p50_us": p50,
+        "p99_us": p99,
+        "errors": failed,
+        "non2xx": non2xx,
+    }
+
+
+# -- profile summary ----------------------------------------------------------------------------------
+
+BUCKETS = [  # (what the frame's file path contains, bucket) — first match wins
+    ("/waypoint/http1.py", "waypoint HTTP/1.1 engine (waypoint/http1.py)"),
+    ("/waypoint/http2.py", "waypoint HTTP/2 engine (waypoint/http2.py)"),
+    ("/waypoint/metrics.py", "metrics + access log (waypoint/metrics.py)"),
+    ("/waypoint/", "waypoint, other (app, routing, bytestream, request)"),
+    ("/mesh/l7authz", "L7 authorization (mesh/l7authz)"),
+    ("/mesh/pathnorm", "path normalization (mesh/pathnorm.py)"),
+    ("/mesh/hbone/", "HBONE (mesh/hbone)"),
+    ("/mesh/log.py", "logging (structlog, mesh/log.py, json)"),
+    ("/structlog/", "logging (structlog, mesh/log.py, json)"),
+    ("/json/", "logging (structlog, mesh/log.py, json)"),
+    ("/prometheus_client/", "prometheus_client"),
+    ("/h11/", "h11"),
+    ("/h2/", "h2 + hpack + hyperframe"),
+    ("/hpack/", "h2 + hpack + hyperframe"),
+    ("/hyperframe/", "h2 + hpack + hyperframe"),
+    ("/ssl.py", "TLS (ssl.py: OpenSSL and its copies)"),
+    ("/asyncio/runners.py", "event loop in C (uvloop: system calls, transports)"),
+    ("/asyncio/", "asyncio (Python parts)"),
+    ("/mesh/", "mesh, other"),
+]
+
+
+def _frame_file(frame: str) -> str:
+    """``name (path:line)`` → ``/path`` (py-spy prints paths relative to ``sys.path``)."""
+    _, sep, loc = frame.partition(" (")
+    return "/" + loc.rstrip(")").rsplit(":", 1)[0].lstrip("/") if sep else ""
+
+
+def profile_buckets(path: Path) -> tuple[int, list[tuple[str, int]]]:
+    """Own time per component: each sample's innermost frame, by the file it is in."""
+    own: dict[str, int] = defaultdict(int)
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_s = line.rpartition(" ")
+        if not stack or not count_s.isdigit():
+            continue
+        total += int(count_s)
+        file = _frame_file(stack.split(";")[-1])
+        bucket = next((b for needle, b in BUCKETS if needle in file), "other")
+        own[bucket] += int(count_s)
+    return total, sorted(own.items(), key=lambda kv: -kv[1])
+
+
+def profile_markdown(profile_dir: Path, top: int = 15) -> str:
+    lines = [
+        "## Profile of the waypoint under load (py-spy, Python frames, own time)",
+        "",
+        "Recorded with `py-spy record --nonblocking -r 200` on the waypoint process during one more"
+        " throughput run per protocol. Only busy samples count. Own time of `Runner.run` is time in"
+        " uvloop's C event loop (socket system calls, transports); `SSLObject.read`/`write` is OpenSSL"
+        " with the copies around it.",
+        "",
+    ]
+    for protocol in PROTOCOLS:
+        path = profile_dir / f"waypoint-{protocol}.txt"
+        if not path.exists():
+            continue
+        total, buckets = profile_buckets(path)
+        lines += [f"### {PY_PROTO_TITLES[protocol]}: by component ({total} busy samples)", ""]
+        lines += ["| component | own % |", "|---|---:|"]
+        lines += [f"| {b} | {100 * n / max(total, 1):.1f} |" for b, n in buckets]
+        lines.append("")
+        total, ranked = dp.summarize_profile(path, top)
+        lines += [f"### {PY_PROTO_TITLES[protocol]}: top functions", ""]
+        lines += ["| # | function | own % | incl. % |", "|---|---|---:|---:|"]
+        for i, (fn, n, inc) in enumerate(ranked, 1):
+            fn_md = fn.replace("|", "\\|")
+            lines.append(f"| {i} | `{fn_md}` | {100 * n / total:.1f} | {100 * inc / total:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# -- report -----------------------------------------------------------------------------------------
+
+
+def _f(v: float | None, digits: int = 0) -> str:
+    return "—" if v is None else f"{v:,.{digits}f}"
+
+
+def _r(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b <= 0:
+        return "—"
+    return f"{a / b:.2f}{TIMES}"
+
+
+def report(
+    medians: dict[str, dict[str, dict[str, float]]],
+    runs: dict[str, dict[str, list[dict[str, float]]]],
+    s: Settings,
+    tools: Tools,
+    command: str,
+    started: dt.datetime,
+    elapsed: float,
+    quick: bool,
+    load_start: float,
+) -> str:
+    paths = [p for p in PATHS if any(medians[p].values())]
+    titles = PROTO_TITLES if tools.load == "real" else PY_PROTO_TITLES
+    lines = [
+        "# Waypoint benchmark" + (" (QUICK MODE — not a measurement)" if quick else ""),
+        "",
+        f"- date: {started:%Y-%m-%d %H:%M} UTC, {elapsed / 60:.1f} min",
+        f"- CPU: {dp.cpu_model()}, {os.cpu_count()} cores; kernel {platform.release()}",
+        f"- load average (1 min) at start {load_start:.2f}, at end {os.getloadavg()[0]:.2f}",
+        f"- commit: {dp.git_revision()}",
+        f"- command: `{command}`",
+        f"- tools: {tools.versions()}",
+        f"- settings: repeat {s.repeat} (median shown, path order rotated); throughput runs {s.duration} s"
+        f" (HTTP/1.1: {s.h1_connections} connections; HTTP/2: {s.h2_connections} connections,"
+        f" {s.h2_streams} streams each), latency runs {s.latency_seconds} s on one connection, one request at"
+        f" a time; warm-up {s.warmup_seconds} s per path and protocol",
+    ]
+    if not tools.haproxy:
+        lines.append("- reference: **not run: haproxy not found** (Debian package haproxy)")
+    for protocol in PROTOCOLS:
+        m = {p: medians[p][protocol] for p in paths}
+        d, ref = m.get("direct", {}), m.get("haproxy", {})
+        lines += [
+            "",
+            f"## {titles[protocol]}",
+            "",
+            "| path | req/s | p50 µs | p99 µs | added p50 µs | added p99 µs | proxies' CPU µs/req |"
+            " middle hop CPU µs/req | middle hop RSS MiB | errors |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for p in paths:
+            x = m[p]
+            added = (
+                ("—", "—")
+                if p == "direct"
+                else (_f(x["p50_us"] - d["p50_us"]), _f(x["p99_us"] - d["p99_us"]))
+            )
+            lines.append(
+                f"| {LABELS[p]} | {_f(x['rps'])} | {_f(x['p50_us'])} | {_f(x['p99_us'])} | {added[0]} | {added[1]}"
+                f" | {_f(x.get('cpu_us_per_req'))} | {_f(x.get('mid_cpu_us_per_req'))}"
+                f" | {_f(x.get('mid_rss_mib'), 1)} | {_f(x['errors'])} |"
+            )
+        lines += [
+            "",
+            "| path | req/s ÷ direct | p50 ÷ direct | p99 ÷ direct | req/s ÷ reference | added p50 ÷ reference"
+            " | added p99 ÷ reference | CPU/req ÷ reference | middle hop CPU/req ÷ reference"
+            " | middle hop RSS ÷ reference |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for p in paths:
+            if p == "direct":
+                continue
+            x = m[p]
+            to_ref = ["—"] * 6
+            if ref and p != "haproxy":
+                to_ref = [
+                    _r(x["rps"], ref["rps"]),
+                    _r(x["p50_us"] - d["p50_us"], ref["p50_us"] - d["p50_us"]),
+                    _r(x["p99_us"] - d["p99_us"], ref["p99_us"] - d["p99_us"]),
+                    _r(x.get("cpu_us_per_req"), ref.get("cpu_us_per_req")),
+                    _r(x.get("mid_cpu_us_per_req"), ref.get("mid_cpu_us_per_req")),
+                    _r(x.get("mid_rss_mib"), ref.get("mid_rss_mib")),
+                ]
+            lines.append(
+                f"| {LABELS[p]} | {_r(x['rps'], d.get('rps'))} | {_r(x['p50_us'], d.get('p50_us'))}"
+                f" | {_r(x['p99_us'], d.get('p99_us'))} | " + " | ".join(to_ref) + " |"
+            )
+    lines += [
+        "",
+        "req/s: the throughput run. p50/p99: the latency run (one connection, one request in flight;"
+        " h2load's per-request log, `--h1` for HTTP/1.1, or the Python generator);"
+        " added = the path's minus direct TCP's. Proxies' CPU: user+system seconds of every proxy"
+        " process on the path (/proc/PID/stat; the two ztunnels, plus the waypoint; the three haproxy)"
+        " over the throughput run, per request. Middle hop: the waypoint, or the middle haproxy. RSS:"
+        " the largest VmRSS seen during the throughput run. Errors: failed or non-2xx requests."
+        " The ztunnel processes also run their discovery clients; every load generator, backend and"
+        " proxy shares the same cores.",
+        "",
+        "## On Istio's basis (≈ 0.25 vCPU and 60 MB per 1,000 requests/s for its waypoint)",
+        "",
+        "| middle hop | protocol | req/s | vCPU per 1,000 req/s | ÷ Istio's 0.25 | RSS MB under load"
+        " | MB per 1,000 req/s | ÷ Istio's 60 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in ("waypoint", "haproxy"):
+        if p not in paths:
+            continue
+        for protocol in PROTOCOLS:
+            x = medians[p][protocol]
+            vcpu = x["mid_cpu_us_per_req"] / 1000  # CPU-s per request, times 1,000 requests/s
+            mb = x["mid_rss_mib"] * 1.048576
+            per_k = mb / (x["rps"] / 1000) if x["rps"] else None
+            lines.append(
+                f"| {'waypoint' if p == 'waypoint' else 'middle haproxy'} | {protocol} | {_f(x['rps'])}"
+                f" | {vcpu:.3f} | {vcpu / ISTIO_VCPU_PER_1000:.2f}{TIMES} | {_f(mb, 1)} | {_f(per_k, 1)}"
+                f" | {_r(per_k, ISTIO_MB_PER_1000)} |"
+            )
+    lines += [
+        "",
+        f"vCPU per 1,000 req/s = the middle hop's CPU-seconds per request {TIMES} 1,000. MB per 1,000 req/s ="
+        " its RSS under the load ÷ the load in thousands of req/s, as Istio states it (memory does not"
+        " scale linearly with the rate: the absolute RSS is the column before).",
+        "",
+        "## Every repeat",
+        "",
+        "| path | protocol | figure | values |",
+        "|---|---|---|---|",
+    ]
+    for p in paths:
+        for protocol in PROTOCOLS:
+            rs = runs[p][protocol]
+            for k in rs[0] if rs else {}:
+                lines.append(
+                    f"| {LABELS[p]} | {protocol} | {k} | {', '.join(_f(r[k], 2 if 'rss' in k else 0) for r in rs)} |"
+                )
+    lines.append("")
+    return "\n".join(lines)
+
+
+# -- main -------------------------------------------------------------------------------------------
+
+
+def orders(repeat: int) -> Iterator[list[str]]:
+    for i in range(repeat):
+        k = i % len(PATHS)
+        order = PATHS[k:] + PATHS[:k]
+        yield order[::-1] if i % 2 else order
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--repeat", type=int, default=None, help="repeats, median reported (default 3)")
+    p.add_argument("--duration", type=int, default=None, help="seconds per throughput run (default 8)")
+    p.add_argument("--latency-seconds", type=int, default=None, help="seconds per latency run (default 5)")
+    p.add_argument(
+        "--quick", action="store_true", help="every path once, tiny durations, Python load and backend"
+    )
+    p.add_argument(
+        "--load",
+        choices=["auto", "real", "python"],
+        default="auto",
+        help="wrk + h2load (real; default) or the Python generators (default with --quick)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=["auto", "nginx", "python"],
+        default="auto",
+        help="nginx (default) or the Python backend (default with --quick)",
+    )
+    p.add_argument("--profile", action="store_true", help="py-spy the waypoint under load, summarize")
+    p.add_argument("--profile-seconds", type=int, default=None, help="py-spy recording length (default 8)")
+    p.add_argument("--output", metavar="FILE", help="write the markdown report here (default: stdout)")
+    p.add_argument("--json", metavar="FILE", help="also write the raw figures as JSON")
+    return p.parse_args(argv)  # fmt: skip
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["_child"]:
+        return child_main(argv[1], argv[2])
+    args = parse_args(argv)
+    s = Settings.quick() if args.quick else Settings()
+    for key in ("repeat", "duration", "latency_seconds", "profile_seconds"):
+        if getattr(args, key) is not None:
+            setattr(s, key, getattr(args, key))
+    tools = find_tools(args)
+    if isinstance(tools, str):
+        print(f"waypoint bench: {tools}", file=sys.stderr)
+        return 2
+    if args.profile and tools.pyspy is None:
+        print("waypoint bench: --profile needs py-spy (pip install py-spy)", file=sys.stderr)
+        return 2
+    dp.raise_nofile()
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    command = shlex.join(["python", os.path.relpath(__file__, ROOT), *argv])
+    started = dt.datetime.now(dt.UTC)
+    load_start = os.getloadavg()[0]
+    t0 = time.monotonic()
+
+    def _term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)
+    paths = [p for p in PATHS if p != "haproxy" or tools.haproxy]
+    runs: dict[str, dict[str, list[dict[str, float]]]] = {p: {q: [] for q in PROTOCOLS} for p in PATHS}
+    with tempfile.TemporaryDirectory(prefix="waypoint-bench-") as tmp:
+        work = Path(tmp)
+        (work / "logs").mkdir()
+        procs = dp.Processes(work / "logs")
+        bench = Bench(s, tools, work, procs)
+        profile_dir = work / "profile" if args.profile else None
+        if profile_dir is not None:
+            profile_dir.mkdir()
+        text = ""
+        try:
+            print(f"[{time.monotonic() - t0:6.1f}s] building the mesh", file=sys.stderr)
+            bench.build()
+            for i, order in enumerate(orders(s.repeat)):
+                protocols = PROTOCOLS if i % 2 == 0 else PROTOCOLS[::-1]
+                for path in (p for p in order if p in paths):
+                    for protocol in protocols:
+                        print(
+                            f"[{time.monotonic() - t0:6.1f}s] repeat {i + 1}/{s.repeat}: {path} {protocol}",
+                            file=sys.stderr,
+                        )
+                        runs[path][protocol].append(
+                            bench.measure(path, protocol, profile_dir if i == 0 else None)
+                        )
+            medians = {
+                p: {
+                    q: {k: statistics.median(r[k] for r in rs) for k in rs[0]} if (rs := runs[p][q]) else {}
+                    for q in PROTOCOLS
+                }
+                for p in PATHS
+            }
+            text = report(
+                medians, runs, s, tools, command, started, time.monotonic() - t0, args.quick, load_start
+            )
+            if profile_dir is not None:
+                text += "\n" + profile_markdown(profile_dir)
+        except dp.BenchError as e:
+            print(f"waypoint bench: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("waypoint bench: interrupted, stopping everything", file=sys.stderr)
+            return 130
+        finally:
+            old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                errors = bench.teardown()
+            finally:
+                for sig, handler in old.items():
+                    signal.signal(sig, handler)
+            if errors:
+                print(f"waypoint bench: teardown: {'; '.join(errors)}", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"settings": asdict(s), "tools": asdict(tools), "runs": runs}, indent=1)
+        )
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

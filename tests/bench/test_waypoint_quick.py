@@ -1,0 +1,128 @@
+"""Keeps the waypoint benchmark harness working: ``benchmarks/waypoint.py --quick --profile`` must
+produce every figure for every path and protocol, and the profile summary. It asserts presence,
+never speed.
+
+``--quick`` uses the harness's Python load generators and backend, so neither wrk, h2load nor
+nginx is needed; the haproxy reference runs when haproxy is installed (CI installs it) and is
+reported as not run otherwise. The mesh (nodes and pods as network namespaces, nft redirection)
+needs root, ``ip`` and ``nft``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+HAPROXY = shutil.which("haproxy", path="/usr/sbin:/usr/bin") is not None
+PATHS = ["direct", "mesh", "waypoint", "haproxy"] if HAPROXY else ["direct", "mesh", "waypoint"]
+LABELS = {
+    "direct": "direct TCP (pod → pod)",
+    "mesh": "two ztunnels, no waypoint",
+    "waypoint": "ztunnel → waypoint → ztunnel",
+    "haproxy": "haproxy chain (mode http, TLS)",
+}
+EVERY = ["rps", "p50_us", "p99_us", "load_p50_us", "load_p99_us", "errors"]
+PROXIED = ["cpu_us_per_req"]
+MIDDLE = ["mid_cpu_us_per_req", "mid_cpu_user_us_per_req", "mid_cpu_sys_us_per_req", "mid_rss_mib"]
+NUMBER = re.compile(r"^-?[\d,]+(\.\d+)?\u00d7?$")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        os.geteuid() != 0 or not all(shutil.which(t) for t in ("ip", "nft")),
+        reason="builds network namespaces and nft rules: needs root, ip and nft",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("bench")
+    report, raw = out / "report.md", out / "raw.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/waypoint.py",
+            "--quick",
+            "--profile",
+            "--output",
+            str(report),
+            "--json",
+            str(raw),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return report.read_text(), json.loads(raw.read_text())
+
+
+def test_every_path_and_protocol_produced_every_figure(quick_run: tuple[str, dict[str, Any]]) -> None:
+    _, raw = quick_run
+    assert raw["tools"]["load"] == "python" and raw["tools"]["backend"] == "python"
+    runs = raw["runs"]
+    for path in PATHS:
+        for protocol in ("http1", "grpc"):
+            (figures,) = runs[path][protocol]
+            wanted = (
+                EVERY
+                + (PROXIED if path != "direct" else [])
+                + (MIDDLE if path in ("waypoint", "haproxy") else [])
+            )
+            for key in wanted:
+                assert isinstance(figures.get(key), (int, float)), (path, protocol, key, figures)
+            assert figures["rps"] > 0 and figures["p50_us"] > 0, (path, protocol)
+            # The harness checks that requests on the waypoint path went through the waypoint.
+            through = figures["waypoint_requests_per_client_request"]
+            assert (through > 0) == (path == "waypoint"), (path, protocol, through)
+    if not HAPROXY:
+        assert runs["haproxy"] == {"http1": [], "grpc": []}
+
+
+def test_markdown_tables_have_numbers_and_ratios(quick_run: tuple[str, dict[str, Any]]) -> None:
+    report, _ = quick_run
+    assert "command: `python benchmarks/waypoint.py --quick --profile" in report
+    assert "cores" in report and "CPU:" in report and "commit:" in report
+    if not HAPROXY:
+        assert "not run: haproxy not found" in report
+    rows: dict[str, list[list[str]]] = {}
+    for line in report.split("## On Istio's basis", 1)[0].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] in LABELS.values():
+            rows.setdefault(cells[0], []).append(cells[1:])
+    for path in PATHS:
+        tables = rows[LABELS[path]]
+        # per protocol: the absolute table, then (but for direct) the ratio table
+        assert len(tables) == (2 if path == "direct" else 4), (path, tables)
+        for absolute in tables[:: 1 if path == "direct" else 2]:
+            assert all(NUMBER.match(c) for c in absolute[:3]), (path, absolute)
+        if path != "direct":
+            for ratios in tables[1::2]:
+                assert all(NUMBER.match(c) for c in ratios[:3]), (path, ratios)
+    istio = report.split("## On Istio's basis", 1)[1].split("## Every repeat", 1)[0]
+    waypoint_rows = [line for line in istio.splitlines() if line.startswith("| waypoint |")]
+    assert len(waypoint_rows) == 2, istio
+    for line in waypoint_rows:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        assert all(NUMBER.match(c) for c in cells[2:]), cells
+
+
+def test_profile_of_the_waypoint(quick_run: tuple[str, dict[str, Any]]) -> None:
+    report, _ = quick_run
+    profile = report.split("## Profile of the waypoint under load", 1)[1]
+    for title in ("HTTP/1.1, 1 KiB POST", "gRPC-shaped HTTP/2 unary, 1 KiB"):
+        by_component = profile.split(f"### {title}: by component (", 1)[1].split("###", 1)[0]
+        assert re.search(r"^\| .+ \| \d+\.\d \|$", by_component, re.M), title
+        top = profile.split(f"### {title}: top functions", 1)[1].split("###", 1)[0]
+        assert re.search(r"^\| 1 \| `.+` \| \d+\.\d \| \d+\.\d \|$", top, re.M), title
