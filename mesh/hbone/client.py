@@ -66,7 +66,7 @@ class ClientProtocol(HboneProtocol):
         self.streams[sid] = st
         fut: asyncio.Future[Response] = self.loop.create_future()
         st._response = fut  # answered by handle_event; a reset (or the connection dying) fails it
-        self.flush()
+        self.flush_soon()
         try:
             resp = await fut
         except asyncio.CancelledError:

@@ -70,6 +70,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
         # Bytes that arrive between the TLS handshake and ``start()`` (peer not verified yet).
         self._early: list[bytes | memoryview] | None = []
         self._rbuf: bytearray | None = None
+        self._flush_pending = False
 
     # -- transport callbacks ------------------------------------------------------------------------
 
@@ -128,8 +129,17 @@ class HboneProtocol(asyncio.BufferedProtocol):
     # -- plumbing -------------------------------------------------------------------------------
 
     def flush(self) -> None:
+        self._flush_pending = False
         if self.transport is not None and not self.dead and self.conn.has_output:
             self.transport.write(self.conn.data_to_send())
+
+    def flush_soon(self) -> None:
+        """Flush at the end of this turn of the event loop: what the streams write in one turn
+        (DATA, WINDOW_UPDATEs, END_STREAM, often for several streams) leaves as one TLS write
+        instead of one each (profiled: ~6 writes per proxied HTTP request before)."""
+        if not self._flush_pending:
+            self._flush_pending = True
+            self.loop.call_soon(self.flush)
 
     def _dispatch(self, ev: Event) -> None:
         if isinstance(ev, Data):

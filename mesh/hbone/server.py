@@ -89,7 +89,7 @@ class InboundStream:
         if self._proto.dead or self.stream.done.done():
             raise StreamError("stream is gone")
         self._proto.conn.respond(self.stream.stream_id, status)
-        self._proto.flush()
+        self._proto.flush_soon()
 
 
 class ServerProtocol(HboneProtocol):

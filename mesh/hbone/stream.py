@@ -73,7 +73,7 @@ class Stream:
     def ack(self, n: int) -> None:
         """The sink consumed ``n`` bytes: return them to the peer's window."""
         if n > 0 and not self._owner.dead and self._owner.conn.acknowledge(self.stream_id, n):
-            self._owner.flush()
+            self._owner.flush_soon()
 
     def _on_data(self, data: bytes | memoryview) -> None:
         self.bytes_received += len(data)
@@ -111,7 +111,7 @@ class Stream:
             raise StreamError("stream already half-closed")
         self.bytes_sent += len(data)
         self._owner.conn.send_data(self.stream_id, data)
-        self._owner.flush()
+        self._owner.flush_soon()
 
     def writable(self) -> bool:
         """False while the writer should stop feeding this stream (window or transport full)."""
@@ -151,7 +151,7 @@ class Stream:
         self.local_closed = True
         if not self._owner.dead:
             self._owner.conn.end_stream(self.stream_id)
-            self._owner.flush()
+            self._owner.flush_soon()
         self._check_done()
 
     def reset(self, code: int = CONNECT_ERROR) -> None:
@@ -160,7 +160,7 @@ class Stream:
             return
         if not self._owner.dead:
             self._owner.conn.reset(self.stream_id, code)
-            self._owner.flush()
+            self._owner.flush_soon()
         self._on_reset(StreamError(f"stream reset locally (code {code})"))
 
     def _check_done(self) -> None:
