@@ -12,7 +12,8 @@ whose ``forwarded`` header carries the original client's address. Anyone else ma
 whatever they like in that header; it is ignored.
 
 Strict waypoint mode (ours, ``Workload.waypoint_strict``): the destination accepts HBONE only
-from its own waypoint, and its L4 policy sees the original client identity that the waypoint
+from its own waypoint (and from peers an enforced ALLOW policy names by exact principal or
+service account: :func:`named_by_policy`), and its L4 policy sees the original client identity that the waypoint
 vouches for in ``x-forwarded-client-cert`` (Envoy's header: ``URI=<client SPIFFE ID>``),
 believed from that waypoint only. By default (Istio's behaviour) the policy sees the waypoint's
 own identity and the header is ignored. :class:`Hop` holds what one inbound hop presented, so
@@ -28,6 +29,7 @@ import structlog
 
 from mesh.authz import Connection, Decision, evaluate
 from mesh.identity import Identity, IdentityError
+from mesh.xds.authorization import Action, MatchKind, ServiceAccountMatch
 from mesh.xds.state import GatewayAddress, ProxySnapshot, Workload
 
 log = structlog.get_logger(__name__)
@@ -72,9 +74,29 @@ def connection_for(
     return Connection.of(identity, ip, dst_ip, dst_port)
 
 
+def named_by_policy(snapshot: ProxySnapshot, dst: Workload, peer: Identity) -> bool:
+    """Whether an enforced ALLOW policy of ``dst`` names ``peer`` itself: its exact principal or
+    its service account (not a pattern, a namespace or an address) — the peers strict waypoint
+    mode still lets in directly (e.g. a scraper the owner trusts by name)."""
+    principal, account = peer.principal, ServiceAccountMatch(peer.namespace, peer.service_account)
+    for a in snapshot.policies_for(dst):
+        if a.action is not Action.ALLOW or a.dry_run:
+            continue
+        for rule in a.rules:
+            for clause in rule.clauses:
+                for m in clause.matches:
+                    if account in m.service_accounts or any(
+                        p.kind is MatchKind.EXACT and p.value == principal for p in m.principals
+                    ):
+                        return True
+    return False
+
+
 def _strict_refusal(snapshot: ProxySnapshot, dst: Workload, hop: Hop) -> Decision | None:
     if not dst.waypoint_strict or from_own_waypoint(snapshot, dst, hop.peer, hop.peer_ip):
         return None
+    if hop.peer is not None and named_by_policy(snapshot, dst, hop.peer):
+        return None  # let in by name; the policies still decide below
     via = str(dst.waypoint) if dst.waypoint is not None else "no waypoint"
     who = str(hop.peer) if hop.peer is not None else "a plaintext client"
     return Decision(

@@ -209,9 +209,9 @@ def metric(wp: Waypoint, name: str, **labels: str) -> float:
     return total
 
 
-async def tunnel_status(env: Env, to: Pod, sa: str, authority: str) -> int:
-    """Open HBONE from the intruder (frontend's stolen certificate) to ``to``; the CONNECT's status."""
-    cred = env.mesh.ca.issue(Identity(TRUST_DOMAIN, "shop", "frontend"))
+async def tunnel_status(env: Env, to: Pod, sa: str, authority: str, as_sa: str = "frontend") -> int:
+    """Open HBONE from the intruder (``as_sa``'s stolen certificate) to ``to``; the CONNECT's status."""
+    cred = env.mesh.ca.issue(Identity(TRUST_DOMAIN, "shop", as_sa))
     sock = await env.mesh.factory(env.pods.intruder).tcp_socket(socket.AF_INET)
     conn = await open_connection(
         to.ip,
@@ -407,8 +407,10 @@ async def test_strict_mode_only_the_waypoint_and_the_original_identity(env: Env)
             assert resp.status_code == 503
         finally:
             await c.close()
-        # A client that skips the waypoint (its own HBONE straight to web) is refused.
-        assert await tunnel_status(env, p.web, "web", f"{p.web.ip}:8080") == 401
+        # A client that skips the waypoint (its own HBONE straight to web) is refused ...
+        assert await tunnel_status(env, p.web, "web", f"{p.web.ip}:8080", as_sa="cart") == 401
+        # ... except a peer the destination's ALLOW policy names itself: frontend may come direct.
+        assert await tunnel_status(env, p.web, "web", f"{p.web.ip}:8080") == 200
         # A missing waypoint fails closed: nothing reaches web.
         await env.apply(strict, only_frontend, without=("shop/waypoint",))
         served = len(env.web_h1.requests)

@@ -6,6 +6,8 @@ decisions through discovery and real connections (test_e2e_netns.py).
 
 from __future__ import annotations
 
+import dataclasses
+
 import structlog
 
 from mesh.authz import Connection
@@ -142,3 +144,26 @@ def test_a_vouched_identity_must_be_a_spiffe_uri() -> None:
         ("", None),
     ]:
         assert Hop(None, "10.0.0.1", client_cert=header).vouched_identity() == want, header
+
+
+def test_strict_mode_lets_in_a_peer_an_allow_policy_names_itself() -> None:
+    named = Authorization(
+        "scraper", "shop", Scope.WORKLOAD_SELECTOR, Action.ALLOW,
+        (Rule((Clause((Match(principals=(StringMatch(MatchKind.EXACT, "cluster.local/ns/mon/sa/scraper"),)),)),)),),
+    )  # fmt: skip
+    by_prefix = Authorization(
+        "mon-ns", "shop", Scope.WORKLOAD_SELECTOR, Action.ALLOW,
+        (Rule((Clause((Match(principals=(StringMatch(MatchKind.PREFIX, "cluster.local/ns/mon/"),)),)),)),),
+    )  # fmt: skip
+    s = ProxyState()
+    s.apply(
+        addresses=[(w.uid, w) for w in state(dst_waypoint=True, strict=True).workloads.values()]
+        + [(v.key, v) for v in state().services.values()],
+        authorizations=[STRICT, named, by_prefix],
+    )
+    snap = s.snapshot()
+    api = dataclasses.replace(snap.workloads["api-1"], authorization_policies=("shop/scraper", "shop/mon-ns"))
+    scraper, other = Hop(ident("mon", "scraper"), "10.0.9.1"), Hop(ident("mon", "other"), "10.0.9.2")
+    assert authorize_hop(snap, api, scraper, connection_for(snap, api, scraper, "10.0.2.3", 8080)).allow
+    # A pattern is not a name: mon/other is not let past the waypoint.
+    assert not authorize_hop(snap, api, other, connection_for(snap, api, other, "10.0.2.3", 8080)).allow
