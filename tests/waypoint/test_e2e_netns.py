@@ -155,9 +155,10 @@ class Env:
     api_h1: H1Backend
 
     async def apply(self, *extra: MeshObject, without: tuple[str, ...] = ()) -> None:
-        """The base objects (but the Gateways named in ``without``) plus ``extra``, pushed
-        through discovery to every proxy."""
-        base = [o for o in BASE if not (isinstance(o, Gateway) and o.key in without)]
+        """The base objects (but the waypoints named in ``without``: their Gateway and Service,
+        as deleting a Gateway deletes what its controller made) plus ``extra``, pushed through
+        discovery to every proxy."""
+        base = [o for o in BASE if not (isinstance(o, Gateway | Service) and o.key in without)]
         self.mesh.extra = [*base, *extra]
         self.mesh.publish()
         await self.mesh.converged(TIMEOUT)
@@ -384,7 +385,9 @@ async def test_a_per_account_waypoint_serves_only_its_account(env: Env) -> None:
 
 async def test_strict_mode_only_the_waypoint_and_the_original_identity(env: Env) -> None:
     p = env.pods
-    strict = Namespace("shop", annotations={"ambient-mesh.io/waypoint-mode": "strict"})
+    strict = Namespace(
+        "shop", annotations={"ambient-mesh.io/waypoint-mode": "strict"}, waypoint=WaypointRef("waypoint", "shop")
+    )
     only_frontend = AuthorizationPolicy(
         namespace="shop",
         name="web-l4",
