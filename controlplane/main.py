@@ -21,9 +21,10 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import functools
+import os
 import ssl
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from controlplane.jwks import DEFAULT_REFRESH as DEFAULT_JWKS_REFRESH
 from controlplane.jwks import JwksCache
 from controlplane.server import DEFAULT_PORT, ServerError, parse_listen, start_server
 from controlplane.tokens import DEFAULT_TOKEN_TTL, TokenError, TokenIssuer
+from controlplane.waypoint_controller import KubeApi, Reconciler, WaypointController, WaypointSettings
 from mesh import log as meshlog
 from mesh import runtime
 from mesh.files import write_atomic
@@ -123,6 +125,29 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_JWKS_REFRESH,
         help="how often to re-fetch every jwksUri (default: 20 minutes, as istiod)",
     )
+    wp = p.add_mutually_exclusive_group()
+    wp.add_argument(
+        "--waypoint-image",
+        metavar="IMAGE",
+        help="--kubernetes: run the waypoint controller; waypoint Deployments run this image",
+    )
+    wp.add_argument(
+        "--no-waypoint-controller",
+        action="store_true",
+        help="--kubernetes: do not run the waypoint controller (the default without --waypoint-image)",
+    )
+    p.add_argument(
+        "--waypoint-image-pull-policy",
+        default="IfNotPresent",
+        choices=("Always", "IfNotPresent", "Never"),
+        help="imagePullPolicy of the waypoint containers",
+    )
+    p.add_argument(
+        "--waypoint-ca-address",
+        metavar="HOST:PORT",
+        help="where waypoints reach the CA and discovery "
+        "(default: controlplane.$POD_NAMESPACE.svc:15012, istio-system without POD_NAMESPACE)",
+    )
     p.add_argument("--log-level", default="info", choices=meshlog.LEVELS)
     return p
 
@@ -165,6 +190,16 @@ def validate(args: argparse.Namespace) -> None:
         raise StartupError(f"--token-ttl must be positive, not {args.token_ttl}")
     if not args.poll_interval > 0:
         raise StartupError(f"--poll-interval must be positive, not {args.poll_interval}")
+    if args.waypoint_image is not None and not args.kubernetes:
+        raise StartupError("--waypoint-image only makes sense with --kubernetes")
+    if args.waypoint_image is not None and (
+        not args.waypoint_image.strip() or any(c.isspace() for c in args.waypoint_image)
+    ):
+        raise StartupError(f"--waypoint-image: {args.waypoint_image!r} is not an image reference")
+    if args.waypoint_ca_address is not None:
+        host, sep, port = args.waypoint_ca_address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise StartupError(f"--waypoint-ca-address: {args.waypoint_ca_address!r} is not HOST:PORT")
 
 
 def load_ca(args: argparse.Namespace) -> CertificateAuthority:
@@ -191,6 +226,8 @@ class Prepared:
     issuer: TokenIssuer | None  # local mode only
     token_ttl: dt.timedelta
     api_client: Any = None  # Kubernetes mode: closed at shutdown
+    waypoints: WaypointSettings | None = None  # Kubernetes mode with --waypoint-image
+    watch_events: WatchEvents | None = None  # Kubernetes mode
 
 
 def kubernetes_client(kubeconfig: str | None) -> Any:
@@ -207,15 +244,45 @@ def kubernetes_client(kubeconfig: str | None) -> Any:
     return client.ApiClient()
 
 
+class WatchEvents:
+    """The Kubernetes source's ``on_event`` hook, relayed to whoever listens (the waypoint
+    controller, made after the source)."""
+
+    def __init__(self) -> None:
+        self.listener: Callable[[str, str, Mapping[str, Any]], None] | None = None
+
+    def __call__(self, plural: str, etype: str, obj: Mapping[str, Any]) -> None:
+        if self.listener is not None:
+            self.listener(plural, etype, obj)
+
+
 def prepare_kubernetes(args: argparse.Namespace) -> Prepared:
     api_client = kubernetes_client(args.kubeconfig)
     store = Store()
-    source = KubernetesSource(api_client, store, options=ConvertOptions(trust_domain=args.trust_domain))
+    events = WatchEvents()
+    source = KubernetesSource(
+        api_client, store, options=ConvertOptions(trust_domain=args.trust_domain), on_event=events
+    )
     state = Path(args.state_dir)
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     ca = load_ca(args)
     authenticator = TokenReviewAuthenticator(api_client)
-    return Prepared(ca, store, source, authenticator, None, dt.timedelta(0), api_client)
+    return Prepared(
+        ca, store, source, authenticator, None, dt.timedelta(0), api_client, waypoint_settings(args), events
+    )
+
+
+def waypoint_settings(args: argparse.Namespace) -> WaypointSettings | None:
+    """What the waypoint controller needs, or None when it is not to run."""
+    if args.no_waypoint_controller or not args.waypoint_image:
+        return None
+    namespace = os.environ.get("POD_NAMESPACE") or "istio-system"
+    return WaypointSettings(
+        image=args.waypoint_image,
+        ca_address=args.waypoint_ca_address or f"controlplane.{namespace}.svc:{DEFAULT_PORT}",
+        trust_domain=args.trust_domain,
+        image_pull_policy=args.waypoint_image_pull_policy,
+    )
 
 
 def waypoint_pods(workloads: Iterable[Workload]) -> list[tuple[str, str, str]]:
@@ -289,6 +356,7 @@ async def serve(args: argparse.Namespace, p: Prepared) -> int:
 
     unsubscribe = p.store.subscribe(new_node_tokens)
     authenticator = p.authenticator
+    controller: WaypointController | None = None
     servicers: list[xds.DiscoveryServicer] = []
 
     jwks = JwksCache(
@@ -319,6 +387,19 @@ async def serve(args: argparse.Namespace, p: Prepared) -> int:
                 f"--kubernetes: the API server was not fully listed within {args.sync_timeout:g}s "
                 "(see the log for the failing resource)"
             )
+        if p.waypoints is not None:
+            # After the first full list: the store then holds every Gateway there is.
+            controller = WaypointController(p.store, Reconciler(KubeApi(p.api_client), p.waypoints))
+            if p.watch_events is not None:
+                p.watch_events.listener = controller.on_watch_event
+            controller.start()
+        elif args.kubernetes:
+            log.info(
+                "waypoint controller not running",
+                reason="no --waypoint-image"
+                if not args.no_waypoint_controller
+                else "--no-waypoint-controller",
+            )
         runtime.write_ready_file(args.ready_file, server.address)
         log.info(
             "control plane ready",
@@ -331,6 +412,10 @@ async def serve(args: argparse.Namespace, p: Prepared) -> int:
         await stop.wait()
         log.info("stopping control plane")
     finally:
+        if p.watch_events is not None:
+            p.watch_events.listener = None
+        if controller is not None:
+            await controller.aclose()
         unsubscribe()
         await jwks.aclose()
         await p.source.astop()

@@ -13,7 +13,22 @@ Just enough of kube-apiserver for a list+watch client, so tests exercise the rea
   410 Gone: an ERROR event with a ``Status`` (the real server's way) or, with
   ``gone_as_http``, an HTTP 410.
 * ``PATCH .../{plural}/{name}/status`` merge-patches the status, bumps the resourceVersion,
-  emits MODIFIED, and is recorded in :attr:`FakeApiServer.patches`.
+  emits MODIFIED, and is recorded in :attr:`FakeApiServer.patches`; a ``metadata.resourceVersion``
+  in the patch is a precondition (409 Conflict when stale), as on the real server.
+* Writes of namespaced objects, as strict as kube-apiserver where a controller can tell:
+  ``GET .../namespaces/{ns}/{plural}/{name}`` (404 NotFound with a ``Status``), namespaced lists
+  with a ``fieldSelector`` on ``metadata.name`` and an equality ``labelSelector``;
+  ``POST`` creates (409 AlreadyExists; 404 when the namespace does not exist; a
+  ``resourceVersion`` in the body is refused; a Service gets a ``clusterIP`` allocated);
+  ``PUT`` replaces (404 when missing; 409 Conflict on a stale ``resourceVersion``, none means
+  unconditional; uid, creationTimestamp and the status are the server's; a Deployment's
+  ``spec.selector`` and a Service's ``clusterIP`` are immutable, an empty ``clusterIP`` keeps the
+  allocated one); ``PUT .../status`` replaces only the status; ``DELETE`` (404 when missing;
+  ``preconditions`` uid/resourceVersion, 409 when they do not hold). Built-in kinds are
+  validated against the Kubernetes OpenAPI schema (``kubernetes-validate``, unknown fields
+  refused as with ``fieldValidation=Strict``): 422 Invalid. ``ownerReferences`` are kept as
+  sent (and checked: at most one controller). Every write is recorded in
+  :attr:`FakeApiServer.writes`; :attr:`FakeApiServer.fail_writes` injects refusals.
 
 One global resourceVersion counter, as etcd has. Thread-safe; everything waits on one
 condition variable, so tests wait for things to happen rather than sleep.
@@ -23,9 +38,11 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -43,8 +60,21 @@ class FakeResource:
     plural: str
 
     @property
+    def group(self) -> str:
+        return self.api_version.rpartition("/")[0]
+
+    @property
     def builtin(self) -> bool:
-        return "/" not in self.api_version or self.api_version.startswith("discovery.k8s.io/")
+        return self.group in _BUILTIN_GROUPS
+
+    @property
+    def namespaced(self) -> bool:
+        return self.plural not in ("namespaces", "nodes")
+
+    @property
+    def has_status(self) -> bool:
+        """Has a status subresource: writes of the object itself leave the status alone."""
+        return self.plural not in ("serviceaccounts", "namespaces")
 
     @property
     def collection_path(self) -> str:
@@ -52,6 +82,8 @@ class FakeResource:
             return f"/apis/{self.api_version}/{self.plural}"
         return f"/api/{self.api_version}/{self.plural}"
 
+
+_BUILTIN_GROUPS = frozenset({"", "apps", "policy", "discovery.k8s.io"})
 
 FAKE_RESOURCES = (
     FakeResource("v1", "Namespace", "namespaces"),
@@ -63,10 +95,18 @@ FAKE_RESOURCES = (
     FakeResource("security.istio.io/v1", "PeerAuthentication", "peerauthentications"),
     FakeResource("security.istio.io/v1", "RequestAuthentication", "requestauthentications"),
     FakeResource("gateway.networking.k8s.io/v1", "Gateway", "gateways"),
+    # What the waypoint controller writes.
+    FakeResource("v1", "ServiceAccount", "serviceaccounts"),
+    FakeResource("apps/v1", "Deployment", "deployments"),
+    FakeResource("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets"),
 )
 _BY_TYPE = {(r.api_version, r.kind): r for r in FAKE_RESOURCES}
 _BY_PATH = {r.collection_path: r for r in FAKE_RESOURCES}
 _BY_PLURAL = {r.plural: r for r in FAKE_RESOURCES}
+_BY_GROUP_PLURAL = {(r.group, r.plural): r for r in FAKE_RESOURCES}
+# The Kubernetes version whose OpenAPI schemas writes of built-in kinds are validated against.
+SCHEMA_VERSION = "1.35.0"
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
 @dataclass
@@ -82,6 +122,17 @@ class Patch:
     path: str
     content_type: str
     body: Any
+
+
+@dataclass
+class Write:
+    """One write request as the server saw it (refused ones too)."""
+
+    method: str  # POST, PUT, PATCH, DELETE
+    plural: str
+    ref: str  # namespace/name
+    subresource: str = ""  # "status" for status writes
+    code: int = 0  # the HTTP status answered
 
 
 @dataclass
@@ -144,6 +195,11 @@ class FakeApiServer:
         self.delivered: dict[str, int] = {r.plural: 0 for r in FAKE_RESOURCES}  # highest rv streamed
         self.fail_next: dict[str, int] = {}  # plural -> number of GETs to answer with 500
         self.fail_patches = 0  # number of PATCHes to answer with 500 (still recorded)
+        # plural -> HTTP codes to answer its next writes (POST/PUT/PATCH/DELETE) with, in order
+        self.fail_writes: dict[str, list[int]] = {}
+        self.writes: list[Write] = []
+        self.validate_schemas = True  # built-in kinds against the Kubernetes OpenAPI schema
+        self._next_ip = 1
         # token -> the TokenReview ``status.user`` it authenticates as (absent: not authenticated)
         self.token_users: dict[str, dict[str, Any]] = {}
         handler = type("_Handler", (_Handler,), {"fake": self})
@@ -261,6 +317,23 @@ class FakeApiServer:
         with self._cond:
             obj = self._collections[plural].objects.get(ref)
             return copy.deepcopy(obj) if obj is not None else None
+
+    def set_status(self, plural: str, ref: str, status: Mapping[str, Any]) -> dict[str, Any]:
+        """Replace the status of an object, as its controller would (a Deployment's ready
+        replicas); emits MODIFIED."""
+        with self._cond:
+            obj = copy.deepcopy(self._collections[plural].objects[ref])
+        obj["status"] = copy.deepcopy(dict(status))
+        return self.modify(obj)
+
+    def objects(self, plural: str) -> dict[str, dict[str, Any]]:
+        """namespace/name -> object, a copy."""
+        with self._cond:
+            return copy.deepcopy(self._collections[plural].objects)
+
+    def writes_of(self, plural: str | None = None) -> list[Write]:
+        with self._cond:
+            return [w for w in self.writes if plural is None or w.plural == plural]
 
     def bookmark(self, plural: str) -> int:
         """Send a BOOKMARK (to watches that allow them) at a new resourceVersion."""
@@ -393,6 +466,260 @@ class FakeApiServer:
                     self.delivered[res.plural] = max(self.delivered[res.plural], e.rv)
                     self._cond.notify_all()
 
+    # --- namespaced object requests (server threads) --------------------------------------
+
+    def _record(self, method: str, target: _Target, code: int) -> None:
+        self.writes.append(Write(method, target.res.plural, target.ref, target.subresource, code))
+        self._cond.notify_all()
+
+    def _injected(self, method: str, target: _Target) -> tuple[int, dict[str, Any]] | None:
+        """A refusal a test asked for (under the lock); recorded like any write."""
+        codes = self.fail_writes.get(target.res.plural)
+        if not codes:
+            return None
+        code = codes.pop(0)
+        self._record(method, target, code)
+        return code, _status(code, _REASONS.get(code, "InternalError"), "injected failure")
+
+    def _get_object(self, target: _Target) -> tuple[int, dict[str, Any]]:
+        with self._cond:
+            obj = self._collections[target.res.plural].objects.get(target.ref)
+            if obj is None:
+                return _not_found(target)
+            return 200, copy.deepcopy(obj)
+
+    def _list_namespaced(self, target: _Target, query: Mapping[str, list[str]]) -> tuple[int, dict[str, Any]]:
+        fields = _selector(query.get("fieldSelector", [""])[0])
+        labels = _selector(query.get("labelSelector", [""])[0])
+        if fields is None or labels is None or set(fields) - {"metadata.name", "metadata.namespace"}:
+            return 400, _status(
+                400, "BadRequest", "the fake supports equality selectors on metadata.name only"
+            )
+        out = self._list(target.res, {})
+        items = []
+        for item in out["items"]:
+            md = item["metadata"]
+            if md.get("namespace") != target.namespace:
+                continue
+            if fields.get("metadata.name", md["name"]) != md["name"]:
+                continue
+            if any((md.get("labels") or {}).get(k) != v for k, v in labels.items()):
+                continue
+            items.append(item)
+        out["items"] = items
+        out["metadata"].pop("continue", None)
+        return 200, out
+
+    def _invalid(self, target: _Target, obj: Mapping[str, Any]) -> str | None:
+        """Why kube-apiserver would refuse ``obj`` (422), or None."""
+        md = obj.get("metadata")
+        if not isinstance(md, Mapping):
+            return "metadata: Required value"
+        name = md.get("name")
+        if not isinstance(name, str) or not _DNS1123_SUBDOMAIN.match(name) or len(name) > 253:
+            return f"metadata.name: Invalid value: {name!r}: a lowercase RFC 1123 subdomain is required"
+        owners = md.get("ownerReferences") or []
+        if sum(bool(o.get("controller")) for o in owners if isinstance(o, Mapping)) > 1:
+            return (
+                "metadata.ownerReferences: Invalid value: only one reference can have Controller set to true"
+            )
+        if self.validate_schemas and target.res.builtin:
+            import kubernetes_validate  # type: ignore[import-untyped]
+
+            try:
+                kubernetes_validate.validate(dict(obj), SCHEMA_VERSION, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                return f"{'.'.join(str(p) for p in e.path) or '<root>'}: {e.message}"
+        return None
+
+    def _check_body(self, target: _Target, body: Any) -> tuple[int, dict[str, Any]] | None:
+        """400 for a body that does not name what the URL names, as the real server."""
+        res = target.res
+        if not isinstance(body, Mapping):
+            return 400, _status(400, "BadRequest", "body is not a JSON object")
+        if body.get("apiVersion") != res.api_version or body.get("kind") != res.kind:
+            return 400, _status(
+                400,
+                "BadRequest",
+                f"the body is {body.get('apiVersion')}/{body.get('kind')}, not {res.api_version}/{res.kind}",
+            )
+        md = body.get("metadata")
+        ns = md.get("namespace") if isinstance(md, Mapping) else None
+        if ns not in (None, target.namespace):
+            return 400, _status(
+                400,
+                "BadRequest",
+                "the namespace of the provided object does not match the namespace sent on the request",
+            )
+        return None
+
+    def _create(self, target: _Target, body: Any) -> tuple[int, dict[str, Any]]:
+        with self._cond:
+            injected = self._injected("POST", target)
+            if injected is not None:
+                return injected
+            bad = self._check_body(target, body)
+            if bad is None and target.namespace not in self._collections["namespaces"].objects:
+                bad = 404, _status(404, "NotFound", f'namespaces "{target.namespace}" not found')
+            if bad is not None:
+                self._record("POST", target, bad[0])
+                return bad
+            obj = copy.deepcopy(dict(body))
+            md = obj["metadata"] = dict(obj.get("metadata") or {})
+            md["namespace"] = target.namespace
+            target = _Target(target.res, target.namespace, str(md.get("name", "")), "")
+            code, out = self._do_create(target, obj)
+            self._record("POST", target, code)
+            return code, out
+
+    def _do_create(self, target: _Target, obj: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        coll = self._collections[target.res.plural]
+        md = obj["metadata"]
+        if md.get("resourceVersion"):
+            return 500, _status(
+                500, "InternalError", "resourceVersion should not be set on objects to be created"
+            )
+        why = self._invalid(target, obj)
+        if why is not None:
+            return 422, _status(422, "Invalid", f'{target.res.kind} "{md.get("name")}" is invalid: {why}')
+        if target.ref in coll.objects:
+            return 409, _status(
+                409, "AlreadyExists", f'{target.res.plural} "{target.name}" already exists', target
+            )
+        if target.res.plural == "services":
+            spec = obj.setdefault("spec", {})
+            if not spec.get("clusterIP"):
+                spec["clusterIP"] = f"10.96.{self._next_ip // 250}.{self._next_ip % 250 + 1}"
+                spec["clusterIPs"] = [spec["clusterIP"]]
+                self._next_ip += 1
+        if target.res.has_status:
+            obj.pop("status", None)  # the server's to write, through the status subresource
+        self._rv += 1
+        md["uid"] = str(uuid.uuid4())
+        md["resourceVersion"] = str(self._rv)
+        md["creationTimestamp"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        md["generation"] = 1
+        coll.objects[target.ref] = obj
+        coll.events.append(_Event(self._rv, "ADDED", obj))
+        return 201, copy.deepcopy(obj)
+
+    def _replace(self, target: _Target, body: Any) -> tuple[int, dict[str, Any]]:
+        method = "PUT"
+        with self._cond:
+            injected = self._injected(method, target)
+            if injected is not None:
+                return injected
+            code, out = self._do_replace(target, body)
+            self._record(method, target, code)
+            return code, out
+
+    def _do_replace(self, target: _Target, body: Any) -> tuple[int, dict[str, Any]]:
+        bad = self._check_body(target, body)
+        if bad is not None:
+            return bad
+        coll = self._collections[target.res.plural]
+        old = coll.objects.get(target.ref)
+        if old is None:
+            return _not_found(target)
+        new = copy.deepcopy(dict(body))
+        md = new["metadata"] = dict(new.get("metadata") or {})
+        if md.get("name") != target.name:
+            return 400, _status(
+                400, "BadRequest", "the name of the object does not match the name on the URL"
+            )
+        old_md = old["metadata"]
+        rv = md.get("resourceVersion")
+        if rv and rv != old_md["resourceVersion"]:
+            return 409, _conflict(target)
+        if md.get("uid") and md["uid"] != old_md["uid"]:
+            return 409, _status(
+                409,
+                "Conflict",
+                f"Precondition failed: UID in precondition: {md['uid']}, UID in object meta: {old_md['uid']}",
+            )
+        md["namespace"] = target.namespace
+        if target.subresource == "status":
+            replaced = copy.deepcopy(old)
+            replaced["status"] = new.get("status")
+            new = replaced
+            md = new["metadata"]
+        else:
+            immutable = self._immutable(target, old, new)
+            if immutable is not None:
+                return 422, _status(
+                    422, "Invalid", f'{target.res.kind} "{target.name}" is invalid: {immutable}'
+                )
+            why = self._invalid(target, new)
+            if why is not None:
+                return 422, _status(422, "Invalid", f'{target.res.kind} "{target.name}" is invalid: {why}')
+            if target.res.has_status:
+                new.pop("status", None)
+                if "status" in old:
+                    new["status"] = copy.deepcopy(old["status"])
+            md["generation"] = old_md.get("generation", 1) + (old.get("spec") != new.get("spec"))
+        md["uid"] = old_md["uid"]
+        md["creationTimestamp"] = old_md.get("creationTimestamp")
+        self._rv += 1
+        md["resourceVersion"] = str(self._rv)
+        coll.objects[target.ref] = new
+        coll.events.append(_Event(self._rv, "MODIFIED", new))
+        return 200, copy.deepcopy(new)
+
+    @staticmethod
+    def _immutable(target: _Target, old: Mapping[str, Any], new: dict[str, Any]) -> str | None:
+        """Refuse changes of immutable fields; fill the ones the server allocated when left out."""
+        old_spec = old.get("spec") or {}
+        spec = new.get("spec")
+        if (
+            target.res.plural == "deployments"
+            and isinstance(spec, Mapping)
+            and spec.get("selector") != old_spec.get("selector")
+        ):
+            return "spec.selector: Invalid value: field is immutable"
+        if target.res.plural == "services" and isinstance(spec, dict):
+            if not spec.get("clusterIP"):
+                spec["clusterIP"] = old_spec.get("clusterIP")
+                spec["clusterIPs"] = old_spec.get("clusterIPs")
+            elif spec["clusterIP"] != old_spec.get("clusterIP"):
+                return "spec.clusterIP: Invalid value: field is immutable"
+        return None
+
+    def _delete_request(self, target: _Target, body: Any) -> tuple[int, dict[str, Any]]:
+        with self._cond:
+            injected = self._injected("DELETE", target)
+            if injected is not None:
+                return injected
+            code, out = self._do_delete(target, body)
+            self._record("DELETE", target, code)
+            return code, out
+
+    def _do_delete(self, target: _Target, body: Any) -> tuple[int, dict[str, Any]]:
+        coll = self._collections[target.res.plural]
+        old = coll.objects.get(target.ref)
+        if old is None:
+            return _not_found(target)
+        pre = (body or {}).get("preconditions") if isinstance(body, Mapping) else None
+        if isinstance(pre, Mapping):
+            md = old["metadata"]
+            if pre.get("uid") and pre["uid"] != md["uid"]:
+                return 409, _status(
+                    409,
+                    "Conflict",
+                    f"Precondition failed: UID in precondition: {pre['uid']}, UID in object meta: {md['uid']}",
+                )
+            if pre.get("resourceVersion") and pre["resourceVersion"] != md["resourceVersion"]:
+                return 409, _conflict(target)
+        del coll.objects[target.ref]
+        self._rv += 1
+        gone = copy.deepcopy(old)
+        gone["metadata"]["resourceVersion"] = str(self._rv)
+        coll.events.append(_Event(self._rv, "DELETED", gone))
+        self._cond.notify_all()
+        out = _status(200, "", "")
+        out["status"] = "Success"
+        out["details"] = {"name": target.name, "kind": target.res.plural, "uid": old["metadata"]["uid"]}
+        return 200, out
+
     def _patch_status(self, path: str, content_type: str, body: Any) -> tuple[int, dict[str, Any]]:
         # /apis/{group}/{version}/namespaces/{ns}/{plural}/{name}/status, or a pod's metadata:
         # /api/v1/namespaces/{ns}/pods/{name} (the cni agent's redirection annotation)
@@ -406,16 +733,27 @@ class FakeApiServer:
         with self._cond:
             self.patches.append(Patch(path, content_type, body))
             self._cond.notify_all()
+            res = _BY_PLURAL.get(plural)
+            target = _Target(res, ns, name, field if field == "status" else "") if res else None
+            if target is not None:
+                injected = self._injected("PATCH", target)
+                if injected is not None:
+                    return injected
             if self.fail_patches:
                 self.fail_patches -= 1
                 return 500, _status(500, "InternalError", "injected failure")
             coll = self._collections.get(plural)
             obj = coll.objects.get(f"{ns}/{name}") if coll else None
-            if coll is None or obj is None:
+            if coll is None or obj is None or target is None:
                 return 404, _status(404, "NotFound", f"{plural} {ns}/{name} not found")
             merge_types = ("application/merge-patch+json", "application/strategic-merge-patch+json")
             if content_type not in merge_types or not isinstance(body, Mapping):
                 return 415, _status(415, "UnsupportedMediaType", content_type)
+            wanted_rv = (body.get("metadata") or {}).get("resourceVersion")
+            if wanted_rv and wanted_rv != obj["metadata"]["resourceVersion"]:
+                self._record("PATCH", target, 409)
+                return 409, _conflict(target)
+            self._record("PATCH", target, 200)
             patched = _merge(obj, {field: body.get(field)})
             self._rv += 1
             patched["metadata"]["resourceVersion"] = str(self._rv)
@@ -425,8 +763,67 @@ class FakeApiServer:
             return 200, copy.deepcopy(patched)
 
 
-def _status(code: int, reason: str, message: str) -> dict[str, Any]:
-    return {
+@dataclass(frozen=True)
+class _Target:
+    """What a request URL names: one object (or, without a name, a namespaced collection)."""
+
+    res: FakeResource
+    namespace: str
+    name: str
+    subresource: str = ""
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+def _route(path: str) -> _Target | None:
+    """``/api/v1/namespaces/{ns}/{plural}[/{name}[/status]]`` or the same under
+    ``/apis/{group}/{version}``; None for anything else."""
+    parts = path.strip("/").split("/")
+    if parts[:2] == ["api", "v1"]:
+        group, rest = "", parts[2:]
+    elif len(parts) >= 3 and parts[0] == "apis":
+        group, rest = parts[1], parts[3:]
+    else:
+        return None
+    if len(rest) < 3 or rest[0] != "namespaces" or len(rest) > 5:
+        return None
+    res = _BY_GROUP_PLURAL.get((group, rest[2]))
+    if res is None or not res.namespaced:
+        return None
+    sub = rest[4] if len(rest) == 5 else ""
+    if sub not in ("", "status"):
+        return None
+    return _Target(res, rest[1], rest[3] if len(rest) >= 4 else "", sub)
+
+
+def _selector(text: str) -> dict[str, str] | None:
+    """``a=b,c==d`` -> {a: b, c: d}; None for what the fake does not understand (``!=``, ``in``)."""
+    out: dict[str, str] = {}
+    for term in filter(None, (t.strip() for t in text.split(","))):
+        if "!=" in term or "=" not in term:
+            return None
+        k, _, v = term.replace("==", "=").partition("=")
+        out[k.strip()] = v.strip()
+    return out
+
+
+_REASONS = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "NotFound",
+    409: "Conflict",
+    422: "Invalid",
+    429: "TooManyRequests",
+    500: "InternalError",
+    503: "ServiceUnavailable",
+}
+
+
+def _status(code: int, reason: str, message: str, target: _Target | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
         "kind": "Status",
         "apiVersion": "v1",
         "metadata": {},
@@ -435,6 +832,23 @@ def _status(code: int, reason: str, message: str) -> dict[str, Any]:
         "reason": reason,
         "code": code,
     }
+    if target is not None:
+        out["details"] = {"name": target.name, "group": target.res.group, "kind": target.res.plural}
+    return out
+
+
+def _not_found(target: _Target) -> tuple[int, dict[str, Any]]:
+    return 404, _status(404, "NotFound", f'{target.res.plural} "{target.name}" not found', target)
+
+
+def _conflict(target: _Target) -> dict[str, Any]:
+    return _status(
+        409,
+        "Conflict",
+        f'Operation cannot be fulfilled on {target.res.plural} "{target.name}": the object has been '
+        "modified; please apply your changes to the latest version and try again",
+        target,
+    )
 
 
 def _status_event(code: int, reason: str, message: str) -> bytes:
@@ -477,12 +891,33 @@ class _Handler(BaseHTTPRequestHandler):
                 return True
         return False
 
+    def _body(self) -> tuple[bool, Any]:
+        length = int(self.headers.get("Content-Length", "0"))
+        raw = self.rfile.read(length) if length else b""
+        if not raw:
+            return True, None
+        try:
+            return True, json.loads(raw)
+        except ValueError:
+            self._send_json(400, _status(400, "BadRequest", "body is not JSON"))
+            return False, None
+
     def do_GET(self) -> None:
         url = urlsplit(self.path)
         query = parse_qs(url.query)
         res = _BY_PATH.get(url.path)
         if res is None:
-            self._send_json(404, _status(404, "NotFound", f"no route {url.path}"))
+            target = _route(url.path)
+            if target is None:
+                self._send_json(404, _status(404, "NotFound", f"no route {url.path}"))
+            elif self._failing(target.res.plural):
+                self._send_json(500, _status(500, "InternalError", "injected failure"))
+            elif target.name:
+                self._send_json(*self.fake._get_object(target))
+            elif query.get("watch", ["false"])[0] in ("true", "1"):
+                self._send_json(400, _status(400, "BadRequest", "the fake watches whole collections only"))
+            else:
+                self._send_json(*self.fake._list_namespaced(target, query))
             return
         if self._failing(res.plural):
             self._send_json(500, _status(500, "InternalError", "injected failure"))
@@ -532,16 +967,42 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
-    def do_POST(self) -> None:
-        """Only TokenReview: answers from ``fake.token_users``, with the requested audiences."""
-        length = int(self.headers.get("Content-Length", "0"))
-        try:
-            body = json.loads(self.rfile.read(length))
-        except ValueError:
-            self._send_json(400, _status(400, "BadRequest", "body is not JSON"))
+    def do_PUT(self) -> None:
+        ok, body = self._body()
+        if not ok:
             return
-        if urlsplit(self.path).path != "/apis/authentication.k8s.io/v1/tokenreviews":
-            self._send_json(404, _status(404, "NotFound", f"no POST handler for {self.path}"))
+        target = _route(urlsplit(self.path).path)
+        if target is None or not target.name:
+            self._send_json(404, _status(404, "NotFound", f"no PUT handler for {self.path}"))
+            return
+        self._send_json(*self.fake._replace(target, body))
+
+    def do_DELETE(self) -> None:
+        ok, body = self._body()
+        if not ok:
+            return
+        target = _route(urlsplit(self.path).path)
+        if target is None or not target.name or target.subresource:
+            self._send_json(404, _status(404, "NotFound", f"no DELETE handler for {self.path}"))
+            return
+        self._send_json(*self.fake._delete_request(target, body))
+
+    def do_POST(self) -> None:
+        """TokenReview (answered from ``fake.token_users``, with the requested audiences), and
+        creation of namespaced objects."""
+        ok, body = self._body()
+        if not ok:
+            return
+        path = urlsplit(self.path).path
+        if path != "/apis/authentication.k8s.io/v1/tokenreviews":
+            target = _route(path)
+            if target is None or target.name:
+                self._send_json(404, _status(404, "NotFound", f"no POST handler for {self.path}"))
+                return
+            self._send_json(*self.fake._create(target, body))
+            return
+        if not isinstance(body, dict):
+            self._send_json(400, _status(400, "BadRequest", "body is not a JSON object"))
             return
         spec = body.get("spec") or {}
         user = self.fake.token_users.get(spec.get("token", ""))
