@@ -57,15 +57,14 @@ from mesh.model import (
     WorkloadSelector,
     WorkloadStatus,
 )
+from sources import validation
+from sources.validation import clip, show
 
 DEFAULT_NAMESPACE = "default"
 # Pods without metadata.uid (hand-written local files) get uuid5(this, "<ns>/<name>"): stable
 # across reloads and restarts, so ztunnel does not see a "new" pod every time the file changes.
 POD_UID_NAMESPACE = uuid.UUID("0d1e5b5e-8a8e-5c0a-9a51-6d0c1f3a7b21")
 
-_DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-_DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
-_IANA_SVC_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _SERVICE_PROTOCOLS = ("TCP", "UDP", "SCTP")
 _CLUSTER_SCOPED = ("Node", "Namespace")
 
@@ -142,6 +141,11 @@ class ConvertOptions:
     trust_domain: str = DEFAULT_TRUST_DOMAIN
     cluster_domain: str = DEFAULT_CLUSTER_DOMAIN
     network: str = ""
+    # Refuse fields the object's schema does not define, and fields of istio/api this mesh does
+    # not implement (which would otherwise be ignored and change what a policy means). The local
+    # file sets it; from the API server the CRD schemas did that job, and a newer server may
+    # serve fields this list does not know, so Kubernetes mode leaves it off.
+    reject_unknown_fields: bool = False
 
 
 # --- field access with paths ---------------------------------------------------------------
@@ -192,7 +196,7 @@ class _Fields:
                 raise self.error(key, "required")
             return default
         if not isinstance(value, str):
-            raise self.error(key, f"must be a string, got {_type_name(value)} {value!r}")
+            raise self.error(key, f"must be a string, got {_type_name(value)} {show(value)}")
         if required and not value:
             raise self.error(key, "must not be empty")
         return value
@@ -205,7 +209,7 @@ class _Fields:
         if value is None:
             return default
         if not isinstance(value, bool):
-            raise self.error(key, f"must be true or false, got {_type_name(value)} {value!r}")
+            raise self.error(key, f"must be true or false, got {_type_name(value)} {show(value)}")
         return value
 
     def port(self, key: str, *, required: bool = False, default: int = 0) -> int:
@@ -254,7 +258,7 @@ class _Fields:
         out = []
         for path, item in self.items(key):
             if not isinstance(item, str):
-                raise ConfigError(f"must be a string, got {_type_name(item)} {item!r}", field=path)
+                raise ConfigError(f"must be a string, got {_type_name(item)} {show(item)}", field=path)
             if not item:
                 raise ConfigError("must not be empty", field=path)
             out.append(item)
@@ -269,11 +273,11 @@ class _Fields:
         out: dict[str, str] = {}
         for k, v in value.items():
             if not isinstance(k, str):
-                raise self.error(key, f"keys must be strings, got {_type_name(k)} {k!r}")
+                raise self.error(key, f"keys must be strings, got {_type_name(k)} {show(k)}")
             if not isinstance(v, str):
                 raise ConfigError(
-                    f"must be a string, got {_type_name(v)} {v!r} (quote it in YAML)",
-                    field=f"{self.at(key)}[{k}]",
+                    f"must be a string, got {_type_name(v)} {show(v)} (quote it in YAML)",
+                    field=f"{self.at(key)}[{clip(k, 100)}]",
                 )
             out[k] = v
         return out
@@ -281,7 +285,7 @@ class _Fields:
 
 def _port_value(value: object, path: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"must be a port number 1-65535, got {_type_name(value)} {value!r}", field=path)
+        raise ConfigError(f"must be a port number 1-65535, got {_type_name(value)} {show(value)}", field=path)
     if not 1 <= value <= 65535:
         raise ConfigError(f"must be a port number 1-65535, got {value}", field=path)
     return value
@@ -298,14 +302,14 @@ def _ip(value: str, path: str) -> str:
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
-        raise ConfigError(f"{value!r} is not an IP address", field=path) from None
+        raise ConfigError(f"{show(value)} is not an IP address", field=path) from None
 
 
 def _cidr(value: str, path: str) -> str:
     try:
         return str(ipaddress.ip_network(value, strict=False))
     except ValueError:
-        raise ConfigError(f"{value!r} is not an IP address or CIDR block", field=path) from None
+        raise ConfigError(f"{show(value)} is not an IP address or CIDR block", field=path) from None
 
 
 def _timestamp(value: object, path: str) -> datetime | None:
@@ -318,7 +322,7 @@ def _timestamp(value: object, path: str) -> datetime | None:
             ts = datetime.fromisoformat(value)
         except ValueError:
             raise ConfigError(
-                f"{value!r} is not an RFC 3339 time like 2024-05-01T12:00:00Z", field=path
+                f"{show(value)} is not an RFC 3339 time like 2024-05-01T12:00:00Z", field=path
             ) from None
     else:
         raise ConfigError(f"must be an RFC 3339 time, got {_type_name(value)}", field=path)
@@ -335,30 +339,55 @@ class _Meta:
     creation_timestamp: datetime | None
 
 
-def _meta(obj: _Fields, *, namespaced: bool, dns_label_name: bool = False) -> _Meta:
+def _name_problem(kind: str, name: str) -> str | None:
+    rule = validation.NAME_RULES.get(kind, validation.dns1123_subdomain)
+    return rule(name)
+
+
+def _labels(md: _Fields) -> dict[str, str]:
+    """``metadata.labels``, with the API server's rules for keys and values (ValidateLabels)."""
+    labels = md.str_map("labels")
+    for k, v in labels.items():
+        why = validation.qualified_name(k)
+        if why is not None:
+            raise md.error("labels", f"key {show(k)}: {why}")
+        why = validation.label_value(v)
+        if why is not None:
+            raise ConfigError(f"{show(v)}: {why}", field=f"{md.at('labels')}[{clip(k, 100)}]")
+    return labels
+
+
+def _annotations(md: _Fields) -> dict[str, str]:
+    """``metadata.annotations``: keys are qualified names (checked lowercased, as the API server
+    does), and all of them together at most 256 KiB (ValidateAnnotations)."""
+    annotations = md.str_map("annotations")
+    for k in annotations:
+        why = validation.qualified_name(k.lower())
+        if why is not None:
+            raise md.error("annotations", f"key {show(k)}: {why}")
+    why = validation.annotations_size(annotations)
+    if why is not None:
+        raise md.error("annotations", why)
+    return annotations
+
+
+def _meta(obj: _Fields, kind: str, *, namespaced: bool) -> _Meta:
     md = obj.required_obj("metadata")
     name = md.text("name", required=True)
-    pattern, limit, what = (
-        (_DNS1123_LABEL, 63, "a DNS-1123 label")
-        if dns_label_name
-        else (_DNS1123_SUBDOMAIN, 253, "a DNS-1123 subdomain")
-    )
-    if len(name) > limit or not pattern.fullmatch(name):
-        raise md.error(
-            "name",
-            f"{name!r} is not {what} (lowercase letters, digits, '-'"
-            f"{'' if dns_label_name else ', ' + repr('.')}; at most {limit} characters)",
-        )
+    why = _name_problem(kind, name)
+    if why is not None:
+        raise md.error("name", f"{show(name)} is not a valid {kind} name: {why}")
     namespace = ""
     if namespaced:
         namespace = md.text("namespace", DEFAULT_NAMESPACE)
-        if len(namespace) > 63 or not _DNS1123_LABEL.fullmatch(namespace):
-            raise md.error("namespace", f"{namespace!r} is not a valid namespace name")
+        why = validation.dns1123_label(namespace)
+        if why is not None:
+            raise md.error("namespace", f"{show(namespace)} is not a valid namespace name: {why}")
     return _Meta(
         name=name,
         namespace=namespace,
-        labels=md.str_map("labels"),
-        annotations=md.str_map("annotations"),
+        labels=_labels(md),
+        annotations=_annotations(md),
         uid=md.text("uid"),
         creation_timestamp=_timestamp(md.data.get("creationTimestamp"), md.at("creationTimestamp")),
     )
@@ -384,10 +413,12 @@ def pod_uid(namespace: str, name: str) -> str:
 
 
 def node_from_k8s(obj: _Fields, options: ConvertOptions) -> Node:
-    meta = _meta(obj, namespaced=False)
+    meta = _meta(obj, "Node", namespaced=False)
     spec = obj.obj_or_empty("spec")
     if spec.has("podCIDRs"):
-        cidrs = tuple(_cidr(c, f"{spec.at('podCIDRs')}[{i}]") for i, c in enumerate(spec.str_list("podCIDRs")))
+        cidrs = tuple(
+            _cidr(c, f"{spec.at('podCIDRs')}[{i}]") for i, c in enumerate(spec.str_list("podCIDRs"))
+        )
     elif spec.has("podCIDR"):
         cidrs = (_cidr(spec.text("podCIDR"), spec.at("podCIDR")),)
     else:
@@ -396,7 +427,7 @@ def node_from_k8s(obj: _Fields, options: ConvertOptions) -> Node:
 
 
 def namespace_from_k8s(obj: _Fields, options: ConvertOptions) -> Namespace:
-    meta = _meta(obj, namespaced=False, dns_label_name=True)
+    meta = _meta(obj, "Namespace", namespaced=False)
     return Namespace(
         name=meta.name,
         labels=meta.labels,
@@ -406,7 +437,7 @@ def namespace_from_k8s(obj: _Fields, options: ConvertOptions) -> Namespace:
 
 
 def service_account_from_k8s(obj: _Fields, options: ConvertOptions) -> ServiceAccount:
-    meta = _meta(obj, namespaced=True)
+    meta = _meta(obj, "ServiceAccount", namespaced=True)
     return ServiceAccount(namespace=meta.namespace, name=meta.name)
 
 
@@ -420,13 +451,19 @@ def _pod_status(status: _Fields) -> WorkloadStatus:
 
 
 def workload_from_pod(obj: _Fields, options: ConvertOptions) -> Workload:
-    meta = _meta(obj, namespaced=True)
+    meta = _meta(obj, "Pod", namespaced=True)
     spec = obj.obj_or_empty("spec")
     status = obj.obj_or_empty("status")
 
-    sa = spec.text("serviceAccountName") or spec.text("serviceAccount") or DEFAULT_SERVICE_ACCOUNT
-    if not _DNS1123_SUBDOMAIN.fullmatch(sa):
-        raise spec.error("serviceAccountName", f"{sa!r} is not a valid service account name")
+    sa_field = "serviceAccountName" if spec.text("serviceAccountName") else "serviceAccount"
+    sa = spec.text(sa_field) or DEFAULT_SERVICE_ACCOUNT
+    why = validation.dns1123_subdomain(sa)
+    if why is not None:
+        raise spec.error(sa_field, f"{show(sa)} is not a valid service account name: {why}")
+    node = spec.text("nodeName")
+    why = validation.dns1123_subdomain(node) if node else None
+    if why is not None:
+        raise spec.error("nodeName", f"{show(node)} is not a valid node name: {why}")
 
     ips: list[str] = []
     if status.has("podIP"):
@@ -442,6 +479,9 @@ def workload_from_pod(obj: _Fields, options: ConvertOptions) -> Workload:
             number = port.port("containerPort", required=True)
             pname = port.text("name")
             if pname:
+                why = validation.port_name(pname)
+                if why is not None:
+                    raise port.error("name", f"{show(pname)} is not a valid port name: {why}")
                 named_ports.setdefault(pname, number)
 
     redirected = meta.annotations.get(ANNOTATION_REDIRECTION) == "enabled"
@@ -449,7 +489,7 @@ def workload_from_pod(obj: _Fields, options: ConvertOptions) -> Workload:
         uid=meta.uid or pod_uid(meta.namespace, meta.name),
         name=meta.name,
         namespace=meta.namespace,
-        node=spec.text("nodeName"),
+        node=node,
         service_account=sa,
         ips=tuple(ips),
         labels=meta.labels,
@@ -471,26 +511,34 @@ def _service_port(port: _Fields) -> ServicePort:
     target: int | str = number
     raw = port.data.get("targetPort")
     if isinstance(raw, str):
-        if not (len(raw) <= 15 and _IANA_SVC_NAME.fullmatch(raw) and re.search("[a-z]", raw)):
+        if validation.port_name(raw) is not None:
             hint = " (write a number without quotes)" if raw.isdigit() else ""
-            raise port.error("targetPort", f"{raw!r} is neither a port number nor a port name{hint}")
+            raise port.error("targetPort", f"{show(raw)} is neither a port number nor a port name{hint}")
         target = raw
     elif raw is not None:
         target = port.port("targetPort")
     protocol = port.text("protocol", "TCP")
     if protocol not in _SERVICE_PROTOCOLS:
         raise port.error("protocol", f"must be one of {', '.join(_SERVICE_PROTOCOLS)}")
+    name = port.text("name")
+    why = validation.dns1123_label(name) if name else None
+    if why is not None:
+        raise port.error("name", f"{show(name)} is not a valid port name: {why}")
+    app_protocol = port.opt_text("appProtocol")
+    why = validation.qualified_name(app_protocol) if app_protocol else None
+    if why is not None:
+        raise port.error("appProtocol", f"{show(app_protocol)}: {why}")
     return ServicePort(
         port=number,
         target_port=target,
-        name=port.text("name"),
-        app_protocol=port.opt_text("appProtocol"),
+        name=name,
+        app_protocol=app_protocol,
         protocol=protocol,
     )
 
 
 def service_from_k8s(obj: _Fields, options: ConvertOptions) -> Service:
-    meta = _meta(obj, namespaced=True, dns_label_name=True)
+    meta = _meta(obj, "Service", namespaced=True)
     spec = obj.obj_or_empty("spec")
 
     vips: list[str] = []
@@ -518,7 +566,7 @@ def service_from_k8s(obj: _Fields, options: ConvertOptions) -> Service:
             if not p.name:
                 raise pf.error("name", "required when a Service has more than one port")
             if p.name in names:
-                raise pf.error("name", f"{p.name!r} is already used by {names[p.name]}")
+                raise pf.error("name", f"{show(p.name)} is already used by {names[p.name]}")
             names[p.name] = pf.path
         ports.append(p)
 
@@ -539,14 +587,14 @@ def service_from_k8s(obj: _Fields, options: ConvertOptions) -> Service:
 
 
 def gateway_from_k8s(obj: _Fields, options: ConvertOptions) -> Gateway:
-    meta = _meta(obj, namespaced=True)
+    meta = _meta(obj, "Gateway", namespaced=True)
     spec = obj.required_obj("spec")
     listeners = []
     seen: dict[str, str] = {}
     for lf in spec.objs("listeners"):
         name = lf.text("name", required=True)
         if name in seen:
-            raise lf.error("name", f"{name!r} is already used by {seen[name]}")
+            raise lf.error("name", f"{show(name)} is already used by {seen[name]}")
         seen[name] = lf.path
         listeners.append(
             GatewayListener(
@@ -604,11 +652,11 @@ def _enum(fields: _Fields, key: str, enum_type: type[_E], default: _E) -> _E:
         return enum_type(value)
     except ValueError:
         allowed = ", ".join(str(m.value) for m in enum_type)
-        raise fields.error(key, f"{value!r} is not one of {allowed}") from None
+        raise fields.error(key, f"{show(value)} is not one of {allowed}") from None
 
 
 def peer_authentication_from_k8s(obj: _Fields, options: ConvertOptions) -> PeerAuthentication:
-    meta = _meta(obj, namespaced=True)
+    meta = _meta(obj, "PeerAuthentication", namespaced=True)
     spec = obj.obj_or_empty("spec")
     selector = _selector(spec)
     mtls = spec.obj_or_empty("mtls")
@@ -666,16 +714,35 @@ _MAX_SERVICE_ACCOUNTS = 16  # istio/api's MaxItems
 def _service_account(value: str, path: str, namespace: str) -> str:
     """``<namespace>/<name>`` or ``<name>`` (the policy's namespace), no wildcard: istio/api's rule."""
     if "*" in value:
-        raise ConfigError(f"{value!r}: no wildcard is allowed in service accounts", field=path)
+        raise ConfigError(f"{show(value)}: no wildcard is allowed in service accounts", field=path)
     ns, sep, name = value.rpartition("/")
     if not sep:
         ns = namespace
     if not ns or not name or "/" in ns:
-        raise ConfigError(f"{value!r} is not <namespace>/<serviceaccount> or <serviceaccount>", field=path)
+        raise ConfigError(
+            f"{show(value)} is not <namespace>/<serviceaccount> or <serviceaccount>", field=path
+        )
     return f"{ns}/{name}"
 
 
-def _source(fields: _Fields, namespace: str) -> Source:
+def _not_implemented(fields: _Fields, keys: tuple[str, ...], options: ConvertOptions) -> None:
+    """Refuse istio/api fields this mesh does not implement, where ignoring them changes meaning.
+
+    Only with ``reject_unknown_fields`` (the local file): from the API server the object is
+    already stored, and the model has no place for them yet.
+    """
+    if not options.reject_unknown_fields:
+        return
+    for key in keys:
+        if fields.data.get(key) not in (None, [], ""):
+            raise fields.error(
+                key,
+                "is an istio/api field this mesh does not implement: refused, as ignoring it would change what the object means",
+            )
+
+
+def _source(fields: _Fields, namespace: str, options: ConvertOptions) -> Source:
+    _not_implemented(fields, ("trustDomains", "notTrustDomains"), options)
     values: dict[str, tuple[str, ...]] = {}
     for yaml_key, attr in _SOURCE_FIELDS.items():
         items = fields.str_list(yaml_key)
@@ -683,8 +750,12 @@ def _source(fields: _Fields, namespace: str) -> Source:
             items = tuple(_cidr(v, f"{fields.at(yaml_key)}[{i}]") for i, v in enumerate(items))
         elif yaml_key in _SERVICE_ACCOUNT_FIELDS:
             if len(items) > _MAX_SERVICE_ACCOUNTS:
-                raise fields.error(yaml_key, f"at most {_MAX_SERVICE_ACCOUNTS} service accounts (got {len(items)})")
-            items = tuple(_service_account(v, f"{fields.at(yaml_key)}[{i}]", namespace) for i, v in enumerate(items))
+                raise fields.error(
+                    yaml_key, f"at most {_MAX_SERVICE_ACCOUNTS} service accounts (got {len(items)})"
+                )
+            items = tuple(
+                _service_account(v, f"{fields.at(yaml_key)}[{i}]", namespace) for i, v in enumerate(items)
+            )
         values[attr] = items
     if not any(values.values()):
         raise fields.error("", "must not be empty (Istio refuses an empty source)")
@@ -702,10 +773,10 @@ def _operation(fields: _Fields) -> Operation:
     return Operation(**values)
 
 
-def _rule(rule: _Fields, namespace: str) -> Rule:
+def _rule(rule: _Fields, namespace: str, options: ConvertOptions) -> Rule:
     froms = []
     for f in rule.objs("from"):
-        froms.append(RuleFrom(source=_source(f.required_obj("source"), namespace)))
+        froms.append(RuleFrom(source=_source(f.required_obj("source"), namespace, options)))
     tos = []
     for t in rule.objs("to"):
         tos.append(RuleTo(operation=_operation(t.required_obj("operation"))))
@@ -723,7 +794,7 @@ def _rule(rule: _Fields, namespace: str) -> Rule:
 
 
 def authorization_policy_from_k8s(obj: _Fields, options: ConvertOptions) -> AuthorizationPolicy:
-    meta = _meta(obj, namespaced=True)
+    meta = _meta(obj, "AuthorizationPolicy", namespaced=True)
     spec = obj.obj_or_empty("spec")
     action = _enum(spec, "action", AuthorizationAction, AuthorizationAction.ALLOW)
     provider = spec.obj("provider")
@@ -735,7 +806,7 @@ def authorization_policy_from_k8s(obj: _Fields, options: ConvertOptions) -> Auth
     dry_run = meta.annotations.get(ANNOTATION_DRY_RUN, "false").lower()
     if dry_run not in ("true", "false"):
         raise obj.error(
-            f'metadata.annotations["{ANNOTATION_DRY_RUN}"]', f'must be "true" or "false", not {dry_run!r}'
+            f'metadata.annotations["{ANNOTATION_DRY_RUN}"]', f'must be "true" or "false", not {show(dry_run)}'
         )
     return AuthorizationPolicy(
         namespace=meta.namespace,
@@ -744,17 +815,38 @@ def authorization_policy_from_k8s(obj: _Fields, options: ConvertOptions) -> Auth
         target_refs=_target_refs(spec),
         action=action,
         provider=provider_name,
-        rules=tuple(_rule(r, meta.namespace) for r in spec.objs("rules")),
+        rules=tuple(_rule(r, meta.namespace, options) for r in spec.objs("rules")),
         creation_timestamp=meta.creation_timestamp,
         dry_run=dry_run == "true",
     )
 
 
-def _jwt_rule(rule: _Fields) -> JwtRule:
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)(h|ms|m|s|us|ns))+")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s|us|ns)")
+_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
+
+
+def _duration(fields: _Fields, key: str) -> float | None:
+    """A protobuf Duration as Kubernetes YAML writes it (``5s``, ``1m30s``, ``250ms``), in seconds."""
+    if not fields.has(key):
+        return None
+    text = fields.text(key)
+    if not _DURATION.fullmatch(text):
+        raise fields.error(key, f"{show(text)} is not a duration such as 5s, 1m30s or 250ms")
+    seconds = sum(float(n) * _UNITS[u] for n, u in _DURATION_PART.findall(text))
+    if seconds <= 0:
+        raise fields.error(key, "must be positive")
+    return seconds
+
+
+def _jwt_rule(rule: _Fields, options: ConvertOptions) -> JwtRule:
+    given = [k for k in ("jwksUri", "jwks_uri", "jwks") if rule.has(k)]
+    if len(given) > 1:  # the CRD's rule too (jwks_uri is jwksUri's old spelling)
+        raise rule.error(given[1], f"at most one of jwksUri, jwks_uri and jwks, not {' and '.join(given)}")
     return JwtRule(
         issuer=rule.text("issuer", required=True),
         audiences=rule.str_list("audiences"),
-        jwks_uri=rule.text("jwksUri"),
+        jwks_uri=rule.text("jwksUri") or rule.text("jwks_uri"),
         jwks=rule.text("jwks"),
         from_headers=tuple(
             JwtHeader(name=h.text("name", required=True), prefix=h.text("prefix"))
@@ -767,18 +859,21 @@ def _jwt_rule(rule: _Fields) -> JwtRule:
             ClaimToHeader(header=c.text("header", required=True), claim=c.text("claim", required=True))
             for c in rule.objs("outputClaimToHeaders")
         ),
+        from_cookies=rule.str_list("fromCookies"),
+        timeout=_duration(rule, "timeout"),
+        space_delimited_claims=rule.str_list("spaceDelimitedClaims"),
     )
 
 
 def request_authentication_from_k8s(obj: _Fields, options: ConvertOptions) -> RequestAuthentication:
-    meta = _meta(obj, namespaced=True)
+    meta = _meta(obj, "RequestAuthentication", namespaced=True)
     spec = obj.obj_or_empty("spec")
     return RequestAuthentication(
         namespace=meta.namespace,
         name=meta.name,
         selector=_selector(spec),
         target_refs=_target_refs(spec),
-        jwt_rules=tuple(_jwt_rule(r) for r in spec.objs("jwtRules")),
+        jwt_rules=tuple(_jwt_rule(r, options) for r in spec.objs("jwtRules")),
         creation_timestamp=meta.creation_timestamp,
     )
 
@@ -807,10 +902,48 @@ CONVERTERS: Mapping[tuple[str, str], Converter] = {
 }
 
 
+# The groups whose kinds we read: there, a kind we read at a version we do not (or, in
+# security.istio.io, a kind that does not exist) is a mistake to refuse, not an object to skip.
+# Other kinds of these groups (HTTPRoute, ConfigMap, ...) and every other group are skipped.
+_VERSIONS: Mapping[tuple[str, str], tuple[str, ...]] = (
+    {("", kind): ("v1",) for kind in ("Node", "Namespace", "ServiceAccount", "Pod", "Service")}
+    | {("gateway.networking.k8s.io", "Gateway"): ("v1", "v1beta1")}
+    | {("security.istio.io", kind): ("v1", "v1beta1") for kind in _SECURITY}
+)
+_CLOSED_GROUPS = ("security.istio.io",)
+# Kinds refused in any other group: skipping one with a mistyped group ("security.istio.i/v1")
+# would silently remove a security policy. (Gateway and Service are left alone: Istio's own
+# networking.istio.io Gateway and Knative's Service are other objects of those names.)
+_SECURITY_KINDS = frozenset(_SECURITY)
+KINDS = frozenset(kind for _, kind in _VERSIONS)
+
+
 def type_of(obj: Mapping[str, Any]) -> tuple[str, str]:
     """(apiVersion, kind), validated as present strings."""
     fields = _Fields(obj)
     return fields.text("apiVersion", required=True), fields.text("kind", required=True)
+
+
+def _converter(obj: Mapping[str, Any]) -> Converter | None:
+    """The converter for this object's type; None for a type we skip; ConfigError for a garbled one."""
+    api_version, kind = type_of(obj)
+    converter = CONVERTERS.get((api_version, kind))
+    if converter is not None:
+        return converter
+    why = validation.api_version(api_version)
+    if why is not None:
+        raise ConfigError(f"{show(api_version)} is not an apiVersion: {why}", field="apiVersion")
+    group = api_version.rpartition("/")[0]
+    versions = _VERSIONS.get((group, kind))
+    if versions is None and kind in _SECURITY_KINDS:
+        group, versions = "security.istio.io", _VERSIONS["security.istio.io", kind]
+    if versions is not None:
+        read = " or ".join(f"{group}/{v}" if group else v for v in versions)
+        raise ConfigError(f"{kind} is read as {read}, not {show(api_version)}", field="apiVersion")
+    if group in _CLOSED_GROUPS:
+        kinds = ", ".join(sorted(k for g, k in _VERSIONS if g == group))
+        raise ConfigError(f"{group} has no kind {show(kind)} (it has {kinds})", field="kind")
+    return None
 
 
 def is_supported(obj: Mapping[str, Any]) -> bool:
@@ -819,18 +952,50 @@ def is_supported(obj: Mapping[str, Any]) -> bool:
 
 
 def describe(obj: Mapping[str, Any]) -> tuple[str | None, str | None]:
-    """Best-effort (kind, "namespace/name" or "name") for error messages; never raises."""
-    kind = obj.get("kind") if isinstance(obj.get("kind"), str) else None
+    """Best-effort (kind, "namespace/name" or "name") for error messages; never raises.
+
+    Both are cut to a bounded length: they go into every message about the object.
+    """
+    kind = clip(obj["kind"], 100) if isinstance(obj.get("kind"), str) else None
     md = obj.get("metadata")
     if not isinstance(md, Mapping) or not isinstance(md.get("name"), str):
         return kind, None
     ns = md.get("namespace")
-    name: str = md["name"]
-    if isinstance(ns, str) and ns:
-        name = f"{ns}/{name}"
-    elif kind not in _CLUSTER_SCOPED:
+    name: str = clip(md["name"], 260)
+    if kind in _CLUSTER_SCOPED:
+        pass  # the API server drops a namespace given to a cluster-scoped object
+    elif isinstance(ns, str) and ns:
+        name = f"{clip(ns, 70)}/{name}"
+    else:
         name = f"{DEFAULT_NAMESPACE}/{name}"
     return kind, name
+
+
+def identify(obj: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(kind, "namespace/name" or "name") when the object surely means that object of a kind we
+    read (its kind, name and namespace are valid, whatever else is wrong with it); else None.
+
+    What a loader needs to keep the last good version of an object it must refuse.
+    """
+    kind = obj.get("kind")
+    md = obj.get("metadata")
+    if not isinstance(kind, str) or kind not in KINDS or not isinstance(md, Mapping):
+        return None
+    name, ns = md.get("name"), md.get("namespace", DEFAULT_NAMESPACE)
+    if not isinstance(name, str) or _name_problem(kind, name) is not None:
+        return None
+    if kind in _CLUSTER_SCOPED:
+        return kind, name
+    if not isinstance(ns, str) or validation.dns1123_label(ns or DEFAULT_NAMESPACE) is not None:
+        return None
+    return kind, f"{ns or DEFAULT_NAMESPACE}/{name}"
+
+
+def object_id(obj: MeshObject) -> tuple[str, str]:
+    """What :func:`identify` says for the Kubernetes object ``obj`` was converted from."""
+    if isinstance(obj, Workload):
+        return "Pod", f"{obj.namespace}/{obj.name}"
+    return obj.KIND.value, obj.key
 
 
 def convert(obj: Mapping[str, Any], options: ConvertOptions | None = None) -> MeshObject | None:
@@ -841,10 +1006,15 @@ def convert(obj: Mapping[str, Any], options: ConvertOptions | None = None) -> Me
     if not isinstance(obj, Mapping):
         raise ConfigError(f"must be a mapping (a Kubernetes object), got {_type_name(obj)}")
     kind, name = describe(obj)
+    options = options or ConvertOptions()
     try:
-        converter = CONVERTERS.get(type_of(obj))
+        converter = _converter(obj)
         if converter is None:
             return None
-        return converter(_Fields(obj), options or ConvertOptions())
+        if options.reject_unknown_fields:
+            unknown = validation.unknown_field(obj, validation.SCHEMAS[obj["kind"]])
+            if unknown is not None:
+                raise ConfigError(unknown.reason, field=_join(unknown.path, clip(unknown.name, 100)))
+        return converter(_Fields(obj), options)
     except ConfigError as e:
         raise e.with_context(kind=kind, name=name) from None

@@ -368,8 +368,46 @@ def test_unknown_kinds_convert_to_none() -> None:
     cm = obj("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}")
     assert convert(cm) is None
     assert not is_supported(cm)
-    assert convert(obj("apiVersion: security.istio.io/v1alpha1\nkind: PeerAuthentication")) is None
+    # Kinds of other groups, even of a name we read (Istio's own Gateway, a Knative Service).
+    assert convert(obj("apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: g}")) is None
+    assert convert(obj("apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata: {name: s}")) is None
+    assert (
+        convert(obj("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}")) is None
+    )
     assert is_supported(obj(POD))
+
+
+@pytest.mark.parametrize(
+    ("api_version", "kind", "field", "reason"),
+    [
+        # A kind we read at a version no API server serves: a mistake, never a silent skip.
+        ("security.istio.io/v1alpha1", "PeerAuthentication", "apiVersion", "read as security.istio.io/v1 or"),
+        ("v2", "Pod", "apiVersion", "Pod is read as v1, not 'v2'"),
+        (
+            "gateway.networking.k8s.io/v1alpha2",
+            "Gateway",
+            "apiVersion",
+            "read as gateway.networking.k8s.io/v1",
+        ),
+        # A security policy in another group: a mistyped group must not skip (remove) it.
+        ("security.istio.i/v1", "AuthorizationPolicy", "apiVersion", "read as security.istio.io/v1 or"),
+        # security.istio.io has exactly three kinds: a typo in one must not drop a DENY quietly.
+        ("security.istio.io/v1", "AuthorisationPolicy", "kind", "has no kind 'AuthorisationPolicy'"),
+        # Garbled apiVersions, whatever the kind.
+        ("v1 ", "ConfigMap", "apiVersion", "not an apiVersion"),
+        ("/v1", "Pod", "apiVersion", "group must not be empty"),
+        ("Security.Istio.io/v1", "AuthorizationPolicy", "apiVersion", "group must be a DNS-1123 subdomain"),
+        ("security.istio.io/v1/x", "AuthorizationPolicy", "apiVersion", "group must be a DNS-1123"),
+        ("security.istio.io/", "AuthorizationPolicy", "apiVersion", "version must not be empty"),
+        ("x" * 100_000, "Pod", "apiVersion", "(100000 characters)"),
+    ],
+)
+def test_bad_api_versions_and_kinds(api_version: str, kind: str, field: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        convert({"apiVersion": api_version, "kind": kind, "metadata": {"name": "p"}})
+    assert info.value.field == field
+    assert reason in info.value.reason
+    assert len(str(info.value)) < 400
 
 
 ERRORS = [
@@ -709,5 +747,7 @@ def test_service_accounts_get_the_policys_namespace_and_nodes_their_pod_cidrs() 
     assert isinstance(p, AuthorizationPolicy)
     src = p.rules[0].from_[0].source
     assert (src.service_accounts, src.not_service_accounts) == (("shop/web", "other/api"), ("shop/cart",))
-    node = convert(yaml.safe_load("apiVersion: v1\nkind: Node\nmetadata: {name: n}\nspec: {podCIDR: 10.0.1.7/24}"))
+    node = convert(
+        yaml.safe_load("apiVersion: v1\nkind: Node\nmetadata: {name: n}\nspec: {podCIDR: 10.0.1.7/24}")
+    )
     assert isinstance(node, Node) and node.pod_cidrs == ("10.0.1.0/24",)

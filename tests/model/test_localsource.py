@@ -354,7 +354,7 @@ FILE_ERRORS = [
 
 
 @pytest.mark.parametrize(("text", "doc", "kind", "name", "field", "reason"), FILE_ERRORS)
-def test_bad_files_are_refused_whole(
+def test_a_bad_object_is_rejected_alone_and_load_raises_it(
     tmp_path: Path,
     text: str,
     doc: int,
@@ -363,17 +363,23 @@ def test_bad_files_are_refused_whole(
     field: str,
     reason: str,
 ) -> None:
+    """load() applies what is good and raises the first problem (startup refuses on it)."""
     path = tmp_path / "mesh.yaml"
     path.write_text(text)
     store = Store()
+    watcher = Watcher()
     with capture_logs() as logs, pytest.raises(ConfigError) as info:
-        LocalSource(path, store).load()
+        LocalSource(path, store, on_load=watcher).load()
     e = info.value
     assert (e.document_index, e.kind, e.name, e.field) == (doc, kind, name, field)
     assert reason in e.reason
     assert e.source == str(path)
     assert str(e).startswith(f"{path}: document[{doc}]")
-    assert store.version == 0  # nothing of it applied
+    result = watcher.results.get_nowait()
+    assert [r.error for r in result.rejected] == [e]
+    # The rest of the file applied (a lone pod on an unknown node leaves nothing: refused whole).
+    assert store.version == (0 if kind == "Pod" and field == "spec.nodeName" else 1)
+    assert result.applied == (store.version == 1)
     rejected = [entry for entry in logs if entry["event"] == "local config rejected"]
     assert rejected and rejected[0]["document"] == doc and rejected[0]["field"] == field
 
@@ -454,7 +460,7 @@ def source_uid(store: Store, name: str) -> str:
     return w.uid
 
 
-async def test_bad_reload_keeps_the_last_good_state(tmp_path: Path) -> None:
+async def test_bad_reload_keeps_the_last_good_version_of_the_bad_object(tmp_path: Path) -> None:
     path = tmp_path / "mesh.yaml"
     write(path, EXAMPLE)
     store = Store()
@@ -470,11 +476,19 @@ async def test_bad_reload_keeps_the_last_good_state(tmp_path: Path) -> None:
                 EXAMPLE.replace("port: 80,", "port: eighty,") + "---\n" + NODE.replace("node-a", "node-z"),
             )
             result = await watcher.next()
-        assert not result.ok and result.error is not None
-        assert (result.error.document_index, result.error.field) == (3, "spec.ports[0].port")
-        assert source.last_error is result.error
-        assert store.snapshot() is good  # nothing applied, not even the valid new Node
-        assert any(e["event"] == "local config rejected" and e["log_level"] == "error" for e in logs)
+        assert not result.ok and result.applied and result.error is None
+        [rejected] = result.rejected
+        assert (rejected.error.document_index, rejected.error.field) == (3, "spec.ports[0].port")
+        assert rejected.object == ("Service", "shop/web") and rejected.kept
+        assert source.last_error is rejected.error
+        snap = store.snapshot()
+        assert snap.services["shop/web"] is good.services["shop/web"]  # the last good version
+        assert set(snap.nodes) == {"node-a", "node-z"}  # and the rest of the edit applied
+        assert any(
+            e["event"] == "local config rejected" and e["log_level"] == "error" and e["kept_last_good"]
+            for e in logs
+        )
+        good = store.snapshot()
 
         # The file disappearing is just another bad state.
         path.unlink()
