@@ -7,10 +7,12 @@ workloads that list the service (on the target port they list); a pod IP goes to
 waypoint when it names one, else to that pod. Two additions of ours (controlplane/waypoints.py):
 service traffic to an endpoint bound to its service account's waypoint goes to that waypoint,
 the endpoint picked first so that one account's waypoint never sees another's requests; and a
-workload in strict waypoint mode is reached through its waypoint whatever the addressing. HBONE when the destination speaks it, plain TCP
-otherwise; unknown addresses pass through. A waypoint that discovery names but that cannot be
-reached is an error, not a reason to skip it (the control plane only names waypoints that
-exist). Every case is a table row in tests/ztunnel/test_routing.py.
+workload in strict waypoint mode is reached through its waypoint whatever the addressing. HBONE
+when the destination speaks it, plain TCP otherwise; unknown addresses pass through. A waypoint
+that discovery names but that has no ready pod fails open to direct delivery (the plan's
+``note`` says why, for the log), as a missing one does (the control plane names only waypoints
+that exist) — except in strict waypoint mode, where it fails closed. Every case is a table row
+in tests/ztunnel/test_routing.py.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Hbone:
     dst_workload: Workload | None  # None when a waypoint picks the service's endpoint
     service: Service | None = None
     waypoint: Workload | None = None
+    note: str = ""  # why a waypoint was skipped (failed open), for the log
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +52,7 @@ class Passthrough:
     to: tuple[str, int]
     dst_workload: Workload | None = None
     service: Service | None = None
+    note: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,14 +84,19 @@ def _to_waypoint(
     service: Service | None,
     choose: Chooser,
     prefer_same_node: bool,
-) -> Hbone | Deny | None:
-    """An HBONE plan to the waypoint; None when the source is that waypoint (no loop)."""
+    strict: bool,
+) -> Hbone | Deny | str | None:
+    """An HBONE plan to the waypoint; None when the source is that waypoint (no loop). A waypoint
+    with no ready pod fails open (the reason is returned: deliver directly and log it), as a
+    missing one does, except in strict waypoint mode, where it fails closed."""
     endpoints = snapshot.waypoint_endpoints(gw)
     if src is not None and any(e.workload.uid == src.uid for e in endpoints):
         return None
-    eps = _candidates(endpoints, src, prefer_same_node)
+    ready = [e for e in endpoints if e.workload.status is WorkloadStatus.HEALTHY]
+    eps = _candidates(ready, src, prefer_same_node)
     if not eps:
-        return Deny(f"waypoint {gw} has no usable endpoints")
+        why = f"waypoint {gw} has no usable endpoints" if not endpoints else f"waypoint {gw} has no ready endpoints"
+        return Deny(why + " (strict waypoint mode: fails closed)") if strict else why + ": delivered directly (fails open)"
     wp = choose(eps).workload
     return Hbone(
         to=(gw.address or wp.addresses[0], gw.hbone_port),
@@ -111,7 +120,7 @@ def _takes_workload_traffic(w: Workload) -> bool:
     return w.waypoint_strict or w.waypoint_account_for != "service"
 
 
-def _direct(w: Workload, ip: str, port: int, service: Service | None) -> Hbone | Passthrough:
+def _direct(w: Workload, ip: str, port: int, service: Service | None, note: str = "") -> Hbone | Passthrough:
     if w.tunnel_protocol is TunnelProtocol.HBONE:
         return Hbone(
             to=(ip, HBONE_PORT),
@@ -119,8 +128,9 @@ def _direct(w: Workload, ip: str, port: int, service: Service | None) -> Hbone |
             expect=w.identity,
             dst_workload=w,
             service=service,
+            note=note,
         )
-    return Passthrough(to=(ip, port), dst_workload=w, service=service)
+    return Passthrough(to=(ip, port), dst_workload=w, service=service, note=note)
 
 
 def _same_family(ips: Sequence[str], like: str) -> str:
@@ -155,9 +165,13 @@ def decide_outbound(
         if gw is None:
             gw = svc.waypoint
             dst = None if gw is not None else dst
+        note = ""
         if gw is not None:
-            plan = _to_waypoint(snapshot, gw, src, authority, dst, svc, choose, prefer_same_node)
-            if plan is not None:
+            strict = dst is not None and dst.waypoint_strict
+            plan = _to_waypoint(snapshot, gw, src, authority, dst, svc, choose, prefer_same_node, strict)
+            if isinstance(plan, str):
+                note = plan
+            elif plan is not None:
                 return plan
             if dst is None and eps:
                 dst = choose(eps).workload
@@ -165,13 +179,18 @@ def decide_outbound(
             return Deny(f"service {svc.key} has no endpoints for port {dst_port}")
         target = dst.target_port(svc, dst_port)
         assert target is not None
-        return _direct(dst, _same_family(dst.addresses, dst_ip), target, svc)
+        return _direct(dst, _same_family(dst.addresses, dst_ip), target, svc, note)
     w = snapshot.workload_by_ip(dst_ip)
     if w is None:
         return Passthrough(to=(dst_ip, dst_port))
+    note = ""
     if w.waypoint is not None and _takes_workload_traffic(w):
-        plan = _to_waypoint(snapshot, w.waypoint, src, authority, w, None, choose, prefer_same_node)
-        if plan is not None:
+        plan = _to_waypoint(
+            snapshot, w.waypoint, src, authority, w, None, choose, prefer_same_node, w.waypoint_strict
+        )
+        if isinstance(plan, str):
+            note = plan
+        elif plan is not None:
             return plan
     # The pod was addressed by one of its IPs: dial exactly that one.
-    return _direct(w, dst_ip, dst_port, None)
+    return _direct(w, dst_ip, dst_port, None, note)

@@ -334,14 +334,6 @@ CASES: list[tuple[str, ProxySnapshot, str, int, dict[str, object], Plan | type]]
         Hbone(("10.0.1.50", 15008), "10.96.0.20:80", WP_ID, None, WEB_SVC_WP, WP_POD_LOCAL),
     ),
     (
-        "service waypoint without endpoints -> deny",
-        snap(CLIENT, WEB1, WEB_SVC_WP, WP_SVC),
-        "10.96.0.20",
-        80,
-        {},
-        Deny,
-    ),
-    (
         "service waypoint by address",
         snap(CLIENT, WEB1, svc("web", "10.96.0.20", waypoint=GatewayAddress(address="10.0.2.50")), WP_POD),
         "10.96.0.20",
@@ -377,28 +369,12 @@ CASES: list[tuple[str, ProxySnapshot, str, int, dict[str, object], Plan | type]]
         ),
     ),
     (
-        "waypoint by an address no workload has -> deny",
-        snap(CLIENT, WEB1, svc("web", "10.96.0.20", waypoint=GatewayAddress(address="10.0.9.9"))),
-        "10.96.0.20",
-        80,
-        {},
-        Deny,
-    ),
-    (
         "workload waypoint -> HBONE to the waypoint, authority the pod",
         snap(CLIENT, WEB1_WP, WP_POD, WP_SVC),
         "10.0.1.3",
         8080,
         {},
         Hbone(("10.0.2.50", 15008), "10.0.1.3:8080", WP_ID, WEB1_WP, None, WP_POD),
-    ),
-    (
-        "workload waypoint without endpoints -> deny",
-        snap(CLIENT, WEB1_WP),
-        "10.0.1.3",
-        8080,
-        {},
-        Deny,
     ),
     (
         "workload waypoint does not apply to traffic for its service",
@@ -458,7 +434,7 @@ def test_deny_reasons_name_what_is_missing() -> None:
     cases = [
         (snap(CLIENT, WEB_SVC), "10.96.0.20", 81, "no port 81"),
         (snap(CLIENT, WEB_SVC), "10.96.0.20", 80, f"{WEB} has no endpoints for port 80"),
-        (snap(CLIENT, WEB_SVC_WP), "10.96.0.20", 80, f"waypoint {WP} has no usable endpoints"),
+        (snap(CLIENT, WEB_SVC_WP), "10.96.0.20", 80, f"{WEB} has no endpoints for port 80"),
     ]
     for s, ip, port, reason in cases:
         got = decide_outbound(s, CLIENT, ip, port)
@@ -541,3 +517,20 @@ def test_strict_mode_fails_closed_without_a_waypoint_pod() -> None:
     # With its waypoint running, service traffic goes there too (there is no service waypoint).
     got = decide_outbound(snap(CLIENT, strict, WEB_SVC, WP_POD, WP_SVC), CLIENT, "10.96.0.20", 80)
     assert isinstance(got, Hbone) and got.waypoint == WP_POD and got.authority == "10.96.0.20:80"
+
+
+def test_a_waypoint_without_ready_pods_fails_open_to_direct_delivery() -> None:
+    """As a missing one does (the control plane does not send it): delivered directly, with the
+    reason for the log; strict waypoint mode fails closed instead (test_strict_mode_fails_closed_…)."""
+    sick_wp = dataclasses.replace(WP_POD, status=WorkloadStatus.UNHEALTHY)
+    by_address = svc("web", "10.96.0.20", waypoint=GatewayAddress(address="10.0.9.9"))
+    cases = [
+        (snap(CLIENT, WEB1, WEB_SVC_WP, WP_SVC), "10.96.0.20", 80, "has no usable endpoints"),
+        (snap(CLIENT, WEB1, WEB_SVC_WP, WP_SVC, sick_wp), "10.96.0.20", 80, "has no ready endpoints"),
+        (snap(CLIENT, WEB1, by_address), "10.96.0.20", 80, "has no usable endpoints"),
+        (snap(CLIENT, WEB1_WP), "10.0.1.3", 8080, "has no usable endpoints"),
+    ]
+    for s, ip, port, why in cases:
+        got = decide_outbound(s, CLIENT, ip, port)
+        assert isinstance(got, Hbone) and got.waypoint is None and got.to == ("10.0.1.3", 15008), got
+        assert why in got.note and got.note.endswith("delivered directly (fails open)"), got.note
