@@ -104,7 +104,7 @@ def decode_request(data: bytes) -> AgentRequest:
     """Parse a request line; :class:`ProtocolError` names the bad field."""
     try:
         obj = json.loads(data)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than JSON allows here
         raise ProtocolError(f"request is not JSON: {e}") from e
     if not isinstance(obj, dict):
         raise ProtocolError("request is not a JSON object")
@@ -142,7 +142,7 @@ class AgentReply:
 def decode_reply(data: bytes) -> AgentReply:
     try:
         obj = json.loads(data)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise ProtocolError(f"agent reply is not JSON: {e}") from e
     if not isinstance(obj, dict) or not isinstance(obj.get("ok"), bool):
         raise ProtocolError("agent reply has no boolean 'ok'")
@@ -265,7 +265,8 @@ def handle(env: Mapping[str, str], stdin: bytes) -> AgentCall | Output:
             raise _CniError(ERR_INVALID_ENV, f"CNI_COMMAND {command!r} is not one of {', '.join(COMMANDS)}")
         try:
             obj = json.loads(stdin) if stdin.strip() else None
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
+            # A document nested deeper than the decoder goes is refused like any other bad JSON.
             raise _CniError(ERR_DECODE, "network configuration on stdin is not JSON", str(e)) from e
         if command == "VERSION":
             return _version(obj)

@@ -27,6 +27,18 @@ from mesh.proto import ca_pb2, ca_pb2_grpc
 log = structlog.get_logger(__name__)
 
 IMPERSONATED_IDENTITY = "ImpersonatedIdentity"
+SERVICE_NAME = "istio.v1.auth.IstioCertificateService"
+# Longest certificate a workload may ask for (istiod's default maximum workload TTL: 90 days).
+MAX_VALIDITY_SECONDS = 90 * 24 * 3600
+
+
+def _decode_request(data: bytes) -> ca_pb2.IstioCertificateRequest | None:
+    request = ca_pb2.IstioCertificateRequest()
+    try:
+        request.ParseFromString(data)
+    except Exception:
+        return None
+    return request
 DEFAULT_TRUSTED_NODE_ACCOUNTS: frozenset[tuple[str, str]] = frozenset({("istio-system", "ztunnel")})
 
 
@@ -159,10 +171,21 @@ class CaServicer(ca_pb2_grpc.IstioCertificateServiceServicer):  # type: ignore[m
         self._trusted = trusted_node_accounts
 
     def register(self, server: Any) -> None:
-        ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(self, server)
+        """As the generated ``add_..._to_server``, with a request decoder that never raises: bytes
+        that are not an ``IstioCertificateRequest`` reach :meth:`CreateCertificate` as None and are
+        answered INVALID_ARGUMENT (gRPC's own decoder would log a traceback and answer UNKNOWN)."""
+        handlers = {
+            "CreateCertificate": grpc.unary_unary_rpc_method_handler(
+                self.CreateCertificate,
+                request_deserializer=_decode_request,
+                response_serializer=ca_pb2.IstioCertificateResponse.SerializeToString,
+            )
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
     async def CreateCertificate(
-        self, request: ca_pb2.IstioCertificateRequest, context: Any
+        self, request: ca_pb2.IstioCertificateRequest | None, context: Any
     ) -> ca_pb2.IstioCertificateResponse:
         md = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         facts: dict[str, Any] = {"peer": context.peer(), "cluster_id": md.get("clusterid")}
@@ -172,6 +195,13 @@ class CaServicer(ca_pb2_grpc.IstioCertificateServiceServicer):  # type: ignore[m
             await context.abort(code, reason)
             raise AssertionError("context.abort() returned")
 
+        if request is None:
+            await refuse(grpc.StatusCode.INVALID_ARGUMENT, "the request is not an IstioCertificateRequest")
+        if request.validity_duration < 0 or request.validity_duration > MAX_VALIDITY_SECONDS:
+            await refuse(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"validity_duration {request.validity_duration}s is outside 0..{MAX_VALIDITY_SECONDS}s",
+            )
         try:
             caller = await self._authenticator.authenticate(bearer_token(md))
         except AuthenticationError as e:

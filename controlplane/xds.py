@@ -44,6 +44,7 @@ from controlplane.lowering import (
     workload_state,
 )
 from controlplane.waypoints import policy_audiences, workload_binding
+from mesh.log import ThrottledLog
 from mesh.model import Delta, Kind, Snapshot, Store
 from mesh.proto import discovery_pb2, discovery_pb2_grpc
 from mesh.xds.convert import (
@@ -72,6 +73,16 @@ _SCOPED = (WAYPOINT_POLICY_TYPE_URL, WAYPOINT_AUTHN_TYPE_URL)  # served only to 
 WILDCARD = "*"
 # Kinds whose changes cannot alter any served resource.
 _IRRELEVANT_KINDS = frozenset({Kind.NODE, Kind.SERVICE_ACCOUNT})
+
+
+MAX_NAMES_PER_TYPE = 100_000  # names one stream may subscribe to per type (a mesh of 10k pods: ~12k)
+MAX_PENDING_REQUESTS = 64  # requests read ahead of handling; then gRPC flow control holds the client
+MAX_NACK_REASON = 512  # characters of a client's NACK message that reach the log
+_NACKS = ThrottledLog(log, interval=60.0)
+
+
+class StreamLimit(Exception):
+    """A client exceeded what one stream may hold; the stream ends with RESOURCE_EXHAUSTED."""
 
 
 class AuthenticationFailed(Exception):
@@ -199,7 +210,9 @@ class ResourceCache:
                 problem = b.problem + (" (strict mode: fails closed)" if b.strict else "")
                 problems[uid] = problem
                 if self._waypoint_problems.get(uid) != problem:
-                    log.warning("waypoint binding not used", workload=f"{w.namespace}/{w.name}", reason=problem)
+                    log.warning(
+                        "waypoint binding not used", workload=f"{w.namespace}/{w.name}", reason=problem
+                    )
         self._waypoint_problems = problems
 
     def _update_workloads(self, snapshot: Snapshot, deltas: Sequence[Delta]) -> Resources:
@@ -267,7 +280,9 @@ class ResourceCache:
             ra.key: _entry(
                 ra.key,
                 waypoint_authn_to_any(
-                    WaypointAuthentication(ra, {r.jwks_uri: docs[r.jwks_uri] for r in ra.jwt_rules if r.jwks_uri in docs})
+                    WaypointAuthentication(
+                        ra, {r.jwks_uri: docs[r.jwks_uri] for r in ra.jwt_rules if r.jwks_uri in docs}
+                    )
                 ),
             )
             for ra in snapshot.request_authentications.values()
@@ -322,6 +337,7 @@ class _Stream:
     ) -> None:
         self._cache = cache
         self._caller = caller
+        self._peer = peer
         self._context = context
         self._subs: dict[str, _Subscription] = {}
         self._log = log.bind(peer=peer)
@@ -350,12 +366,16 @@ class _Stream:
             known = nonce in sub.nonces
             sub.nonces.discard(nonce)
             if req.HasField("error_detail"):
-                self._log.error(
+                # A client may NACK as often as it likes: one line per stream and type a minute.
+                _NACKS.log(
+                    "error",
+                    (self._peer, type_url),
                     "xds NACK: the client refused a response",
+                    peer=self._peer,
                     type_url=type_url,
                     nonce=nonce,
                     code=req.error_detail.code,
-                    reason=req.error_detail.message,
+                    reason=req.error_detail.message[:MAX_NACK_REASON],
                     known_nonce=known,
                 )
             else:
@@ -363,6 +383,10 @@ class _Stream:
 
         absent: list[str] = []
         current = self._cache.current().visible(type_url, self._caller)
+        if len(sub.names) + len(req.resource_names_subscribe) > MAX_NAMES_PER_TYPE:
+            raise StreamLimit(
+                f"more than {MAX_NAMES_PER_TYPE} resource names subscribed for {type_url} on one stream"
+            )
         for name in req.resource_names_subscribe:
             if name == WILDCARD:
                 sub.wildcard = True
@@ -488,13 +512,17 @@ class DiscoveryServicer:
                 loop.call_soon_threadsafe(mark_changed)
 
         unsubscribe = self._store.subscribe(on_delta)
+
         def on_keys(_version: int) -> None:
             loop.call_soon_threadsafe(mark_changed)
 
         unsubscribe_jwks = self._jwks.subscribe(on_keys) if self._jwks is not None else None
+        slots = asyncio.Semaphore(MAX_PENDING_REQUESTS)  # requests read but not yet handled
         try:
             async with asyncio.TaskGroup() as tg:
-                reader = tg.create_task(self._read(request_iterator, inbox, peer), name=f"xds-read {peer}")
+                reader = tg.create_task(
+                    self._read(request_iterator, inbox, peer, slots), name=f"xds-read {peer}"
+                )
                 while True:
                     item = await inbox.get()
                     if item is None:
@@ -504,8 +532,13 @@ class DiscoveryServicer:
                         await stream.on_change()
                     else:
                         assert isinstance(item, discovery_pb2.DeltaDiscoveryRequest)
+                        slots.release()
                         await stream.on_request(item)
                 reader.cancel()
+        except* StreamLimit as group:
+            reason = str(group.exceptions[0])
+            log.warning("xds stream ended: over its limits", peer=peer, reason=reason)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
         finally:
             unsubscribe()
             if unsubscribe_jwks is not None:
@@ -514,10 +547,16 @@ class DiscoveryServicer:
 
     @staticmethod
     async def _read(
-        requests: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest], inbox: asyncio.Queue[object], peer: str
+        requests: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
+        inbox: asyncio.Queue[object],
+        peer: str,
+        slots: asyncio.Semaphore,
     ) -> None:
         try:
             async for req in requests:
+                # At most MAX_PENDING_REQUESTS ahead: past that, stop reading and let gRPC's flow
+                # control hold the client back instead of queueing without bound.
+                await slots.acquire()
                 inbox.put_nowait(req)
         except Exception as e:  # the call broke: end the stream, nothing to answer
             log.info("xds stream read failed", peer=peer, error=repr(e))

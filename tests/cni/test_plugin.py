@@ -371,3 +371,16 @@ def test_handle_and_finish_never_raise(
     assert step.exit_code in (0, 1)
     if step.exit_code == 1:
         assert set(json.loads(step.stdout)) == {"cniVersion", "code", "msg", "details"}
+
+
+@pytest.mark.parametrize("depth", [2000, 100_000])
+def test_deeply_nested_stdin_gets_the_spec_error_json(depth: int) -> None:
+    """A nesting the JSON decoder refuses with RecursionError is a decode error like any other
+    (issue 24: it used to kill the plugin without the spec's error JSON)."""
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c", "CNI_NETNS": "/x", "CNI_IFNAME": "eth0", "CNI_PATH": "/opt"}
+    out = plugin.handle(env, b"[" * depth + b"]" * depth)
+    assert isinstance(out, Output) and out.exit_code != 0
+    body = json.loads(out.stdout)
+    assert body["code"] == plugin.ERR_DECODE and "not JSON" in body["msg"]
+    with pytest.raises(plugin.ProtocolError):
+        plugin.decode_request(b"[" * depth)

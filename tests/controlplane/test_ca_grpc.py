@@ -306,3 +306,28 @@ def test_parse_listen(listen: str, result: tuple[str, int] | str) -> None:
             parse_listen(listen)
     else:
         assert parse_listen(listen) == result
+
+
+async def test_malformed_requests_are_invalid_argument_without_a_traceback(env: Env) -> None:
+    token = env.issuer.issue("node-a")
+    with capture_logs() as logs:
+        code, details, _ = await env.raw(token, WEB, WEB, validity=2**63 - 1)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "validity_duration" in details
+    assert events(logs, "certificate refused")[0]["code"] == "INVALID_ARGUMENT"
+    # Bytes that are not an IstioCertificateRequest at all.
+    channel = grpc.aio.secure_channel(
+        env.server.address,
+        grpc.ssl_channel_credentials(env.ca.roots_pem.encode()),
+        options=[("grpc.ssl_target_name_override", SERVER_NAME)],
+    )
+    try:
+        call = channel.unary_unary(
+            "/istio.v1.auth.IstioCertificateService/CreateCertificate",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call(b"\xff\xff\xff not protobuf", metadata=[("authorization", f"Bearer {token}")], timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        await channel.close()

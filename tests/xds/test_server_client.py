@@ -527,3 +527,46 @@ def test_backoff_is_jittered_exponential_and_capped() -> None:
     assert [b.delay(n, lambda: 0.0) for n in range(4)] == [0.25, 0.5, 1.0, 2.0]
     assert b.delay(3, lambda: 0.999999) == pytest.approx(4.0, rel=1e-5)
     assert b.delay(100, lambda: 0.0) == 15.0  # capped, and still jittered
+
+
+async def test_a_nack_flood_logs_once_and_too_many_names_end_the_stream(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What one authenticated client cannot do: fill the log with NACKs, or make the server keep
+    an unbounded set of subscribed names (issue 24)."""
+    import controlplane.xds as xds_module
+
+    channel, call = await open_stream(server.address)
+    try:
+        await call.write(discovery_pb2.DeltaDiscoveryRequest(type_url=ADDRESS_TYPE_URL))
+        first = await read(call)
+        with capture_logs() as logs:
+            for i in range(200):
+                nack = discovery_pb2.DeltaDiscoveryRequest(type_url=ADDRESS_TYPE_URL, response_nonce=first.nonce)
+                nack.error_detail.CopyFrom(status_pb2.Status(code=3, message=f"refused {i} " + "x" * 5000))
+                await call.write(nack)
+            # A subscription sent after the flood is answered after every NACK was handled
+            # (one stream's requests are handled in order).
+            await call.write(discovery_pb2.DeltaDiscoveryRequest(type_url=AUTHORIZATION_TYPE_URL))
+            while (await read(call)).type_url != AUTHORIZATION_TYPE_URL:
+                pass
+        lines = [e for e in logs if e["event"].startswith("xds NACK")]
+        assert len(lines) == 1 and len(lines[0]["reason"]) <= xds_module.MAX_NACK_REASON
+    finally:
+        call.cancel()
+        await channel.close()
+
+    monkeypatch.setattr(xds_module, "MAX_NAMES_PER_TYPE", 5)
+    channel, call = await open_stream(server.address)
+    try:
+        names = [f"uid-{i}" for i in range(6)]
+        await call.write(
+            discovery_pb2.DeltaDiscoveryRequest(type_url=ADDRESS_TYPE_URL, resource_names_subscribe=names)
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await read(call)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "more than 5 resource names" in (err.value.details() or "")
+    finally:
+        call.cancel()
+        await channel.close()
