@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from ambientctl import demo, hbone, mtls_report, policy
+from ambientctl import check, demo, hbone, mtls_report, policy, ztunnel_config
 from mesh import log
 
 
@@ -18,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     hbone.add_parser(sub)
     demo.add_parser(sub)
     add_policy_parser(sub)
+    ztunnel_config.add_parser(sub)
+    check.add_parser(sub)
     return p
 
 

@@ -1,12 +1,14 @@
 """Admin (15000, localhost), metrics (15020) and readiness (15021) of ztunnel and the waypoint:
 
-Enough HTTP for curl, Prometheus and kubelet: GET only, one request per connection.
+Enough HTTP for curl, Prometheus, kubelet and ``ambientctl``: GET and POST (a request body is
+read and ignored; the query carries the arguments), one request per connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -40,16 +42,48 @@ def json_response(data: object, status: int = 200) -> Response:
     return Response(status, json.dumps(data, indent=2, default=str).encode() + b"\n", "application/json")
 
 
+MAX_BODY = 64 * 1024
+DEFAULT_LEVEL = "info"
+
+
+def current_level() -> str:
+    """The process-wide log level now (one of ``mesh.log.LEVELS``)."""
+    return logging.getLevelName(meshlog._threshold).lower()
+
+
 def logging_route(query: dict[str, str]) -> Response:
+    """``/logging``: the current level; ``?level=L`` sets it, ``?reset`` puts back the default.
+
+    As Istio's ztunnel (``POST /logging?level=``), the answer names the level in force after
+    the request: ``current log level is debug``.
+    """
     level = query.get("level")
-    if level is None:
-        return Response(400, b"usage: /logging?level=debug|info|warning|error\n")
-    try:
-        meshlog.set_level(level)
-    except ValueError as e:
-        return Response(400, f"{e}\n".encode())
-    log.info("log level changed", level=level)
-    return Response(200, f"level={level}\n".encode())
+    if "reset" in query:
+        if level is not None:
+            return Response(400, b"level and reset cannot be combined\n")
+        level = DEFAULT_LEVEL
+    if level is not None:
+        try:
+            meshlog.set_level(level)
+        except ValueError as e:
+            return Response(400, f"{e}\n".encode())
+        log.info("log level changed", level=level)
+    return Response(200, f"current log level is {current_level()}\n".encode())
+
+
+async def _drain_body(reader: asyncio.StreamReader, head: bytes) -> None:
+    """Read a request body (POST) so that closing the connection does not reset it unread."""
+    for raw in head.split(b"\r\n")[1:]:
+        name, _, value = raw.partition(b":")
+        if name.strip().lower() == b"content-length":
+            try:
+                length = int(value.strip())
+            except ValueError:
+                return
+            if 0 < length <= MAX_BODY:
+                async with asyncio.timeout(10):
+                    await reader.readexactly(length)
+            return
 
 
 class HttpServer:
@@ -68,6 +102,7 @@ class HttpServer:
             async with asyncio.timeout(10):
                 head = await reader.readuntil(b"\r\n\r\n")
             line = head.split(b"\r\n", 1)[0].decode("latin-1")
+            await _drain_body(reader, head)
             parts = line.split(" ")
             if len(parts) != 3:
                 resp = Response(400, b"bad request line\n")
@@ -75,7 +110,7 @@ class HttpServer:
                 resp = Response(405, b"GET or POST only\n")
             else:
                 url = urllib.parse.urlsplit(parts[1])
-                query = dict(urllib.parse.parse_qsl(url.query))
+                query = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
                 route = self.routes.get(url.path)
                 if route is None:
                     resp = Response(404, f"no such page; try {', '.join(sorted(self.routes))}\n".encode())

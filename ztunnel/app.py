@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
+from cryptography import x509
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mesh.admin import HttpServer, Response, json_response, logging_route
 from mesh.caclient import CaClient
 from mesh.certs import CertManager
+from mesh.pki import PkiError, load_pem_certs
 from mesh.tasks import Supervisor
 from mesh.xds.dump import to_json
 from mesh.xds.state import ProxyState
@@ -34,6 +37,21 @@ class Addresses:
     admin: tuple[str, int] = ("127.0.0.1", 15000)
     stats: tuple[str, int] = ("0.0.0.0", 15020)
     readiness: tuple[str, int] = ("0.0.0.0", 15021)
+
+
+def _cert_json(cert: x509.Certificate) -> dict[str, Any]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    return {
+        "serial": format(cert.serial_number, "x"),
+        "subject": cert.subject.rfc4514_string(),
+        "uris": uris,
+        "not_before": cert.not_valid_before_utc.isoformat(),
+        "not_after": cert.not_valid_after_utc.isoformat(),
+    }
 
 
 class Ztunnel:
@@ -108,8 +126,35 @@ class Ztunnel:
             ],
             "services": [to_json(s) for _, s in sorted(snap.services.items())],
             "authorizations": [to_json(a) for _, a in sorted(snap.authorizations.items())],
-            "certificates": self.certs.dump(),
+            "certificates": self.certificates(),
+            "connections": self.connections(),
         }
+
+    def certificates(self) -> list[dict[str, Any]]:
+        """The certificate manager's view, plus each certificate of the chain and the roots
+        (``ambientctl ztunnel-config certificate`` shows them as istioctl does: Leaf,
+        Intermediate, Root, each with its validity)."""
+        out = []
+        by_name = {str(i): i for i in self.certs.identities()}
+        for item in self.certs.dump():
+            identity = by_name.get(item["identity"])
+            certs = self.certs.current(identity) if identity is not None else None
+            if certs is not None:
+                cred = certs.credential
+                try:
+                    item["cert_chain"] = [
+                        _cert_json(c) for pem in cred.chain_pem for c in load_pem_certs(pem, "chain")
+                    ]
+                    item["root_certs"] = [_cert_json(c) for c in load_pem_certs(cred.roots_pem, "roots")]
+                except PkiError as e:  # never: the manager built TLS contexts from these
+                    item["last_error"] = str(e)
+            out.append(item)
+        return out
+
+    def connections(self) -> list[dict[str, Any]]:
+        """Every connection open right now (inbound and outbound), with identities and bytes."""
+        now = time.time()
+        return [rec.live_json(now) for rec in self.metrics.open_connections()]
 
     # -- lifecycle --------------------------------------------------------------------------------
 

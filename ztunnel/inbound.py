@@ -162,6 +162,8 @@ class Inbound:
         try:
             inbound.accept()
             leg.attach(st)
+            # From the destination's point of view "sent" is towards the app.
+            rec.progress = lambda: (st.bytes_received, st.bytes_sent)
             await wait_relay(leg, st)
         except StreamError as e:
             if rec.result == "ok":

@@ -4,15 +4,21 @@ Each ztunnel has its own registry (tests run two in one process). A :class:`Conn
 filled in by the proxy as the connection goes inside ``with metrics.connection(rec):``, which
 counts it opened on entry and closed on exit — whatever ends it: a result, an error, or a
 cancellation at drain (recorded as such) — so opened and closed always match.
+
+While the block runs the record is also in :meth:`Metrics.open_connections`: what ztunnel's
+admin ``/config_dump`` lists as live connections (``ambientctl ztunnel-config connections``),
+with the bytes moved so far when the proxy gave the record a ``progress`` source.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -57,6 +63,46 @@ class ConnectionRecord:
     reason: str = ""
     response_flags: str = "-"
     start: float = field(default_factory=time.monotonic)
+    started_at: float = field(default_factory=time.time)  # wall clock, for people reading a dump
+    actual_dst: str = ""  # where ztunnel connected (an endpoint's :15008, a waypoint); "" = dst_addr
+    # Bytes (towards, back from the destination) moved so far, while the relay runs; the proxy
+    # sets it once the relay starts and the final counts land in bytes_sent/bytes_received.
+    progress: Callable[[], tuple[int, int]] | None = None
+
+    def bytes_so_far(self) -> tuple[int, int]:
+        if self.progress is not None:
+            try:
+                sent, received = self.progress()
+            except Exception:  # a relay torn down under us: the final counts are next
+                return self.bytes_sent, self.bytes_received
+            return max(sent, self.bytes_sent), max(received, self.bytes_received)
+        return self.bytes_sent, self.bytes_received
+
+    def live_json(self, now: float | None = None) -> dict[str, Any]:
+        """This open connection as the admin ``/config_dump`` lists it (``connections``)."""
+        sw, dw = self.src_workload, self.dst_workload
+        inbound = self.reporter == "destination"
+        pod = dw if inbound else sw  # the local pod the connection belongs to
+        sent, received = self.bytes_so_far()
+        now = time.time() if now is None else now
+        return {
+            "direction": self.direction,
+            "pod": None if pod is None else {"uid": pod.uid, "namespace": pod.namespace, "name": pod.name},
+            "src": self.src_addr,
+            "original_dst": self.dst_addr,
+            "actual_dst": self.actual_dst or self.dst_addr,
+            "protocol": "HBONE" if self.mtls else "TCP",
+            "src_workload": f"{sw.namespace}/{sw.name}" if sw else None,
+            "src_identity": self.src_identity.uri if self.src_identity else None,
+            "dst_workload": f"{dw.namespace}/{dw.name}" if dw else None,
+            "dst_identity": self.dst_identity.uri if self.dst_identity else None,
+            "service": self.service.hostname if self.service else None,
+            "bytes_sent": sent,
+            "bytes_received": received,
+            "started": dt.datetime.fromtimestamp(self.started_at, dt.UTC).isoformat(timespec="milliseconds"),
+            "duration_s": round(max(0.0, now - self.started_at), 3),
+            "result": self.result,
+        }
 
     def labels(self) -> dict[str, str]:
         sw, dw = self.src_workload, self.dst_workload
@@ -131,6 +177,11 @@ class Metrics:
 
         self.connections_closed = 0  # lifetime count, for tests and drains to wait on
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._open: dict[int, ConnectionRecord] = {}  # id(record) -> record, in opening order
+
+    def open_connections(self) -> list[ConnectionRecord]:
+        """The connections inside :meth:`connection` right now, oldest first."""
+        return list(self._open.values())
 
     def hbone_stats(self, direction: str) -> HboneStats:
         """What an HBONE server (``mesh.hbone.server.ServerStats``) or client reports, for ``direction``."""
@@ -151,6 +202,7 @@ class Metrics:
     def connection(self, rec: ConnectionRecord) -> Iterator[ConnectionRecord]:
         """Count ``rec`` opened now and closed (with its access-log line) when the block ends."""
         self.opened.labels(**rec.labels()).inc()
+        self._open[id(rec)] = rec
         try:
             yield rec
         except asyncio.CancelledError:
@@ -165,6 +217,8 @@ class Metrics:
             self._closed(rec)
 
     def _closed(self, rec: ConnectionRecord) -> None:
+        self._open.pop(id(rec), None)
+        rec.progress = None
         labels = rec.labels()
         self.connections_closed += 1
         for n, fut in self._waiters:

@@ -20,6 +20,7 @@ from mesh.hbone.pool import HbonePool, PoolKey
 from mesh.hbone.protocol import format_authority
 from mesh.hbone.relay import TcpLeg, wait_relay
 from mesh.hbone.stream import StreamError
+from mesh.log import ThrottledLog
 from mesh.netns import MARK_SKIP, family_of
 from mesh.tls import PeerRejected
 from ztunnel.metrics import ConnectionRecord
@@ -27,6 +28,8 @@ from ztunnel.routing import Deny, Hbone, Passthrough, decide_outbound
 from ztunnel.state import PodContext, random_choice, redirected_connection, relay_sockets
 
 log = structlog.get_logger(__name__)
+# Once a minute per reason: every connection to a service whose waypoint is down would say it.
+_SKIPPED_WAYPOINT = ThrottledLog(log, interval=60.0)
 
 
 class Outbound:
@@ -78,6 +81,10 @@ class Outbound:
         else:
             rec.dst_workload = plan.dst_workload
             rec.service = plan.service
+        if not isinstance(plan, Deny):
+            rec.actual_dst = format_authority(*plan.to)
+            if plan.note:  # a waypoint skipped: failed open
+                _SKIPPED_WAYPOINT.warning((plan.note,), "waypoint skipped", dst=rec.dst_addr, reason=plan.note)
         if isinstance(plan, Hbone):
             rec.dst_identity = plan.expect
             rec.mtls = True
@@ -116,6 +123,7 @@ class Outbound:
                 rec.fail(f"client went away: {e}", "DC")
                 return
             leg.attach(stream)
+            rec.progress = lambda: (stream.bytes_sent, stream.bytes_received)
             try:
                 await wait_relay(leg, stream)
             finally:
