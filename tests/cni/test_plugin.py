@@ -373,7 +373,7 @@ def test_handle_and_finish_never_raise(
         assert set(json.loads(step.stdout)) == {"cniVersion", "code", "msg", "details"}
 
 
-@pytest.mark.parametrize("depth", [2000, 100_000])
+@pytest.mark.parametrize("depth", [100_000, 1_000_000])
 def test_deeply_nested_stdin_gets_the_spec_error_json(depth: int) -> None:
     """A nesting the JSON decoder refuses with RecursionError is a decode error like any other
     (issue 24: it used to kill the plugin without the spec's error JSON)."""
