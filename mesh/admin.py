@@ -10,8 +10,9 @@ import asyncio
 import json
 import logging
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -137,3 +138,51 @@ class HttpServer:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+
+
+async def start_proxy_servers(
+    *,
+    addresses: Mapping[str, tuple[str, int]],
+    config_dump: Callable[[], Any],
+    registry: Any,
+    ready: Callable[[], bool],
+    stop: asyncio.Event,
+) -> dict[str, tuple[HttpServer, tuple[str, int]]]:
+    """The three servers every proxy runs, as Istio's do: ``admin`` (``/config_dump``,
+    ``/logging``, ``/quitquitquit``, which sets ``stop``), ``stats`` (Prometheus ``/metrics``) and
+    ``readiness`` (``/healthz/ready``). ``addresses`` maps each name to where it listens; returns
+    name -> (server, bound address)."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    def metrics_route(_: dict[str, str]) -> Response:
+        return Response(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+
+    def ready_route(_: dict[str, str]) -> Response:
+        return Response(200, b"ready\n") if ready() else Response(503, b"not ready\n")
+
+    def quit_route(_: dict[str, str]) -> Response:
+        stop.set()
+        return Response(200, b"shutting down\n")
+
+    servers = {
+        "admin": HttpServer(
+            {
+                "/config_dump": lambda _: json_response(config_dump()),
+                "/logging": logging_route,
+                "/quitquitquit": quit_route,
+            },
+            "admin",
+        ),
+        "stats": HttpServer({"/metrics": metrics_route, "/stats/prometheus": metrics_route}, "stats"),
+        "readiness": HttpServer({"/healthz/ready": ready_route}, "readiness"),
+    }
+    started: dict[str, tuple[HttpServer, tuple[str, int]]] = {}
+    try:
+        for name, srv in servers.items():
+            host, port = addresses[name]
+            started[name] = (srv, await srv.start(host, port))
+    except BaseException:
+        for srv, _ in started.values():
+            await srv.close()
+        raise
+    return started

@@ -14,9 +14,8 @@ from typing import Any
 
 import structlog
 from cryptography import x509
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from mesh.admin import HttpServer, Response, json_response, logging_route
+from mesh.admin import HttpServer, start_proxy_servers
 from mesh.caclient import CaClient
 from mesh.certs import CertManager
 from mesh.pki import PkiError, load_pem_certs
@@ -159,31 +158,15 @@ class Ztunnel:
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        def metrics_route(_: dict[str, str]) -> Response:
-            return Response(200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST)
-
-        def ready_route(_: dict[str, str]) -> Response:
-            return Response(200, b"ready\n") if self.ready else Response(503, b"not ready\n")
-
-        def quit_route(_: dict[str, str]) -> Response:
-            self.stop.set()
-            return Response(200, b"shutting down\n")
-
-        servers = {
-            "admin": HttpServer(
-                {
-                    "/config_dump": lambda _: json_response(self.config_dump()),
-                    "/logging": logging_route,
-                    "/quitquitquit": quit_route,
-                },
-                "admin",
-            ),
-            "stats": HttpServer({"/metrics": metrics_route, "/stats/prometheus": metrics_route}, "stats"),
-            "readiness": HttpServer({"/healthz/ready": ready_route}, "readiness"),
-        }
-        for name, srv in servers.items():
-            host, port = getattr(self.addresses_config, name)
-            self.bound[name] = await srv.start(host, port)
+        started = await start_proxy_servers(
+            addresses={name: getattr(self.addresses_config, name) for name in ("admin", "stats", "readiness")},
+            config_dump=self.config_dump,
+            registry=self.metrics.registry,
+            ready=lambda: self.ready,
+            stop=self.stop,
+        )
+        for name, (srv, bound) in started.items():
+            self.bound[name] = bound
             self._servers.append(srv)
         self.tasks.spawn(self.zds.run(), name="zds")
         log.info(
