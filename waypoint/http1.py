@@ -57,8 +57,8 @@ from waypoint.request import (
     OnRequest,
     OpenUpstream,
     RequestHead,
-    RequestRecord,
     Respond,
+    Tally,
     resolve,
 )
 
@@ -127,33 +127,6 @@ class _Upstream:
         if self.watch is not None:
             self.watch.cancel()
         self.stream.close()
-
-
-@dataclass
-class _Tally:
-    head: RequestHead
-    start: float
-    status: int | None = None
-    request_bytes: int = 0
-    response_bytes: int = 0
-    local: bool = False
-    upstream_failure: str | None = None
-    downstream_failure: str | None = None
-    upstream_key: Hashable | None = None
-
-    def record(self, now: float) -> RequestRecord:
-        return RequestRecord(
-            head=self.head,
-            status=self.status,
-            grpc_status=None,
-            request_bytes=self.request_bytes,
-            response_bytes=self.response_bytes,
-            duration=now - self.start,
-            local=self.local,
-            upstream_failure=self.upstream_failure,
-            downstream_failure=self.downstream_failure,
-            upstream_key=self.upstream_key,
-        )
 
 
 class _DownstreamGone(Exception):
@@ -269,7 +242,7 @@ class _Session:
     async def _exchange(self, req: h11.Request) -> bool:
         """Serve one request; True if the downstream connection can take the next one."""
         head = _head(req, self.scheme)
-        tally = _Tally(head, self.loop.time())
+        tally = Tally(head, self.loop.time())
         keep = False
         try:
             if req.method == b"CONNECT":
@@ -295,7 +268,7 @@ class _Session:
             self.on_done(tally.record(self.loop.time()))
         return keep
 
-    async def _respond(self, tally: _Tally, r: Respond, *, close: bool = False) -> bool:
+    async def _respond(self, tally: Tally, r: Respond, *, close: bool = False) -> bool:
         """Answer locally; True if the connection stays usable."""
         tally.local = True
         tally.status = r.status
@@ -323,7 +296,7 @@ class _Session:
             return await self._discard_body(tally)
         return self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
 
-    async def _discard_body(self, tally: _Tally) -> bool:
+    async def _discard_body(self, tally: Tally) -> bool:
         """Read and drop the rest of a request body we answered without; False if it was too much."""
         seen = 0
         try:
@@ -348,7 +321,7 @@ class _Session:
         stream = await self.open_upstream(head, fwd)
         return _Upstream(fwd.upstream_key, stream)
 
-    async def _forward(self, req: h11.Request, tally: _Tally, fwd: Forward) -> bool:
+    async def _forward(self, req: h11.Request, tally: Tally, fwd: Forward) -> bool:
         head = tally.head
         tally.upstream_key = fwd.upstream_key
         try:
@@ -395,7 +368,7 @@ class _Session:
                 up.close()
         return keep
 
-    async def _pump_request(self, up: _Upstream, tally: _Tally, chunked: bool) -> None:
+    async def _pump_request(self, up: _Upstream, tally: Tally, chunked: bool) -> None:
         """Copy the request body downstream → upstream, one event at a time.
 
         A downstream failure aborts both sides (the relay notices through the upstream); an
@@ -425,7 +398,7 @@ class _Session:
                 return
 
     async def _relay_response(
-        self, up: _Upstream, tally: _Tally, pump: asyncio.Task[None]
+        self, up: _Upstream, tally: Tally, pump: asyncio.Task[None]
     ) -> tuple[bool, bool]:
         """Copy the response upstream → downstream. Returns (downstream keep-alive, upstream reusable)."""
         sent_head = False
@@ -443,12 +416,20 @@ class _Session:
                 if isinstance(ev, h11.InformationalResponse):
                     if ev.status_code != 100:
                         self.down.write(
-                            self.conn.send(h11.InformationalResponse(status_code=ev.status_code, headers=_filtered(ev.headers)))
+                            self.conn.send(
+                                h11.InformationalResponse(
+                                    status_code=ev.status_code, headers=_filtered(ev.headers)
+                                )
+                            )
                         )
                 elif isinstance(ev, h11.Response):
                     headers = _filtered(ev.headers)
                     chunked = not any(k == b"content-length" for k, _ in headers)
-                    self.down.write(self.conn.send(h11.Response(status_code=ev.status_code, headers=headers, reason=ev.reason)))
+                    self.down.write(
+                        self.conn.send(
+                            h11.Response(status_code=ev.status_code, headers=headers, reason=ev.reason)
+                        )
+                    )
                     sent_head = True
                     tally.status = ev.status_code
                 elif isinstance(ev, h11.Data):
@@ -457,7 +438,9 @@ class _Session:
                     await self.down.drain()
                 elif isinstance(ev, h11.EndOfMessage):
                     can_trail = chunked and head_allows_trailers(tally.head)
-                    self.down.write(self.conn.send(h11.EndOfMessage(headers=list(ev.headers) if can_trail else [])))
+                    self.down.write(
+                        self.conn.send(h11.EndOfMessage(headers=list(ev.headers) if can_trail else []))
+                    )
                     await self.down.drain()
                     break
             except ConnectionError as e:
@@ -476,7 +459,7 @@ class _Session:
         return keep, reusable
 
     async def _upstream_failed(
-        self, tally: _Tally, sent_head: bool, pump: asyncio.Task[None], reason: str
+        self, tally: Tally, sent_head: bool, pump: asyncio.Task[None], reason: str
     ) -> tuple[bool, bool]:
         if self.aborted:  # the downstream died first and took the upstream with it
             return False, False

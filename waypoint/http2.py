@@ -65,8 +65,8 @@ from waypoint.request import (
     OnRequest,
     OpenUpstream,
     RequestHead,
-    RequestRecord,
     Respond,
+    Tally,
     grpc_message_encode,
     resolve,
 )
@@ -556,7 +556,11 @@ class _Downstream(_Endpoint):
         max_streams: int,
     ) -> None:
         super().__init__(
-            io, client=False, stream_window=stream_window, connection_window=connection_window, max_streams=max_streams
+            io,
+            client=False,
+            stream_window=stream_window,
+            connection_window=connection_window,
+            max_streams=max_streams,
         )
         self.serve = serve
         self.tg: asyncio.TaskGroup | None = None
@@ -646,7 +650,7 @@ class _Serve:
 
     async def stream(self, sid: int, headers: list[Header]) -> None:
         head, pseudo = _head(headers, self.scheme)
-        t = _Tally(head, self.loop.time())
+        t = Tally(head, self.loop.time())
         try:
             await self._serve(sid, head, pseudo, headers, t)
         except _Reset as e:
@@ -670,7 +674,7 @@ class _Serve:
                 self.ep.close()
 
     async def _serve(
-        self, sid: int, head: RequestHead, pseudo: dict[bytes, bytes], headers: list[Header], t: _Tally
+        self, sid: int, head: RequestHead, pseudo: dict[bytes, bytes], headers: list[Header], t: Tally
     ) -> None:
         if head.method == "CONNECT" or b":protocol" in pseudo:
             await self._respond(sid, t, Respond(405, b"CONNECT is not supported\n"))
@@ -686,7 +690,7 @@ class _Serve:
         else:
             await self._forward(sid, head, headers, verdict, t)
 
-    async def _respond(self, sid: int, t: _Tally, r: Respond) -> None:
+    async def _respond(self, sid: int, t: Tally, r: Respond) -> None:
         t.local = True
         extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in r.headers]
         if t.head.is_grpc:
@@ -722,7 +726,7 @@ class _Serve:
             self.ep.reset(sid, ErrorCodes.NO_ERROR)
 
     async def _forward(
-        self, sid: int, head: RequestHead, headers: list[Header], fwd: Forward, t: _Tally
+        self, sid: int, head: RequestHead, headers: list[Header], fwd: Forward, t: Tally
     ) -> None:
         t.upstream_key = fwd.upstream_key
         inbox = self.ep.inboxes[sid]
@@ -761,7 +765,7 @@ class _Serve:
                 if up.reserved <= 0 and up.single_use:
                     up.close()
 
-    async def _pump_request(self, sid: int, inbox: _Inbox, up: _UpstreamConn, usid: int, t: _Tally) -> None:
+    async def _pump_request(self, sid: int, inbox: _Inbox, up: _UpstreamConn, usid: int, t: Tally) -> None:
         """Downstream request body → upstream; then watch for the client resetting its stream.
 
         A downstream reset (at any time until the response is complete and this task is
@@ -792,7 +796,7 @@ class _Serve:
                 up.reset(usid, e.code if e.code is not None else ErrorCodes.CANCEL)
             # else the upstream stream failed: the relay reports it
 
-    async def _relay_response(self, sid: int, up: _UpstreamConn, usid: int, t: _Tally) -> None:
+    async def _relay_response(self, sid: int, up: _UpstreamConn, usid: int, t: Tally) -> None:
         """Upstream response → downstream, with the failure handling of the module docstring."""
         uinbox = up.inboxes[usid]
         sent_head = False
@@ -848,34 +852,6 @@ class _Serve:
         self._refuse_rest_of_request(sid)
 
 
-@dataclass
-class _Tally:
-    head: RequestHead
-    start: float
-    status: int | None = None
-    grpc_status: int | None = None
-    request_bytes: int = 0
-    response_bytes: int = 0
-    local: bool = False
-    upstream_failure: str | None = None
-    downstream_failure: str | None = None
-    upstream_key: Hashable | None = None
-
-    def record(self, now: float) -> RequestRecord:
-        return RequestRecord(
-            head=self.head,
-            status=self.status,
-            grpc_status=self.grpc_status,
-            request_bytes=self.request_bytes,
-            response_bytes=self.response_bytes,
-            duration=now - self.start,
-            local=self.local,
-            upstream_failure=self.upstream_failure,
-            downstream_failure=self.downstream_failure,
-            upstream_key=self.upstream_key,
-        )
-
-
 def _get(headers: Sequence[Header], name: bytes) -> bytes | None:
     return next((v for k, v in headers if k == name), None)
 
@@ -891,7 +867,9 @@ def _grpc_status(headers: Sequence[Header]) -> int | None:
 def _head(headers: Sequence[Header], scheme: str) -> tuple[RequestHead, dict[bytes, bytes]]:
     pseudo = {k: v for k, v in headers if k.startswith(b":")}
     regular = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers if not k.startswith(b":"))
-    authority = pseudo.get(b":authority") or next((v.encode("latin-1") for k, v in regular if k == "host"), b"")
+    authority = pseudo.get(b":authority") or next(
+        (v.encode("latin-1") for k, v in regular if k == "host"), b""
+    )
     content_type = next((v for k, v in regular if k == "content-type"), "")
     head = RequestHead(
         method=pseudo.get(b":method", b"").decode("latin-1"),

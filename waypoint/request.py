@@ -187,3 +187,33 @@ async def resolve(value: T | Awaitable[T]) -> T:
     if inspect.isawaitable(value):
         return cast(T, await value)
     return value
+
+
+@dataclass
+class Tally:
+    """A request's :class:`RequestRecord` while it is under way (both engines fill one in)."""
+
+    head: RequestHead
+    start: float
+    status: int | None = None
+    grpc_status: int | None = None
+    request_bytes: int = 0
+    response_bytes: int = 0
+    local: bool = False
+    upstream_failure: str | None = None
+    downstream_failure: str | None = None
+    upstream_key: Hashable | None = None
+
+    def record(self, now: float) -> RequestRecord:
+        return RequestRecord(
+            head=self.head,
+            status=self.status,
+            grpc_status=self.grpc_status,
+            request_bytes=self.request_bytes,
+            response_bytes=self.response_bytes,
+            duration=now - self.start,
+            local=self.local,
+            upstream_failure=self.upstream_failure,
+            downstream_failure=self.downstream_failure,
+            upstream_key=self.upstream_key,
+        )
