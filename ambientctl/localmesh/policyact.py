@@ -24,10 +24,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ambientctl import mtls_report
 from ambientctl.localmesh import spec
+from ambientctl.localmesh.act import Act, Say
 from ambientctl.localmesh.mesh import LocalMesh
 from ambientctl.localmesh.procs import ProcError, http_get, http_json, pause, read_json_lines
 
-Say = Callable[[str], None]
 WEB = spec.pod("shop/web")
 WEB_NODE = WEB.node
 POD_URL = f"http://{WEB.ip}:{spec.APP_PORT}/order"
@@ -36,38 +36,15 @@ STREAM_URL = f"http://{WEB.ip}:{spec.APP_PORT}/stream"
 APPLY_TIMEOUT = 20.0  # from the edit of mesh.yaml to the policy in ztunnel's config_dump
 CLOSE_TIMEOUT = 10.0  # from the edit to the open connection closed
 HOLD = "hold-frontend"
-IND = "      "
 
 
-class PolicyAct:
+class PolicyAct(Act):
+    NAME = "policy"
     STEPS = 4
 
     def __init__(self, mesh: LocalMesh, say: Say) -> None:
+        super().__init__(say)
         self.mesh = mesh
-        self.say = say
-        self.failures: list[str] = []
-        self._step = 0
-
-    # -- output -----------------------------------------------------------------------------------
-
-    def step(self, title: str, expect: str) -> None:
-        self._step += 1
-        self.say("")
-        self.say(f"[policy {self._step}/{self.STEPS}] {title}")
-        self.say(f"{IND}you should see: {expect}")
-
-    def out(self, line: str) -> None:
-        self.say(IND + line)
-
-    def check(self, ok: bool, line: str, failure: str | None = None) -> bool:
-        if not ok:
-            self.failures.append(f"policy act step {self._step}: {failure or line}")
-        self.out(f"{line}  [{'ok' if ok else 'FAILED'}]")
-        return ok
-
-    def show_yaml(self, policy: spec.Policy) -> None:
-        for line in policy.yaml.rstrip().splitlines():
-            self.out(f"| {line}")
 
     # -- the act ----------------------------------------------------------------------------------
 
@@ -122,7 +99,7 @@ class PolicyAct:
             f"the control plane reloads the file; legacy/old -> shop/web (plaintext) is refused, web's "
             f"ztunnel naming {spec.STATIC_STRICT}; shop/frontend -> shop/web (mTLS) still works",
         )
-        self.show_yaml(spec.STRICT_SHOP)
+        self.show_yaml(spec.STRICT_SHOP.yaml)
         mark = self._mark(WEB_NODE)
         if not self._apply(spec.STRICT_SHOP, spec.STATIC_STRICT):
             return
@@ -162,7 +139,7 @@ class PolicyAct:
             f"frontend -> web still works; cart -> web is refused by web's ztunnel (HBONE CONNECT "
             f"answered 401), its access log naming {policy.key}",
         )
-        self.show_yaml(policy)
+        self.show_yaml(policy.yaml)
         web_mark, cart_mark = self._mark(WEB_NODE), self._mark(spec.pod("shop/cart").node)
         if not self._apply(policy, policy.key):
             return
@@ -209,7 +186,7 @@ class PolicyAct:
             f'0.5 s), web\'s ztunnel logging "connection closed by policy" with {policy.key}; a new '
             "request from frontend is refused",
         )
-        self.show_yaml(policy)
+        self.show_yaml(policy.yaml)
         mark = self._mark(WEB_NODE)
         hold_log = self.mesh.state.path / "logs" / f"{HOLD}.log"
         self.mesh.procs.start(

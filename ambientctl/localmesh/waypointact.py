@@ -28,10 +28,10 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from ambientctl.localmesh import spec, supervisor
+from ambientctl.localmesh.act import Act, Say
 from ambientctl.localmesh.mesh import LocalMesh
 from ambientctl.localmesh.procs import http_get, http_json, pause, read_json_lines
 
-Say = Callable[[str], None]
 WEB = spec.pod("shop/web")
 FRONTEND = spec.pod("shop/frontend")
 GATEWAY = spec.WAYPOINT
@@ -40,42 +40,19 @@ WEB_HOST = "web.shop.svc.cluster.local"
 VIP = f"http://{spec.WEB_VIP}:80"
 START_TIMEOUT = 30.0  # from the edit to the waypoint ready (the issue promises 10 s; CI boxes are slow)
 APPLY_TIMEOUT = 20.0  # from an edit to its effect in a config_dump
-IND = "      "
 LEFTOVER = spec.WEB_DENY_FRONTEND.key
 
 
-class WaypointAct:
+class WaypointAct(Act):
+    NAME = "waypoint"
     STEPS = 4
 
     def __init__(self, mesh: LocalMesh, say: Say) -> None:
+        super().__init__(say)
         self.mesh = mesh
-        self.say = say
-        self.failures: list[str] = []
-        self._step = 0
         # The waypoint's ports and log, from the supervisor's status once it runs.
         self.admin = self.stats = 0
         self.log = Path()
-
-    # -- output (as the policy act's) -------------------------------------------------------------
-
-    def step(self, title: str, expect: str) -> None:
-        self._step += 1
-        self.say("")
-        self.say(f"[waypoint {self._step}/{self.STEPS}] {title}")
-        self.say(f"{IND}you should see: {expect}")
-
-    def out(self, line: str) -> None:
-        self.say(IND + line)
-
-    def check(self, ok: bool, line: str, failure: str | None = None) -> bool:
-        if not ok:
-            self.failures.append(f"waypoint act step {self._step}: {failure or line}")
-        self.out(f"{line}  [{'ok' if ok else 'FAILED'}]")
-        return ok
-
-    def show_yaml(self, text: str) -> None:
-        for line in text.rstrip().splitlines():
-            self.out(f"| {line}")
 
     # -- the act ----------------------------------------------------------------------------------
 
