@@ -19,7 +19,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from controlplane.waypoints import service_waypoint, workload_binding
+from controlplane.waypoints import WaypointBinding, service_waypoint, workload_binding
 from mesh.model import (
     DEFAULT_CLUSTER_DOMAIN,
     L4_CONDITION_KEYS,
@@ -162,8 +162,10 @@ def workload_state(
     snapshot: Snapshot,
     selector_policies: SelectorPolicyIndex | Sequence[SelectorPolicy] = (),
     peer_authentications: PeerAuthenticationIndex | None = None,
+    binding: WaypointBinding | None = None,
 ) -> state.Workload:
-    """The workload as istiod would send it, with what the snapshot says about it."""
+    """The workload as istiod would send it, with what the snapshot says about it (``binding``:
+    its waypoint binding when the caller resolved it already)."""
     w = workload
     if not isinstance(selector_policies, SelectorPolicyIndex):
         selector_policies = SelectorPolicyIndex(selector_policies)
@@ -178,7 +180,8 @@ def workload_state(
             if target is not None:  # a named port this pod does not declare cannot be dialed
                 ports.append(state.Port(p.port, target, app_protocol(p.app_protocol, p.name)))
         services[service_key(svc)] = tuple(ports)
-    binding = workload_binding(w, snapshot)
+    if binding is None:
+        binding = workload_binding(w, snapshot)
     return state.Workload(
         uid=w.uid,
         name=w.name,

@@ -43,7 +43,7 @@ from controlplane.lowering import (
     service_state,
     workload_state,
 )
-from controlplane.waypoints import policy_audiences, workload_binding
+from controlplane.waypoints import WaypointBinding, policy_audiences, workload_binding
 from mesh.log import ThrottledLog
 from mesh.model import Delta, Kind, Snapshot, Store
 from mesh.proto import discovery_pb2, discovery_pb2_grpc
@@ -140,9 +140,12 @@ def _workload_entry(
     snapshot: Snapshot,
     selector_policies: SelectorPolicyIndex,
     peer_authentications: PeerAuthenticationIndex,
-) -> Entry:
-    w = workload_state(snapshot.workloads[uid], snapshot, selector_policies, peer_authentications)
-    return _entry(uid, address_to_any(w))
+) -> tuple[Entry, WaypointBinding]:
+    """The workload's resource, and its waypoint binding (resolved once, for the log too)."""
+    workload = snapshot.workloads[uid]
+    binding = workload_binding(workload, snapshot)
+    w = workload_state(workload, snapshot, selector_policies, peer_authentications, binding)
+    return _entry(uid, address_to_any(w)), binding
 
 
 class ResourceCache:
@@ -192,27 +195,22 @@ class ResourceCache:
             self._resources = self._render(latest)
         return self._resources
 
-    def _log_waypoint_problems(self, snapshot: Snapshot, uids: Iterable[str] | None = None) -> None:
+    def _log_waypoint_problems(
+        self, snapshot: Snapshot, bindings: Mapping[str, WaypointBinding | None], *, everything: bool
+    ) -> None:
         """Say once why a workload's named waypoint is not used (fails open, or closed in strict
-        mode); ``uids``: only those changed (else all)."""
-        if uids is None:
-            problems: dict[str, str] = {}
-            uids = snapshot.workloads
-        else:
-            problems = dict(self._waypoint_problems)
-        for uid in uids:
-            w = snapshot.workloads.get(uid)
+        mode). ``bindings``: uid -> binding of the workloads rendered (None: removed); with
+        ``everything`` they are all the workloads, else only those that changed."""
+        problems: dict[str, str] = {} if everything else dict(self._waypoint_problems)
+        for uid, b in bindings.items():
             problems.pop(uid, None)
-            if w is None:
+            if b is None or b.problem is None:
                 continue
-            b = workload_binding(w, snapshot)
-            if b.problem is not None:
-                problem = b.problem + (" (strict mode: fails closed)" if b.strict else "")
-                problems[uid] = problem
-                if self._waypoint_problems.get(uid) != problem:
-                    log.warning(
-                        "waypoint binding not used", workload=f"{w.namespace}/{w.name}", reason=problem
-                    )
+            problem = b.problem + (" (strict mode: fails closed)" if b.strict else "")
+            problems[uid] = problem
+            if self._waypoint_problems.get(uid) != problem:
+                w = snapshot.workloads[uid]
+                log.warning("waypoint binding not used", workload=f"{w.namespace}/{w.name}", reason=problem)
         self._waypoint_problems = problems
 
     def _update_workloads(self, snapshot: Snapshot, deltas: Sequence[Delta]) -> Resources:
@@ -222,12 +220,16 @@ class ResourceCache:
         touched = set().union(
             *(d.upserted_keys(Kind.WORKLOAD) | d.removed_keys(Kind.WORKLOAD) for d in deltas)
         )
+        bindings: dict[str, WaypointBinding | None] = {}
         for uid in touched:
             if uid in snapshot.workloads:
-                addresses[uid] = _workload_entry(uid, snapshot, self._selector_policies, self._peer_auth)
+                addresses[uid], bindings[uid] = _workload_entry(
+                    uid, snapshot, self._selector_policies, self._peer_auth
+                )
             else:
                 addresses.pop(uid, None)
-        self._log_waypoint_problems(snapshot, touched)
+                bindings[uid] = None
+        self._log_waypoint_problems(snapshot, bindings, everything=False)
         by_type = dict(self._resources.by_type)
         by_type[ADDRESS_TYPE_URL] = MappingProxyType(addresses)
         # Which waypoints handle a service can follow its pods (per-account waypoints).
@@ -259,14 +261,17 @@ class ResourceCache:
                 for warning in warnings:
                     log.warning("policy not fully enforceable by ztunnel", policy=key, detail=warning)
         self._warned = dict(lowered.warnings)
-        self._log_waypoint_problems(snapshot)
         self._selector_policies = lowered.selector_policies
         self._peer_auth = lowered.peer_authentications
         authorizations = {a.key: _entry(a.key, authorization_to_any(a)) for a in lowered.authorizations}
 
         addresses: dict[str, Entry] = {}
+        bindings: dict[str, WaypointBinding | None] = {}
         for uid in snapshot.workloads:
-            addresses[uid] = _workload_entry(uid, snapshot, self._selector_policies, self._peer_auth)
+            addresses[uid], bindings[uid] = _workload_entry(
+                uid, snapshot, self._selector_policies, self._peer_auth
+            )
+        self._log_waypoint_problems(snapshot, bindings, everything=True)
         for service in snapshot.services.values():
             svc = service_state(service, snapshot)
             addresses[svc.key] = _entry(svc.key, address_to_any(svc))
