@@ -45,6 +45,7 @@ from mesh.hbone.protocol import format_authority
 from mesh.hbone.server import HboneServer, InboundStream
 from mesh.identity import Identity
 from mesh.l7authz import Headers, L7Decision, Request, attaches, evaluate, select_policies
+from mesh.netaddr import forwarded_for
 from mesh.netns import SocketFactory, family_of
 from mesh.pathnorm import NormalizedPath, PathNormalization, normalize_path
 from mesh.tasks import Supervisor
@@ -499,13 +500,8 @@ def _same_family(w: Workload, like: str) -> str:
 
 def _forwarded_port(header: str | None, ip: str) -> int | None:
     """The client port in the source proxy's ``forwarded: for="ip:port"`` when the IP matches."""
-    if not header or "for=" not in header:
-        return None
-    value = header.split("for=", 1)[1].split(";", 1)[0].split(",", 1)[0].strip().strip('"')
-    host, _, port = value.rpartition(":")
-    if host.strip("[]") != ip or not port.isdigit():
-        return None
-    return int(port)
+    found = forwarded_for(header)
+    return found[1] if found is not None and found[0] == ip else None
 
 
 def _policy_json(p: Any) -> dict[str, Any]:

@@ -10,13 +10,12 @@ the real source. Status codes: 400 not for this pod, 401 denied, 503 app unreach
 from __future__ import annotations
 
 import asyncio
-import ipaddress
-import re
 import socket
 import ssl
 
 import structlog
 
+from mesh import netaddr
 from mesh.hbone.protocol import format_authority
 from mesh.hbone.relay import TcpLeg, wait_relay
 from mesh.hbone.server import HboneServer, InboundStream
@@ -28,20 +27,10 @@ from ztunnel.state import PodContext
 
 log = structlog.get_logger(__name__)
 
-_FOR = re.compile(r'for="?\[?([0-9a-fA-F:.]+?)\]?(?::(\d+))?"?(?:;|,|$)')
-
-
 def forwarded_for(header: str | None) -> str | None:
     """The client IP in ``forwarded: for="ip:port"`` (first hop), or None."""
-    if not header:
-        return None
-    m = _FOR.search(header)
-    if m is None:
-        return None
-    try:
-        return str(ipaddress.ip_address(m.group(1)))
-    except ValueError:
-        return None
+    found = netaddr.forwarded_for(header)
+    return found[0] if found is not None else None
 
 
 async def connect_as(
