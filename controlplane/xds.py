@@ -53,6 +53,7 @@ from mesh.xds.convert import (
     address_to_any,
     authorization_to_any,
 )
+from mesh.xds.meshconfig import EXTENSION_PROVIDER_TYPE_URL, extension_provider_to_any
 from mesh.xds.state import WaypointAuthentication
 from mesh.xds.waypoint_policy import (
     WAYPOINT_AUTHN_TYPE_URL,
@@ -67,7 +68,13 @@ Metadata = Sequence[tuple[str, str | bytes]]
 # Verifies a stream's credentials; returns the caller's "<namespace>/<service account>", which
 # decides the waypoint policies it may receive (None: unscoped, for tests without credentials).
 Authenticator = Callable[[Metadata], Awaitable[str | None]]
-TYPES = (ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, WAYPOINT_POLICY_TYPE_URL, WAYPOINT_AUTHN_TYPE_URL)
+TYPES = (
+    ADDRESS_TYPE_URL,
+    AUTHORIZATION_TYPE_URL,
+    WAYPOINT_POLICY_TYPE_URL,
+    WAYPOINT_AUTHN_TYPE_URL,
+    EXTENSION_PROVIDER_TYPE_URL,
+)
 _SCOPED = (WAYPOINT_POLICY_TYPE_URL, WAYPOINT_AUTHN_TYPE_URL)  # served only to the waypoints they bind to
 
 WILDCARD = "*"
@@ -249,6 +256,7 @@ class ResourceCache:
                     AUTHORIZATION_TYPE_URL: frozenset(),
                     WAYPOINT_POLICY_TYPE_URL: moved(WAYPOINT_POLICY_TYPE_URL),
                     WAYPOINT_AUTHN_TYPE_URL: moved(WAYPOINT_AUTHN_TYPE_URL),
+                    EXTENSION_PROVIDER_TYPE_URL: frozenset(),
                 }
             ),
             audiences=audiences,
@@ -293,6 +301,13 @@ class ResourceCache:
             for ra in snapshot.request_authentications.values()
             if ra.target_refs
         }
+        # MeshConfig extensionProviders: the external authorizers CUSTOM policies name (waypoints).
+        providers = {
+            p.name: _entry(p.name, extension_provider_to_any(p))
+            for mc in snapshot.mesh_configs.values()
+            for p in mc.extension_providers
+            if p.ext_authz is not None
+        }
         return Resources(
             snapshot.version,
             MappingProxyType(
@@ -301,6 +316,7 @@ class ResourceCache:
                     AUTHORIZATION_TYPE_URL: MappingProxyType(authorizations),
                     WAYPOINT_POLICY_TYPE_URL: MappingProxyType(waypoint_policies),
                     WAYPOINT_AUTHN_TYPE_URL: MappingProxyType(waypoint_authns),
+                    EXTENSION_PROVIDER_TYPE_URL: MappingProxyType(providers),
                 }
             ),
             audiences=_audiences(snapshot),

@@ -57,7 +57,19 @@ from mesh.model import (
     WorkloadSelector,
     WorkloadStatus,
 )
+from mesh.model.meshconfig import (
+    MESH_CONFIGMAP,
+    MESH_CONFIGMAP_KEY,
+    ExtAuthz,
+    ExtAuthzGrpc,
+    ExtAuthzHttp,
+    ExtAuthzRequestBody,
+    ExtensionProvider,
+    MeshConfig,
+)
+from mesh.model.policy import ROOT_NAMESPACE
 from sources import validation
+from sources.boundedyaml import YamlRefused, load_one
 from sources.validation import clip, show
 
 DEFAULT_NAMESPACE = "default"
@@ -878,6 +890,174 @@ def request_authentication_from_k8s(obj: _Fields, options: ConvertOptions) -> Re
     )
 
 
+# --- the mesh ConfigMap -----------------------------------------------------------------------
+
+_REQUEST_BODY = validation.Struct(
+    validation.names("maxRequestBytes", "allowPartialMessage", "packAsBytes"),
+    "EnvoyExternalAuthorizationRequestBody",
+)
+_EXT_AUTHZ_COMMON = ("service", "port", "timeout", "failOpen", "clearRouteCache", "statusOnError")
+_EXT_AUTHZ_SCHEMAS: Mapping[str, validation.Struct] = {
+    "envoyExtAuthzGrpc": validation.Struct(
+        {**validation.names(*_EXT_AUTHZ_COMMON), "includeRequestBodyInCheck": _REQUEST_BODY},
+        "EnvoyExternalAuthorizationGrpcProvider",
+    ),
+    "envoyExtAuthzHttp": validation.Struct(
+        {
+            **validation.names(
+                *_EXT_AUTHZ_COMMON,
+                "pathPrefix",
+                "includeHeadersInCheck",
+                "includeRequestHeadersInCheck",
+                "includeAdditionalHeadersInCheck",
+                "headersToUpstreamOnAllow",
+                "headersToDownstreamOnDeny",
+                "headersToDownstreamOnAllow",
+            ),
+            "includeRequestBodyInCheck": _REQUEST_BODY,
+        },
+        "EnvoyExternalAuthorizationHttpProvider",
+    ),
+}
+# istio/api's other providers: accepted by name (a CUSTOM policy naming one is refused there).
+_OTHER_PROVIDERS = (
+    "zipkin", "lightstep", "datadog", "stackdriver", "opencensus", "skywalking", "opentelemetry",
+    "prometheus", "envoyFileAccessLog", "envoyHttpAls", "envoyTcpAls", "envoyOtelAls", "sds",
+)  # fmt: skip
+
+
+def is_mesh_configmap(obj: Mapping[str, Any]) -> bool:
+    """Whether a ConfigMap is the mesh's: ``istio`` in the root namespace, as Istio's."""
+    md = obj.get("metadata")
+    return (
+        isinstance(md, Mapping)
+        and md.get("name") == MESH_CONFIGMAP
+        and md.get("namespace", DEFAULT_NAMESPACE) == ROOT_NAMESPACE
+    )
+
+
+def _uint32(fields: _Fields, key: str) -> int:
+    value = fields.data.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+        raise fields.error(key, f"must be a whole number 0-4294967295, got {_type_name(value)} {show(value)}")
+    return value
+
+
+def _header_patterns(fields: _Fields, key: str) -> tuple[str, ...]:
+    out = []
+    for i, p in enumerate(fields.str_list(key)):
+        if p.strip("*") == "" or "*" in p.strip("*"):
+            raise ConfigError(
+                f"{show(p)} is not a header name, a prefix (abc*) or a suffix (*abc)",
+                field=f"{fields.at(key)}[{i}]",
+            )
+        out.append(p.lower())
+    return tuple(out)
+
+
+def _request_body(fields: _Fields) -> ExtAuthzRequestBody | None:
+    body = fields.obj("includeRequestBodyInCheck")
+    if body is None:
+        return None
+    max_bytes = _uint32(body, "maxRequestBytes")
+    if max_bytes == 0:
+        raise body.error("maxRequestBytes", "required: how much of the body to hold (bytes, more than 0)")
+    return ExtAuthzRequestBody(
+        max_request_bytes=max_bytes,
+        allow_partial_message=body.flag("allowPartialMessage"),
+        pack_as_bytes=body.flag("packAsBytes"),
+    )
+
+
+def _ext_authz(kind: str, p: _Fields) -> ExtAuthz:
+    service = p.text("service", required=True)
+    host = service.rpartition("/")[2]
+    if validation.dns1123_subdomain(host) is not None:
+        raise p.error("service", f"{show(service)} is not [<namespace>/]<hostname> (a Service's host name)")
+    status_text = p.text("statusOnError")
+    status = int(status_text) if status_text.isdigit() else 0
+    if status_text and not 200 <= status <= 599:
+        raise p.error("statusOnError", f"{show(status_text)} is not an HTTP status code (200-599)")
+    common: dict[str, Any] = {
+        "service": service,
+        "port": p.port("port", required=True),
+        "fail_open": p.flag("failOpen"),
+        "clear_route_cache": p.flag("clearRouteCache"),
+        "include_request_body": _request_body(p),
+    }
+    timeout = _duration(p, "timeout")
+    if timeout is not None:
+        common["timeout"] = timeout
+    if status:
+        common["status_on_error"] = status
+    if kind == "envoyExtAuthzGrpc":
+        return ExtAuthzGrpc(**common)
+    prefix = p.text("pathPrefix")
+    if prefix and not prefix.startswith("/"):
+        raise p.error("pathPrefix", f"{show(prefix)} must start with /")
+    return ExtAuthzHttp(
+        **common,
+        path_prefix=prefix,
+        include_request_headers=_header_patterns(p, "includeRequestHeadersInCheck")
+        + _header_patterns(p, "includeHeadersInCheck"),
+        include_additional_headers=tuple(
+            (k.lower(), v) for k, v in sorted(p.str_map("includeAdditionalHeadersInCheck").items())
+        ),
+        headers_to_upstream_on_allow=_header_patterns(p, "headersToUpstreamOnAllow"),
+        headers_to_downstream_on_deny=_header_patterns(p, "headersToDownstreamOnDeny"),
+        headers_to_downstream_on_allow=_header_patterns(p, "headersToDownstreamOnAllow"),
+    )
+
+
+def _extension_provider(p: _Fields, options: ConvertOptions) -> ExtensionProvider:
+    name = p.text("name", required=True)
+    kinds = [k for k in p.data if k != "name"]
+    if len(kinds) != 1:
+        what = "none" if not kinds else " and ".join(map(show, kinds))
+        raise ConfigError(f"needs exactly one provider kind (envoyExtAuthzGrpc, envoyExtAuthzHttp, ...), got {what}",
+                          field=p.path)  # fmt: skip
+    kind = kinds[0]
+    if kind not in _EXT_AUTHZ_SCHEMAS:
+        if kind not in _OTHER_PROVIDERS:
+            raise p.error(kind, f"unknown provider kind {show(kind)} (this mesh implements envoyExtAuthzGrpc and "
+                                "envoyExtAuthzHttp)")  # fmt: skip
+        return ExtensionProvider(name, None, kind)
+    spec = p.obj(kind, required=True)
+    assert spec is not None
+    if options.reject_unknown_fields:
+        unknown = validation.unknown_field(spec.data, _EXT_AUTHZ_SCHEMAS[kind])
+        if unknown is not None:
+            raise ConfigError(unknown.reason, field=_join(spec.at(unknown.path) if unknown.path else spec.path,
+                                                          clip(unknown.name, 100)))  # fmt: skip
+    return ExtensionProvider(name, _ext_authz(kind, spec), kind)
+
+
+def mesh_config_from_configmap(obj: _Fields, options: ConvertOptions) -> MeshConfig:
+    """The mesh ConfigMap: its ``data.mesh`` YAML (a MeshConfig), of which ``extensionProviders``."""
+    meta = _meta(obj, "ConfigMap", namespaced=True)
+    data = obj.obj_or_empty("data")
+    text = data.text(MESH_CONFIGMAP_KEY)
+    try:
+        mesh = load_one(text) if text else None
+    except YamlRefused as e:
+        raise data.error(MESH_CONFIGMAP_KEY, str(e)) from None
+    if mesh is None:
+        mesh = {}
+    if not isinstance(mesh, Mapping):
+        raise data.error(MESH_CONFIGMAP_KEY, f"must be a YAML mapping (a MeshConfig), got {_type_name(mesh)}")
+    fields = _Fields(mesh, data.at(MESH_CONFIGMAP_KEY))
+    providers = tuple(_extension_provider(p, options) for p in fields.objs("extensionProviders"))
+    seen: set[str] = set()
+    for i, p in enumerate(providers):
+        if p.name in seen:
+            raise ConfigError(
+                f"provider name {show(p.name)} is used twice",
+                field=f"{fields.at('extensionProviders')}[{i}].name",
+            )
+        seen.add(p.name)
+    return MeshConfig(meta.namespace, meta.name, providers)
+
+
 # --- dispatch ------------------------------------------------------------------------------------
 
 Converter = Callable[[_Fields, ConvertOptions], MeshObject]
@@ -896,6 +1076,7 @@ CONVERTERS: Mapping[tuple[str, str], Converter] = {
     ("v1", "ServiceAccount"): service_account_from_k8s,
     ("v1", "Pod"): workload_from_pod,
     ("v1", "Service"): service_from_k8s,
+    ("v1", "ConfigMap"): mesh_config_from_configmap,  # the mesh's only: see is_mesh_configmap
     ("gateway.networking.k8s.io/v1", "Gateway"): gateway_from_k8s,
     ("gateway.networking.k8s.io/v1beta1", "Gateway"): gateway_from_k8s,
     **{(f"security.istio.io/{v}", k): f for v in ("v1", "v1beta1") for k, f in _SECURITY.items()},
@@ -906,7 +1087,7 @@ CONVERTERS: Mapping[tuple[str, str], Converter] = {
 # security.istio.io, a kind that does not exist) is a mistake to refuse, not an object to skip.
 # Other kinds of these groups (HTTPRoute, ConfigMap, ...) and every other group are skipped.
 _VERSIONS: Mapping[tuple[str, str], tuple[str, ...]] = (
-    {("", kind): ("v1",) for kind in ("Node", "Namespace", "ServiceAccount", "Pod", "Service")}
+    {("", kind): ("v1",) for kind in ("Node", "Namespace", "ServiceAccount", "Pod", "Service", "ConfigMap")}
     | {("gateway.networking.k8s.io", "Gateway"): ("v1", "v1beta1")}
     | {("security.istio.io", kind): ("v1", "v1beta1") for kind in _SECURITY}
 )
@@ -948,7 +1129,8 @@ def _converter(obj: Mapping[str, Any]) -> Converter | None:
 
 def is_supported(obj: Mapping[str, Any]) -> bool:
     """Whether :func:`convert` turns this object into something (else the caller ignores it)."""
-    return type_of(obj) in CONVERTERS
+    converter = CONVERTERS.get(type_of(obj))
+    return converter is not None and (converter is not mesh_config_from_configmap or is_mesh_configmap(obj))
 
 
 def describe(obj: Mapping[str, Any]) -> tuple[str | None, str | None]:
@@ -1009,7 +1191,7 @@ def convert(obj: Mapping[str, Any], options: ConvertOptions | None = None) -> Me
     options = options or ConvertOptions()
     try:
         converter = _converter(obj)
-        if converter is None:
+        if converter is None or (converter is mesh_config_from_configmap and not is_mesh_configmap(obj)):
             return None
         if options.reject_unknown_fields:
             unknown = validation.unknown_field(obj, validation.SCHEMAS[obj["kind"]])

@@ -55,6 +55,8 @@ from mesh.model import (
     MeshObject,
     Store,
 )
+from mesh.model.meshconfig import MESH_CONFIGMAP
+from mesh.model.policy import ROOT_NAMESPACE
 from sources import WorkloadSource
 from sources.convert import ConfigError, ConvertOptions, convert
 
@@ -98,6 +100,8 @@ class Resource:
     kind: str  # "Pod"
     model_kind: Kind | None  # None: watched and cached here, not held by the model
     core_method: str = ""  # CoreV1Api / DiscoveryV1Api method; empty for custom resources
+    field_selector: str = ""  # watch only these objects of the collection
+    namespace: str = ""  # watch only this namespace (a namespaced ``core_method``)
 
     @property
     def group(self) -> str:
@@ -114,7 +118,10 @@ class Resource:
             return functools.partial(custom.list_cluster_custom_object, self.group, self.version, self.plural)
         api: Any = client.DiscoveryV1Api(api_client) if self.group else client.CoreV1Api(api_client)
         method: Callable[..., Any] = getattr(api, self.core_method)
-        return method
+        scope = {"namespace": self.namespace} if self.namespace else {}
+        if self.field_selector:
+            scope["field_selector"] = self.field_selector
+        return functools.partial(method, **scope) if scope else method
 
 
 NAMESPACES = Resource("namespaces", "v1", "Namespace", Kind.NAMESPACE, "list_namespace")
@@ -134,6 +141,17 @@ REQUEST_AUTHENTICATIONS = Resource(
     "requestauthentications", "security.istio.io/v1", "RequestAuthentication", Kind.REQUEST_AUTHENTICATION
 )
 GATEWAYS = Resource("gateways", "gateway.networking.k8s.io/v1", "Gateway", Kind.GATEWAY)
+# The mesh ConfigMap only (its extensionProviders), as istiod reads its own: in the root
+# namespace, by name (RBAC: a Role there, not every ConfigMap of the cluster).
+MESH_CONFIG_MAPS = Resource(
+    "configmaps",
+    "v1",
+    "ConfigMap",
+    Kind.MESH_CONFIG,
+    "list_namespaced_config_map",
+    field_selector=f"metadata.name={MESH_CONFIGMAP}",
+    namespace=ROOT_NAMESPACE,
+)
 
 RESOURCES: tuple[Resource, ...] = (
     NAMESPACES,
@@ -145,6 +163,7 @@ RESOURCES: tuple[Resource, ...] = (
     PEER_AUTHENTICATIONS,
     REQUEST_AUTHENTICATIONS,
     GATEWAYS,
+    MESH_CONFIG_MAPS,
 )
 
 

@@ -17,7 +17,7 @@ too large, unreadable, or every object in it rejected) is refused whole: the las
 stays in force.
 
 Reading is bounded, since the file may come from anywhere: at most :data:`MAX_FILE_BYTES`, and
-at most :data:`MAX_DOCUMENT_NODES` YAML nodes per document once aliases are expanded (a
+at most :data:`sources.boundedyaml.MAX_DOCUMENT_NODES` YAML nodes per document once aliases are expanded (a
 "billion laughs" document is refused before it is built); a key given twice in one mapping is
 an error (YAML would silently keep the last), and no message renders an unbounded value.
 """
@@ -42,6 +42,7 @@ import yaml
 from mesh.enrollment import decide
 from mesh.model import Delta, Kind, MeshObject, Namespace, Service, Store, TunnelProtocol, Workload
 from sources import WorkloadSource
+from sources.boundedyaml import Loader, inspect_node, yaml_error
 from sources.convert import ConfigError, ConvertOptions, convert, describe, identify, object_id, type_of
 from sources.validation import clip, show
 from sources.waypoints import Unplaced, waypoint_deployments
@@ -56,10 +57,7 @@ _RACY_WINDOW_NS = 2_000_000_000
 # A local file describes one host's mesh: far below these. Kubernetes itself caps a request
 # at 3 MiB and an object at 1.5 MiB.
 MAX_FILE_BYTES = 16 * 1024 * 1024
-MAX_DOCUMENT_NODES = 1_000_000  # YAML nodes in one document, aliases expanded
 
-_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-_MERGE_TAG = "tag:yaml.org,2002:merge"
 # Where a document starts: "---" at column 0, with the directives ("%YAML", "%TAG") before it.
 # YAML forbids a line that starts so inside any value, so this is where the parser splits too.
 _DOCUMENT_START = re.compile(r"^(?:%[^\n]*\n)*---(?=[ \t\r\n]|$)", re.MULTILINE)
@@ -123,66 +121,6 @@ def _chunks(text: str) -> Iterator[tuple[int, int, str]]:
         line += chunk.count("\n")
 
 
-def _node_path(path: str, key: yaml.Node) -> str:
-    name = clip(str(key.value), 100) if isinstance(key, yaml.ScalarNode) else "<complex key>"
-    return f"{path}.{name}" if path else name
-
-
-def _inspect(root: yaml.Node, line0: int) -> tuple[str | None, list[tuple[str, str]]]:
-    """(why the document is refused or None, duplicate keys) — without building it.
-
-    Counts the nodes the document has with every alias expanded (memoized, so an alias bomb
-    costs its size, not its expansion), finds recursive aliases, and keys given twice.
-    """
-    sizes: dict[int, int] = {}
-    active: set[int] = set()
-    duplicates: list[tuple[str, str]] = []
-    stack: list[tuple[yaml.Node, str, bool]] = [(root, "", False)]
-    while stack:
-        node, path, done = stack.pop()
-        nid = id(node)
-        if done:
-            active.discard(nid)
-            total = 1
-            if isinstance(node, yaml.MappingNode):
-                total += sum(sizes[id(k)] + sizes[id(v)] for k, v in node.value)
-            elif isinstance(node, yaml.SequenceNode):
-                total += sum(sizes[id(c)] for c in node.value)
-            if total > MAX_DOCUMENT_NODES:
-                return (
-                    f"more than {MAX_DOCUMENT_NODES} YAML nodes once aliases are expanded "
-                    f"(at {path or 'the top'}, line {node.start_mark.line + line0 + 1})",
-                    duplicates,
-                )
-            sizes[nid] = total
-            continue
-        if nid in sizes:
-            continue
-        if nid in active:
-            return f"an alias refers to a node that contains it (at {path or 'the top'})", duplicates
-        active.add(nid)
-        stack.append((node, path, True))
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[tuple[str, str], yaml.Node] = {}
-            children: list[tuple[yaml.Node, str, bool]] = []
-            for key, value in node.value:
-                field = _node_path(path, key)
-                if isinstance(key, yaml.ScalarNode):
-                    first = seen.setdefault((key.tag, key.value), key)
-                    if first is not key:
-                        lines = sorted({first.start_mark.line + line0 + 1, key.start_mark.line + line0 + 1})
-                        where = f"line{'s' if len(lines) > 1 else ''} {' and '.join(map(str, lines))}"
-                        duplicates.append(
-                            (field, f"key {show(key.value)} is given twice ({where}); remove one")
-                        )
-                children.append((key, field, False))
-                children.append((value, field, False))
-            stack.extend(reversed(children))
-        elif isinstance(node, yaml.SequenceNode):
-            stack.extend((c, f"{path}[{i}]", False) for i, c in reversed(list(enumerate(node.value))))
-    return None, duplicates
-
-
 def _scalars(node: yaml.Node, keys: tuple[str, ...]) -> dict[str, Any]:
     """The plain string values of ``keys`` in a mapping node (no alias followed, nothing built)."""
     out: dict[str, Any] = {}
@@ -209,24 +147,16 @@ def _head(root: yaml.Node) -> dict[str, Any] | None:
     return head if isinstance(head.get("kind"), str) else None
 
 
-def _yaml_error(e: yaml.YAMLError, line0: int) -> str:
-    if isinstance(e, yaml.MarkedYAMLError):
-        mark = e.problem_mark or e.context_mark
-        where = f" at line {mark.line + line0 + 1} column {mark.column + 1}" if mark else ""
-        return f"invalid YAML{where}: {clip(str(e.problem or e.context), 200)}"
-    return f"invalid YAML: {clip(str(e), 200)}"
-
-
 def _documents(text: str, source: str) -> Iterator[_Document]:
     """Each YAML document, built only once it is known to be bounded; errors stay per document."""
     for index, line0, chunk in _chunks(text):
-        loader = _Loader(chunk)
+        loader = Loader(chunk)
         try:
             while loader.check_node():
                 node = loader.get_node()
                 if node is None:
                     continue
-                too_big, duplicates = _inspect(node, line0)
+                too_big, duplicates = inspect_node(node, line0)
                 if too_big is not None:
                     error = ConfigError(too_big, document_index=index, source=source)
                     yield _Document(index, error=error, head=_head(node))
@@ -234,7 +164,7 @@ def _documents(text: str, source: str) -> Iterator[_Document]:
                 yield _Document(index, loader.construct_document(node), duplicates=tuple(duplicates))
         except yaml.YAMLError as e:
             yield _Document(
-                index, error=ConfigError(_yaml_error(e, line0), document_index=index, source=source)
+                index, error=ConfigError(yaml_error(e, line0), document_index=index, source=source)
             )
         except (ValueError, TypeError, AttributeError, OverflowError, RecursionError) as e:
             # PyYAML's own constructors: "2001-02-30", "!!int x", deep nesting without libyaml.
@@ -328,7 +258,9 @@ def _read(text: str, source: str, options: ConvertOptions) -> tuple[list[_Entry]
             if obj is None:
                 api_version, kind_ = type_of(item)
                 log.warning(
-                    "local config: ignored an object of unknown kind",
+                    "local config: ignored a ConfigMap (only istio-system/istio, the mesh config, is read)"
+                    if kind_ == "ConfigMap"
+                    else "local config: ignored an object of unknown kind",
                     source=source,
                     document=index,
                     api_version=clip(api_version, 100),

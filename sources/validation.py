@@ -227,8 +227,12 @@ class MapOf:
 Shape = Struct | ListOf | MapOf
 
 
-def _names(*names: str) -> dict[str, Shape | None]:
+def names(*names: str) -> dict[str, Shape | None]:
+    """A struct's fields, none of them looked into."""
     return dict.fromkeys(names)
+
+
+_names = names
 
 
 # ObjectMeta: the same in every Kubernetes version since 1.25.
@@ -370,6 +374,7 @@ SCHEMAS: Mapping[str, Struct] = {
         "ServiceAccount", automountServiceAccountToken=None, imagePullSecrets=None, secrets=None
     ),
     "Gateway": _object("Gateway", spec=_GATEWAY_SPEC, status=_GATEWAY_STATUS),
+    "ConfigMap": _object("ConfigMap", data=None, binaryData=None, immutable=None),
     "AuthorizationPolicy": _object("AuthorizationPolicy", spec=_AUTHZ_SPEC, status=_ISTIO_STATUS),
     "PeerAuthentication": _object("PeerAuthentication", spec=_PEER_AUTHN_SPEC, status=_ISTIO_STATUS),
     "RequestAuthentication": _object("RequestAuthentication", spec=_REQUEST_AUTHN_SPEC, status=_ISTIO_STATUS),

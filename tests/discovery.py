@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from controlplane.jwks import JwksCache
 from controlplane.xds import DiscoveryServicer, register
 from mesh.model import Store
 from mesh.xds.client import Backoff, XdsClient, insecure_channel_factory
@@ -47,6 +48,7 @@ class Subscriber:
 class Discovery:
     def __init__(self, store: Store | None = None) -> None:
         self.store = store if store is not None else Store()  # the control plane's
+        self.jwks: JwksCache | None = None  # set before start: jwksUri keys fetched and shipped
         self.address = ""
         self.subscribers: list[Subscriber] = []  # node proxies
         self.waypoints: list[Subscriber] = []
@@ -55,12 +57,16 @@ class Discovery:
 
     async def start(self) -> None:
         self._grpc = grpc.aio.server()
-        self._servicer = register(self._grpc, self.store)
+        if self.jwks is not None:
+            self.jwks.start()
+        self._servicer = register(self._grpc, self.store, jwks=self.jwks)
         port = self._grpc.add_insecure_port("127.0.0.1:0")
         await self._grpc.start()
         self.address = f"127.0.0.1:{port}"
 
-    async def subscribe(self, node: str, timeout: float = 30.0, types: tuple[str, ...] = TYPE_URLS) -> Subscriber:
+    async def subscribe(
+        self, node: str, timeout: float = 30.0, types: tuple[str, ...] = TYPE_URLS
+    ) -> Subscriber:
         """A node's state (or a waypoint's, with its ``types``), fed over gRPC; returns once the
         first full state is in."""
         state = ProxyState()
@@ -100,3 +106,5 @@ class Discovery:
             await self._grpc.stop(grace=None)
         if self._servicer is not None:
             self._servicer.close()
+        if self.jwks is not None:
+            await self.jwks.aclose()

@@ -10,6 +10,7 @@ from pathlib import Path
 from mesh.identity import Identity
 from mesh.l7authz import Headers, Request, evaluate, select_policies
 from mesh.model import AuthorizationPolicy, Gateway, Namespace, RequestAuthentication, Service
+from mesh.model.meshconfig import MeshConfig
 from mesh.pathnorm import NormalizedPath, normalize_path
 from sources.local import parse_manifest
 
@@ -29,6 +30,8 @@ def test_every_block_loads() -> None:
         AuthorizationPolicy,
         AuthorizationPolicy,
         RequestAuthentication,
+        AuthorizationPolicy,
+        MeshConfig,
         AuthorizationPolicy,
         Namespace,
     ]

@@ -20,8 +20,10 @@ Per inbound CONNECT (:meth:`Waypoint.handle`):
 
 Before authorization, the RequestAuthentications bound to the waypoint validate end-user JWTs
 (:mod:`waypoint.jwt`: a bad token is 401, a valid one gives the request principal and claims).
-A CUSTOM (ext_authz) policy bound to this waypoint cannot be evaluated yet: its requests are
-denied (fail closed) and the reason logged.
+Then, as Istio orders them, CUSTOM policies first: a request matching one is checked by the
+external authorizer its ``provider`` names (:mod:`waypoint.extauthz`, reached through its
+Service's endpoints, by HBONE with this waypoint's identity when they are in the mesh); its
+denial is the answer, its header changes apply before DENY and ALLOW policies see the request.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import contextlib
 import dataclasses
 import ipaddress
 import random
+from collections.abc import Awaitable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +47,18 @@ from mesh.hbone.pool import HbonePool, PoolKey
 from mesh.hbone.protocol import format_authority
 from mesh.hbone.server import HboneServer, InboundStream
 from mesh.identity import Identity
-from mesh.l7authz import Headers, L7Decision, Request, attaches, evaluate, select_policies
+from mesh.l7authz import (
+    Headers,
+    L7Decision,
+    Request,
+    attaches,
+    evaluate,
+    first_matching_rule,
+    select_policies,
+)
+from mesh.model import TunnelProtocol, WorkloadStatus
+from mesh.model.meshconfig import ExtensionProvider
+from mesh.model.policy import AuthorizationPolicy
 from mesh.netaddr import forwarded_for
 from mesh.netns import SocketFactory, family_of
 from mesh.pathnorm import NormalizedPath, PathNormalization, normalize_path
@@ -55,15 +69,26 @@ from mesh.xds.state import (
     AppProtocol,
     ProxySnapshot,
     ProxyState,
+    Service,
     WaypointAuthentication,
     Workload,
 )
-from waypoint.bytestream import ByteStream, HboneByteStream
+from waypoint.bytestream import ByteStream, HboneByteStream, TcpByteStream
+from waypoint.extauthz import Allowed, CheckFacts, Denied, ExtAuthz, HttpFacts, Peer, request_id
 from waypoint.http1 import serve_http1
 from waypoint.http2 import Http2UpstreamPool, serve_http2
 from waypoint.jwt import Authenticated, Authenticator, Refused
 from waypoint.metrics import Metrics, Peers
-from waypoint.request import GRPC_UNAUTHENTICATED, Forward, RequestHead, RequestRecord, Respond, Verdict, deny
+from waypoint.request import (
+    GRPC_UNAUTHENTICATED,
+    Forward,
+    ReadBody,
+    RequestHead,
+    RequestRecord,
+    Respond,
+    Verdict,
+    deny,
+)
 from waypoint.routing import Me, Target, endpoints, resolve, service_of
 from waypoint.sniff import sniff
 from waypoint.tcp_policy import tcp_view
@@ -105,6 +130,16 @@ class Upstream:
     workload: Workload | None = field(default=None, compare=False, hash=False)  # for telemetry
 
 
+@dataclass(frozen=True, slots=True)
+class AuthorizerEndpoint:
+    """Where an external authorizer is dialled: through HBONE (``identity`` set: it is in the
+    mesh) or plain TCP."""
+
+    ip: str
+    port: int
+    identity: Identity | None
+
+
 class Waypoint:
     def __init__(
         self,
@@ -139,7 +174,11 @@ class Waypoint:
         self.tasks = Supervisor(f"waypoint-{me.key}")
         self._servers: list[HttpServer] = []
         self._unsubscribe_certs: Any = None
-        self._authenticators: dict[tuple[int, ...], tuple[tuple[WaypointAuthentication, ...], Authenticator]] = {}
+        self._authenticators: dict[
+            tuple[int, ...], tuple[tuple[WaypointAuthentication, ...], Authenticator]
+        ] = {}
+        self.ext_authz = ExtAuthz(self)
+        self._hosts: tuple[int, dict[str, list[Service]]] = (-1, {})
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -163,10 +202,17 @@ class Waypoint:
                     "issuers": [r.issuer for r in a.policy.jwt_rules],
                     "jwks_fetched": sorted(a.jwks_by_uri),
                     "jwks_missing": sorted(
-                        r.jwks_uri for r in a.policy.jwt_rules if r.jwks_uri and not r.jwks and r.jwks_uri not in a.jwks_by_uri
+                        r.jwks_uri
+                        for r in a.policy.jwt_rules
+                        if r.jwks_uri and not r.jwks and r.jwks_uri not in a.jwks_by_uri
                     ),
                 }
                 for _, a in sorted(snap.waypoint_authentications.items())
+            ],
+            "extension_providers": [
+                {"name": p.name, "kind": p.kind, "service": p.ext_authz.service, "port": p.ext_authz.port}
+                for _, p in sorted(snap.extension_providers.items())
+                if p.ext_authz is not None
             ],
             "workloads": [to_json(w) for w in sorted(snap.workloads.values(), key=lambda w: w.uid)],
             "services": [to_json(s) for _, s in sorted(snap.services.items())],
@@ -179,7 +225,9 @@ class Waypoint:
         self.certs.track(self.identity)
         certs = await self.certs.get(self.identity, timeout=30.0)
         listener = await self.factory.tcp_listener(*self.addresses.hbone)
-        self.server = HboneServer(self.handle, certs.server_ctx, self.trust_domain, name=f"waypoint-{self.me.key}")
+        self.server = HboneServer(
+            self.handle, certs.server_ctx, self.trust_domain, name=f"waypoint-{self.me.key}"
+        )
         await self.server.listen(sock=listener)
         self.bound["hbone"] = self.server.address
         self._unsubscribe_certs = self.certs.subscribe(self._rotated)
@@ -214,6 +262,8 @@ class Waypoint:
         with contextlib.suppress(Exception):
             await self.h2_pool.aclose()
         with contextlib.suppress(Exception):
+            await self.ext_authz.aclose()
+        with contextlib.suppress(Exception):
             await self.pool.aclose()
         if self._unsubscribe_certs is not None:
             self._unsubscribe_certs()
@@ -231,7 +281,9 @@ class Waypoint:
         target = resolve(snapshot, self.me, req.host, req.port)
         peer_ip, peer_port = inbound._proto.peer_addr[:2]
         if isinstance(target, str):
-            log.warning("waypoint refused a tunnel", peer=str(inbound.peer), authority=req.authority, reason=target)
+            log.warning(
+                "waypoint refused a tunnel", peer=str(inbound.peer), authority=req.authority, reason=target
+            )
             inbound.refuse(400)
             return
         client = Client(inbound.peer, peer_ip, _forwarded_port(req.header("forwarded"), peer_ip) or peer_port)
@@ -252,7 +304,10 @@ class Waypoint:
                 kind = "http1" if target.protocol is AppProtocol.HTTP11 else "h2"
             if kind == "http1":
                 await serve_http1(
-                    down, on_request=tunnel.on_request, open_upstream=tunnel.open_upstream, on_done=tunnel.on_done
+                    down,
+                    on_request=tunnel.on_request,
+                    open_upstream=tunnel.open_upstream,
+                    on_done=tunnel.on_done,
                 )
             elif kind == "h2":
                 await serve_http2(
@@ -297,6 +352,90 @@ class Waypoint:
         )
         return HboneByteStream(stream)
 
+    # -- external authorizers (CUSTOM policies) ---------------------------------------------------
+
+    def _services_named(self, snapshot: ProxySnapshot, host: str) -> list[Service]:
+        version, by_host = self._hosts
+        if version != snapshot.version:
+            by_host = {}
+            for s in snapshot.services.values():
+                by_host.setdefault(s.hostname, []).append(s)
+            self._hosts = (snapshot.version, by_host)
+        return by_host.get(host, [])
+
+    def endpoint(self, provider: ExtensionProvider) -> AuthorizerEndpoint | str:
+        """An endpoint of the provider's service (``[<namespace>/]<hostname>``), or why none."""
+        a = provider.ext_authz
+        assert a is not None
+        snapshot = self.state.snapshot()
+        namespace, _, host = a.service.rpartition("/")
+        services = [
+            s for s in self._services_named(snapshot, host) if not namespace or s.namespace == namespace
+        ]
+        if not services:
+            return f"no service {a.service} in discovery"
+        if len(services) > 1:
+            return f"service host {host} is ambiguous: name its namespace ({', '.join(s.namespace for s in services)})"
+        svc = services[0]
+        ready: list[tuple[Workload, int]] = []
+        others: list[tuple[Workload, int]] = []
+        for e in snapshot.endpoints(svc.key):
+            w = e.workload
+            port = w.target_port(svc, a.port)
+            if port is not None and w.addresses:
+                (ready if w.status is WorkloadStatus.HEALTHY else others).append((w, port))
+        if not ready and not others:
+            return f"service {a.service} has no endpoint for port {a.port}"
+        w, port = random.choice(ready or others)
+        hbone = w.tunnel_protocol is TunnelProtocol.HBONE
+        return AuthorizerEndpoint(w.addresses[0], port, w.identity if hbone else None)
+
+    async def connect(self, endpoint: Hashable) -> ByteStream:
+        """A stream to an external authorizer, speaking as this waypoint (no client to vouch for)."""
+        assert isinstance(endpoint, AuthorizerEndpoint)
+        if endpoint.identity is not None:
+            key = PoolKey(self.identity, endpoint.identity, None, (endpoint.ip, HBONE_PORT))
+            stream = await asyncio.wait_for(
+                self.pool.open_stream(key, format_authority(endpoint.ip, endpoint.port), []),
+                self.connect_timeout,
+            )
+            return HboneByteStream(stream)
+        sock = await self.factory.tcp_socket(family_of(endpoint.ip))
+        try:
+            await asyncio.wait_for(
+                asyncio.get_running_loop().sock_connect(sock, (endpoint.ip, endpoint.port)),
+                self.connect_timeout,
+            )
+            reader, writer = await asyncio.open_connection(sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        return TcpByteStream(reader, writer)
+
+    def custom_provider(
+        self, snapshot: ProxySnapshot, custom: tuple[AuthorizationPolicy, ...], request: Request
+    ) -> tuple[ExtensionProvider | None, str]:
+        """The provider to ask about ``request`` (None: no CUSTOM policy matches it, or the
+        request must be denied: then the reason)."""
+        matched = [p for p in custom if first_matching_rule(p, request) is not None]
+        for p in matched:
+            if p.dry_run:
+                log.info("dry-run CUSTOM policy matched (not enforced)", waypoint=self.me.key, policy=p.key)
+        matched = [p for p in matched if not p.dry_run]
+        if not matched:
+            return None, ""
+        keys = ", ".join(p.key for p in matched)
+        names = sorted({p.provider or "" for p in matched})
+        if len(names) > 1:
+            return (
+                None,
+                f"CUSTOM policies {keys} name different providers ({', '.join(names)}); one per workload",
+            )
+        provider = snapshot.extension_providers.get(names[0])
+        if provider is None or provider.ext_authz is None:
+            return None, f"CUSTOM policy {keys}: no ext_authz provider {names[0]!r} in the mesh config"
+        return provider, keys
+
     def authenticator_for(self, snapshot: ProxySnapshot, target: Target) -> Authenticator:
         """The RequestAuthentications bound to requests for ``target``, ready to validate."""
         svc = service_of(snapshot, target)
@@ -335,7 +474,8 @@ class _Tunnel:
         self.target = target
         self.client = client
         self.peers = peers
-        self._decisions: dict[int, tuple[L7Decision | None, str]] = {}
+        # per request: the RBAC decision, why it was answered locally, Envoy's response flag if set
+        self._decisions: dict[int, tuple[L7Decision | None, str, str]] = {}
 
     def _request(self, head: RequestHead | None, path: str, authn: Authenticated | None = None) -> Request:
         t = self.target
@@ -352,49 +492,152 @@ class _Tunnel:
             headers=Headers(head.headers) if head is not None else Headers(),
         )
 
-    def on_request(self, head: RequestHead) -> Verdict:
+    def _facts(self, snapshot: ProxySnapshot, head: RequestHead | None) -> CheckFacts:
+        """What an external authorizer is told (Envoy's ``AttributeContext``): the original
+        client, the original destination (principal: this waypoint's, the local certificate)."""
+        c, t = self.client, self.target
+        svc = service_of(snapshot, t)
+        http = None
+        if head is not None:
+            http = HttpFacts(
+                method=head.method,
+                path=head.path,
+                host=head.authority,
+                scheme=head.scheme,
+                headers=tuple(head.headers),
+                protocol="HTTP/2" if head.http_version == "2" else f"HTTP/{head.http_version}",
+                request_id=request_id(head.headers),
+            )
+        return CheckFacts(
+            source=Peer(c.ip, c.port, c.identity.uri),
+            destination=Peer(t.host, t.port, self.wp.identity.uri, svc.hostname if svc is not None else ""),
+            http=http,
+        )
+
+    def on_request(self, head: RequestHead) -> Verdict | ReadBody | Awaitable[Verdict]:
         wp = self.wp
         snapshot = wp.state.snapshot()
         norm = normalize_path(head.path, wp.path_normalization)
         if not isinstance(norm, NormalizedPath):
-            self._decisions[id(head)] = (None, norm.detail)
+            self._decisions[id(head)] = (None, norm.detail, "")
             return Respond(norm.status, f"{norm.reason}\n".encode(), (("content-type", "text/plain"),))
         authn = wp.authenticator_for(snapshot, self.target).authenticate(head.headers, norm.forward)
         if isinstance(authn, Refused):
-            self._decisions[id(head)] = (None, f"{authn.message}: {authn.reason}")
+            self._decisions[id(head)] = (None, f"{authn.message}: {authn.reason}", "")
             log.info("request refused: JWT", client=self.client.identity.uri, reason=authn.reason)
             return Respond(
                 401,
                 authn.message.encode(),
-                (("content-type", "text/plain"), ("www-authenticate", 'Bearer realm="", error="invalid_token"')),
+                (
+                    ("content-type", "text/plain"),
+                    ("www-authenticate", 'Bearer realm="", error="invalid_token"'),
+                ),
                 grpc_status=GRPC_UNAUTHENTICATED,
             )
         rbac, custom = wp.policies_for(snapshot, self.target)
-        if custom:
-            names = ", ".join(p.key for p in custom)
-            self._decisions[id(head)] = (None, f"CUSTOM policy not supported yet: {names}")
-            log.warning("request denied: CUSTOM (ext_authz) policies are not supported yet", policies=names)
-            return deny()
-        decision = evaluate(rbac, self._request(head, norm.path, authn))
+        request = self._request(head, norm.path, authn)
+        if custom:  # Istio's order: CUSTOM, then DENY, then ALLOW
+            provider, why = wp.custom_provider(snapshot, custom, request)
+            if provider is not None:
+                assert provider.ext_authz is not None
+                with_body = provider.ext_authz.include_request_body
+                if with_body is not None:  # the engine reads the body, then the check goes on
+                    return ReadBody(
+                        with_body.max_request_bytes,
+                        with_body.allow_partial_message,
+                        lambda body, complete: self._checked(
+                            snapshot, head, norm, authn, rbac, provider, why, body, complete
+                        ),
+                    )
+                return self._checked(snapshot, head, norm, authn, rbac, provider, why)
+            if why:
+                self._decisions[id(head)] = (None, why, "RBAC")
+                log.warning("request denied: CUSTOM policy", waypoint=wp.me.key, reason=why)
+                return deny()
+        return self._authorized(snapshot, head, norm, authn, request, rbac, None)
+
+    async def _checked(
+        self,
+        snapshot: ProxySnapshot,
+        head: RequestHead,
+        norm: NormalizedPath,
+        authn: Authenticated,
+        rbac: tuple[AuthorizationPolicy, ...],
+        provider: ExtensionProvider,
+        policies: str,
+        body: bytes | None = None,
+        complete: bool = True,
+    ) -> Verdict:
+        """Ask ``provider`` (a CUSTOM policy matched; with the body read so far when it asks for
+        it), then go on as :meth:`_authorized`."""
+        facts = self._facts(snapshot, head)
+        if body is not None and facts.http is not None:
+            facts = dataclasses.replace(
+                facts, http=dataclasses.replace(facts.http, body=body, partial_body=not complete)
+            )
+        verdict = await self.wp.ext_authz.check(provider, facts)
+        if isinstance(verdict, Denied):
+            self._decisions[id(head)] = (None, verdict.reason, "UAEX")
+            log.info("request denied by an external authorizer", waypoint=self.wp.me.key, policy=policies,
+                     client=self.client.identity.uri, reason=verdict.reason)  # fmt: skip
+            return Respond(verdict.status, verdict.body, verdict.headers)
+        if verdict.reason.endswith("failOpen allows"):
+            log.warning(
+                "external authorizer failed, allowed (failOpen)",
+                waypoint=self.wp.me.key,
+                reason=verdict.reason,
+            )
+        edited = _edited(head.headers, verdict)
+        request = self._request(
+            dataclasses.replace(head, headers=edited) if edited is not None else head, norm.path, authn
+        )
+        return self._authorized(snapshot, head, norm, authn, request, rbac, verdict)
+
+    def _authorized(
+        self,
+        snapshot: ProxySnapshot,
+        head: RequestHead,
+        norm: NormalizedPath,
+        authn: Authenticated,
+        request: Request,
+        rbac: tuple[AuthorizationPolicy, ...],
+        allowed: Allowed | None,
+    ) -> Verdict:
+        """DENY and ALLOW policies, then an endpoint (with an authorizer's header changes)."""
+        wp = self.wp
+        decision = evaluate(rbac, request)
         for dry in decision.dry_run:
             log.info("dry-run authorization", waypoint=wp.me.key, result=str(dry))
-        self._decisions[id(head)] = (decision, "")
+        self._decisions[id(head)] = (decision, "", "")
         if not decision.allow:
             return deny()
         if norm.redirect:
             return Respond(307, b"", (("location", norm.forward),))
         eps = endpoints(snapshot, wp.me, self.target)
         if not eps:
-            self._decisions[id(head)] = (decision, "no healthy upstream")
+            self._decisions[id(head)] = (decision, "no healthy upstream", "")
             return Respond(503, b"no healthy upstream\n", (("content-type", "text/plain"),))
         w, port = random.choice(eps)
         up = Upstream(_same_family(w, self.target.host), port, w.identity, self.client, w)
         path = authn.path if authn.path is not None else norm.forward
+        add, remove = (
+            authn.add_headers,
+            frozenset({XFCC}) | authn.remove_headers,
+        )  # no client speaks for another
+        if allowed is None:
+            return Forward(
+                upstream_key=up,
+                path=path if path != head.path else None,
+                add_headers=add,
+                remove_headers=remove,
+            )
         return Forward(
             upstream_key=up,
             path=path if path != head.path else None,
-            add_headers=authn.add_headers,
-            remove_headers=frozenset({XFCC}) | authn.remove_headers,  # a client cannot speak for someone else
+            add_headers=(*add, *allowed.set_headers, *allowed.append_headers),
+            remove_headers=remove | allowed.remove_headers | {k for k, _ in allowed.set_headers},
+            response_set=allowed.response_set,
+            response_append=allowed.response_append,
         )
 
     async def open_upstream(self, head: RequestHead, forward: Forward) -> ByteStream:
@@ -403,8 +646,10 @@ class _Tunnel:
         return await self.wp.open_tunnel(key)
 
     def on_done(self, rec: RequestRecord) -> None:
-        decision, why = self._decisions.pop(id(rec.head), (None, ""))
-        if rec.local and decision is not None and not decision.allow:
+        decision, why, flag = self._decisions.pop(id(rec.head), (None, "", ""))
+        if rec.local and flag:
+            flags = flag
+        elif rec.local and decision is not None and not decision.allow:
             flags = "RBAC"  # Envoy's flag for a request denied by authorization
         elif rec.upstream_failure:
             flags = "UF" if rec.status in (None, 503) and rec.upstream_failure.startswith("connect") else "UR"
@@ -438,14 +683,26 @@ class _Tunnel:
         wp = self.wp
         snapshot = wp.state.snapshot()
         rbac, custom = wp.policies_for(snapshot, self.target)
-        decision = evaluate([tcp_view(p) for p in rbac], self._request(None, ""))
+        request = self._request(None, "")
+        decision = evaluate([tcp_view(p) for p in rbac], request)
         flags = "-"
         up: ByteStream | None = None
         try:
-            if custom or not decision.allow:
+            provider, why = wp.custom_provider(snapshot, tuple(tcp_view(p) for p in custom), request)
+            if provider is not None:
+                verdict = await wp.ext_authz.check(provider, self._facts(snapshot, None))
+                if isinstance(verdict, Denied):
+                    flags = "UAEX"
+                    log.info("tcp connection denied by an external authorizer", client=self.client.identity.uri,
+                             reason=verdict.reason)  # fmt: skip
+                    down.abort()
+                    return
+            if (provider is None and why) or not decision.allow:
                 flags = "RBAC"
-                why = "CUSTOM policy not supported yet" if custom else decision.reason
-                log.info("tcp connection denied at the waypoint", client=self.client.identity.uri, reason=why)
+                reason = why if provider is None and why else decision.reason
+                log.info(
+                    "tcp connection denied at the waypoint", client=self.client.identity.uri, reason=reason
+                )
                 down.abort()
                 return
             eps = endpoints(snapshot, wp.me, self.target)
@@ -455,7 +712,9 @@ class _Tunnel:
                 return
             w, port = random.choice(eps)
             try:
-                up = await wp.open_tunnel(Upstream(_same_family(w, self.target.host), port, w.identity, self.client, w))
+                up = await wp.open_tunnel(
+                    Upstream(_same_family(w, self.target.host), port, w.identity, self.client, w)
+                )
             except Exception as e:  # refused, unreachable, no certificate: nothing to relay to
                 flags = "UF"
                 log.info("tcp upstream failed", endpoint=w.name, error=str(e) or type(e).__name__)
@@ -498,6 +757,15 @@ def _same_family(w: Workload, like: str) -> str:
     return next((ip for ip in w.addresses if (":" in ip) == v6), w.addresses[0])
 
 
+def _edited(headers: tuple[tuple[str, str], ...], allowed: Allowed) -> tuple[tuple[str, str], ...] | None:
+    """The request headers after an authorizer's changes (for the policies evaluated after it);
+    None when it changed nothing."""
+    if not (allowed.set_headers or allowed.append_headers or allowed.remove_headers):
+        return None
+    drop = allowed.remove_headers | {k for k, _ in allowed.set_headers}
+    return (*((k, v) for k, v in headers if k not in drop), *allowed.set_headers, *allowed.append_headers)
+
+
 def _forwarded_port(header: str | None, ip: str) -> int | None:
     """The client port in the source proxy's ``forwarded: for="ip:port"`` when the IP matches."""
     found = forwarded_for(header)
@@ -513,4 +781,3 @@ def _policy_json(p: Any) -> dict[str, Any]:
         "target_refs": [{"kind": t.kind, "name": t.name, "namespace": t.namespace} for t in p.target_refs],
         "rules": len(p.rules),
     }
-

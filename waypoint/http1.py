@@ -52,10 +52,12 @@ import structlog
 
 from waypoint.bytestream import READ_SIZE, ByteStream
 from waypoint.request import (
+    PAYLOAD_TOO_LARGE,
     Forward,
     OnDone,
     OnRequest,
     OpenUpstream,
+    ReadBody,
     RequestHead,
     Respond,
     Tally,
@@ -250,16 +252,19 @@ class _Session:
             elif not head.authority:
                 keep = await self._respond(tally, Respond(400, b"missing Host header\n"), close=True)
             else:
-                verdict: Forward | Respond
+                verdict: Forward | Respond | ReadBody
                 try:
                     verdict = await resolve(self.on_request(head))
                 except Exception:
                     log.exception("http1 on_request failed", path=head.path)
                     verdict = Respond(500, b"internal error\n")
+                pending: list[h11.Event] = []
+                if isinstance(verdict, ReadBody):
+                    verdict, pending = await self._read_body(verdict, tally)
                 if isinstance(verdict, Respond):
                     keep = await self._respond(tally, verdict)
                 else:
-                    keep = await self._forward(req, tally, verdict)
+                    keep = await self._forward(req, tally, verdict, pending)
         except _DownstreamGone:
             tally.downstream_failure = tally.downstream_failure or "reset"
             self.abort_down()
@@ -267,6 +272,39 @@ class _Session:
         finally:
             self.on_done(tally.record(self.loop.time()))
         return keep
+
+    async def _read_body(self, rb: ReadBody, tally: Tally) -> tuple[Forward | Respond, list[h11.Event]]:
+        """Read the body (up to ``rb.limit`` and a bit), then ask ``rb.then``; the events read are
+        returned to be forwarded first."""
+        pending: list[h11.Event] = []
+        body = bytearray()
+        complete = False
+        try:
+            if self.conn.they_are_waiting_for_100_continue:
+                self.down.write(self.conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+            while len(body) <= rb.limit:
+                ev = await _next_event(self.conn, self.down)
+                if isinstance(ev, h11.Data):
+                    body += ev.data
+                elif isinstance(ev, h11.EndOfMessage):
+                    complete = True
+                else:
+                    raise ConnectionError("the client went away in the middle of its body")
+                pending.append(ev)
+                if complete:
+                    break
+        except (h11.RemoteProtocolError, ConnectionError) as e:
+            tally.downstream_failure = f"request body: {e}"
+            raise _DownstreamGone from e
+        if not complete and not rb.partial:
+            return PAYLOAD_TOO_LARGE, pending
+        verdict: Forward | Respond
+        try:
+            verdict = await resolve(rb.then(bytes(body) if complete else bytes(body[: rb.limit]), complete))
+        except Exception:
+            log.exception("http1 on_request failed (after the body)", path=tally.head.path)
+            verdict = Respond(500, b"internal error\n")
+        return verdict, pending
 
     async def _respond(self, tally: Tally, r: Respond, *, close: bool = False) -> bool:
         """Answer locally; True if the connection stays usable."""
@@ -321,7 +359,7 @@ class _Session:
         stream = await self.open_upstream(head, fwd)
         return _Upstream(fwd.upstream_key, stream)
 
-    async def _forward(self, req: h11.Request, tally: Tally, fwd: Forward) -> bool:
+    async def _forward(self, req: h11.Request, tally: Tally, fwd: Forward, pending: list[h11.Event]) -> bool:
         head = tally.head
         tally.upstream_key = fwd.upstream_key
         try:
@@ -351,10 +389,10 @@ class _Session:
                 raise _DownstreamGone from e
 
         chunked = any(k == b"transfer-encoding" for k, _ in headers)
-        pump = self.loop.create_task(self._pump_request(up, tally, chunked), name="h1-request-body")
+        pump = self.loop.create_task(self._pump_request(up, tally, chunked, pending), name="h1-request-body")
         reusable = False
         try:
-            keep, reusable = await self._relay_response(up, tally, pump)
+            keep, reusable = await self._relay_response(up, tally, pump, fwd)
         finally:
             if not pump.done():
                 pump.cancel()
@@ -368,15 +406,18 @@ class _Session:
                 up.close()
         return keep
 
-    async def _pump_request(self, up: _Upstream, tally: Tally, chunked: bool) -> None:
-        """Copy the request body downstream → upstream, one event at a time.
+    async def _pump_request(
+        self, up: _Upstream, tally: Tally, chunked: bool, pending: list[h11.Event]
+    ) -> None:
+        """Copy the request body downstream → upstream, one event at a time (``pending``: the
+        events already read, first).
 
         A downstream failure aborts both sides (the relay notices through the upstream); an
         upstream write failure just stops here: the relay still reads whatever it answered.
         """
         while True:
             try:
-                ev = await _next_event(self.conn, self.down)
+                ev = pending.pop(0) if pending else await _next_event(self.conn, self.down)
             except (h11.RemoteProtocolError, ConnectionError) as e:
                 tally.downstream_failure = f"request body: {e}"
                 self.abort_down()
@@ -398,7 +439,7 @@ class _Session:
                 return
 
     async def _relay_response(
-        self, up: _Upstream, tally: Tally, pump: asyncio.Task[None]
+        self, up: _Upstream, tally: Tally, pump: asyncio.Task[None], fwd: Forward
     ) -> tuple[bool, bool]:
         """Copy the response upstream → downstream. Returns (downstream keep-alive, upstream reusable)."""
         sent_head = False
@@ -423,7 +464,7 @@ class _Session:
                             )
                         )
                 elif isinstance(ev, h11.Response):
-                    headers = _filtered(ev.headers)
+                    headers = fwd.response_headers(_filtered(ev.headers))
                     chunked = not any(k == b"content-length" for k, _ in headers)
                     self.down.write(
                         self.conn.send(

@@ -60,10 +60,12 @@ from hyperframe.frame import Frame, GoAwayFrame
 from mesh.tasks import Supervisor
 from waypoint.bytestream import READ_SIZE, ByteStream
 from waypoint.request import (
+    PAYLOAD_TOO_LARGE,
     Forward,
     OnDone,
     OnRequest,
     OpenUpstream,
+    ReadBody,
     RequestHead,
     Respond,
     Tally,
@@ -532,6 +534,64 @@ class Http2UpstreamPool:
                         del self._locks[c.key]
             c.close()
 
+    async def exchange(
+        self,
+        key: Hashable | None,
+        dial: Callable[[], Awaitable[ByteStream]],
+        headers: list[Header],
+        body: bytes,
+        *,
+        max_response: int = 4 * 1024 * 1024,
+    ) -> tuple[list[Header], bytes, list[Header]]:
+        """One request and its whole response (head, body, trailers) over a pooled connection:
+        the waypoint's own calls (a gRPC ext_authz Check), not a relayed request.
+
+        Raises ``ConnectionError`` when the connection cannot be had, the stream is reset or the
+        response is larger than ``max_response``; cancelling resets the stream.
+        """
+        try:
+            up = await self.acquire(key, dial)
+        except (TimeoutError, OSError) as e:
+            raise ConnectionError(f"connect: {e or type(e).__name__}") from e
+        sid: int | None = None
+        try:
+            try:
+                sid = up.open_stream(headers, end=not body)
+                if body:
+                    await up.send_data(sid, body, end=True)
+                inbox = up.inboxes[sid]
+                head: list[Header] = []
+                data = bytearray()
+                while True:
+                    item = await inbox.get()
+                    if isinstance(item, _Headers):
+                        status = _get(item.headers, b":status") or b"0"
+                        if status.startswith(b"1"):
+                            continue
+                        head = item.headers
+                        if item.end:
+                            return head, b"", []
+                    elif isinstance(item, _Data):
+                        data += item.data
+                        up.ack(sid, item.flow)
+                        if len(data) > max_response:
+                            raise ConnectionError(f"response larger than {max_response} bytes")
+                    elif isinstance(item, _Trailers):
+                        return head, bytes(data), item.headers
+                    else:
+                        return head, bytes(data), []
+            except _Reset as e:
+                raise ConnectionError(f"stream reset: {e}") from None
+        finally:
+            if sid is not None and up.stream_open(sid):
+                up.reset(sid, ErrorCodes.CANCEL)
+            if sid is not None:
+                up.release(sid)
+            else:
+                up.reserved -= 1
+                if up.reserved <= 0 and up.single_use:
+                    up.close()
+
     @property
     def connections(self) -> int:
         return len(self._all)
@@ -679,16 +739,46 @@ class _Serve:
         if head.method == "CONNECT" or b":protocol" in pseudo:
             await self._respond(sid, t, Respond(405, b"CONNECT is not supported\n"))
             return
-        verdict: Forward | Respond
+        verdict: Forward | Respond | ReadBody
         try:
             verdict = await resolve(self.on_request(head))
         except Exception:
             log.exception("h2 on_request failed", path=head.path)
             verdict = Respond(500, b"internal error\n")
+        if isinstance(verdict, ReadBody):
+            verdict = await self._read_body(sid, verdict, head)
         if isinstance(verdict, Respond):
             await self._respond(sid, t, verdict)
         else:
             await self._forward(sid, head, headers, verdict, t)
+
+    async def _read_body(self, sid: int, rb: ReadBody, head: RequestHead) -> Forward | Respond:
+        """Read the body (up to ``rb.limit`` and a bit), then ask ``rb.then``. What was read goes
+        back to the front of the stream's inbox, already acknowledged (the client's window stays
+        open while it is held: at most ``limit`` plus a frame)."""
+        inbox = self.ep.inboxes[sid]
+        taken: list[_Item] = []
+        body = bytearray()
+        complete = inbox.ended and not inbox.items
+        try:
+            while not complete and len(body) <= rb.limit:
+                item = await inbox.get()
+                taken.append(item)
+                if isinstance(item, _Data):
+                    body += item.data
+                    self.ep.ack(sid, item.flow)
+                elif not isinstance(item, _Headers):
+                    complete = True  # trailers or the end
+        finally:
+            for item in reversed(taken):
+                inbox.items.appendleft(_Data(item.data, 0) if isinstance(item, _Data) else item)
+        if not complete and not rb.partial:
+            return PAYLOAD_TOO_LARGE
+        try:
+            return await resolve(rb.then(bytes(body) if complete else bytes(body[: rb.limit]), complete))
+        except Exception:
+            log.exception("h2 on_request failed (after the body)", path=head.path)
+            return Respond(500, b"internal error\n")
 
     async def _respond(self, sid: int, t: Tally, r: Respond) -> None:
         t.local = True
@@ -749,7 +839,7 @@ class _Serve:
                 inbox.items.popleft()
             pump = self.loop.create_task(self._pump_request(sid, inbox, up, usid, t), name=f"h2-req-{sid}")
             try:
-                await self._relay_response(sid, up, usid, t)
+                await self._relay_response(sid, up, usid, t, fwd)
             finally:
                 if not pump.done():
                     pump.cancel()
@@ -796,7 +886,7 @@ class _Serve:
                 up.reset(usid, e.code if e.code is not None else ErrorCodes.CANCEL)
             # else the upstream stream failed: the relay reports it
 
-    async def _relay_response(self, sid: int, up: _UpstreamConn, usid: int, t: Tally) -> None:
+    async def _relay_response(self, sid: int, up: _UpstreamConn, usid: int, t: Tally, fwd: Forward) -> None:
         """Upstream response → downstream, with the failure handling of the module docstring."""
         uinbox = up.inboxes[usid]
         sent_head = False
@@ -827,7 +917,9 @@ class _Serve:
                     if item.end:
                         t.grpc_status = _grpc_status(item.headers)
                     sent_head = True
-                    await self.ep.send_headers(sid, _response_headers(item.headers), end=item.end)
+                    await self.ep.send_headers(
+                        sid, fwd.response_headers(_response_headers(item.headers)), end=item.end
+                    )
                     if item.end:
                         break
                 elif isinstance(item, _Data):

@@ -79,13 +79,29 @@ class Forward:
     request gets its own upstream connection, closed when the request is over.
 
     ``path`` replaces the request target sent upstream (None: as received). Headers named in
-    ``remove_headers`` (lower-case) are dropped, then ``add_headers`` are appended.
+    ``remove_headers`` (lower-case) are dropped, then ``add_headers`` are appended. On the
+    response head, headers named in ``response_set`` are replaced by its values, and
+    ``response_append`` appended (an external authorizer's ``response_headers_to_add``).
     """
 
     upstream_key: Hashable | None = None
     path: str | None = None
     add_headers: Headers = ()
     remove_headers: frozenset[str] = frozenset()
+    response_set: Headers = ()
+    response_append: Headers = ()
+
+    def response_headers(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """The upstream's response head as the client gets it (``response_set``/``response_append``)."""
+        if not self.response_set and not self.response_append:
+            return headers
+        drop = {k.lower().encode("latin-1") for k, _ in self.response_set}
+        out = [(k, v) for k, v in headers if k not in drop]
+        out += [
+            (k.lower().encode("latin-1"), v.encode("latin-1"))
+            for k, v in (*self.response_set, *self.response_append)
+        ]
+        return out
 
 
 @dataclass(frozen=True)
@@ -114,6 +130,25 @@ class Respond:
 
 
 Verdict = Forward | Respond
+
+
+@dataclass(frozen=True)
+class ReadBody:
+    """Decide only after reading the request body (an external authorizer asked for it).
+
+    The engine reads up to ``limit`` bytes of the body (answering ``100 Continue`` first when the
+    client waits for it), then calls ``then(body, complete)`` for the verdict. A body larger than
+    ``limit`` is answered 413 unless ``partial``: then ``then`` gets its first ``limit`` bytes or
+    more, and ``complete`` False. Whatever is forwarded afterwards gets the whole body, as
+    received (what was read is sent first, the rest streams).
+    """
+
+    limit: int
+    partial: bool
+    then: Callable[[bytes, bool], Verdict | Awaitable[Verdict]]
+
+
+PAYLOAD_TOO_LARGE = Respond(413, b"Payload Too Large", (("content-type", "text/plain"),))
 
 
 def deny(message: str = RBAC_DENIED) -> Respond:
@@ -174,7 +209,7 @@ class RequestRecord:
 T = TypeVar("T")
 
 # The app's callbacks, shared by both engines.
-OnRequest = Callable[[RequestHead], Verdict | Awaitable[Verdict]]
+OnRequest = Callable[[RequestHead], Verdict | ReadBody | Awaitable[Verdict | ReadBody]]
 """Decide a request: may be sync or async. An exception is answered 500 (gRPC INTERNAL)."""
 OpenUpstream = Callable[[RequestHead, Forward], Awaitable[ByteStream]]
 """Dial the upstream for ``forward.upstream_key``; raise (OSError, ...) when unreachable → 503."""

@@ -52,6 +52,7 @@ class Kind(enum.StrEnum):
     PEER_AUTHENTICATION = "PeerAuthentication"
     AUTHORIZATION_POLICY = "AuthorizationPolicy"
     REQUEST_AUTHENTICATION = "RequestAuthentication"
+    MESH_CONFIG = "ConfigMap"  # only the mesh ConfigMap (mesh.model.meshconfig)
 
 
 class TunnelProtocol(enum.StrEnum):

@@ -12,6 +12,7 @@ from types import MappingProxyType
 from typing import TypeAlias, TypeVar, cast
 
 from mesh.model.indexes import EndpointIndexes, ServiceIndexes, WorkloadIndexes
+from mesh.model.meshconfig import ExtensionProvider, MeshConfig
 from mesh.model.objects import (
     Gateway,
     Kind,
@@ -33,6 +34,7 @@ MeshObject: TypeAlias = (
     | PeerAuthentication
     | AuthorizationPolicy
     | RequestAuthentication
+    | MeshConfig
 )
 
 _T = TypeVar("_T")
@@ -177,6 +179,19 @@ class Snapshot:
     @property
     def request_authentications(self) -> Mapping[str, RequestAuthentication]:
         return cast(Mapping[str, RequestAuthentication], self._objects[Kind.REQUEST_AUTHENTICATION])
+
+    @property
+    def mesh_configs(self) -> Mapping[str, MeshConfig]:
+        """The mesh ConfigMap (at most one: ``<root namespace>/istio``)."""
+        return cast(Mapping[str, MeshConfig], self._objects[Kind.MESH_CONFIG])
+
+    def extension_provider(self, name: str) -> ExtensionProvider | None:
+        """MeshConfig ``extensionProviders`` entry ``name`` (what a CUSTOM policy names)."""
+        for mc in self.mesh_configs.values():
+            found = mc.provider(name)
+            if found is not None:
+                return found
+        return None
 
     # --- lookups ---------------------------------------------------------------------------
 

@@ -12,4 +12,8 @@ are stale. Never edit them by hand.
 - ``discovery_pb2`` / ``discovery_pb2_grpc``: delta xDS (``envoy.service.discovery.v3``)
 - ``core_pb2``: ``envoy.config.core.v3`` Node; ``status_pb2``: ``google.rpc`` Status
 - ``zds_pb2``: ``istio.workload.zds``, cni agent -> ztunnel over a unix socket
+- ``ext_authz_pb2`` / ``ext_authz_pb2_grpc``: ``envoy.service.auth.v3`` Authorization/Check, what a
+  waypoint asks an external authorizer (``http_status_pb2``: ``envoy.type.v3`` HttpStatus)
+- ``meshconfig_pb2``: ``istio.mesh.v1alpha1`` MeshConfig.ExtensionProvider (ext_authz providers,
+  control plane -> waypoints)
 """

@@ -23,17 +23,34 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
+from google.protobuf import wrappers_pb2 as google_dot_protobuf_dot_wrappers__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15mesh/proto/core.proto\x12\x14\x65nvoy.config.core.v3\x1a\x1cgoogle/protobuf/struct.proto\"N\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12)\n\x08metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"\"\n\x0c\x43ontrolPlane\x12\x12\n\nidentifier\x18\x01 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15mesh/proto/core.proto\x12\x14\x65nvoy.config.core.v3\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1egoogle/protobuf/wrappers.proto\"N\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12)\n\x08metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"\"\n\x0c\x43ontrolPlane\x12\x12\n\nidentifier\x18\x01 \x01(\t\"\xe8\x01\n\rSocketAddress\x12>\n\x08protocol\x18\x01 \x01(\x0e\x32,.envoy.config.core.v3.SocketAddress.Protocol\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x14\n\nport_value\x18\x03 \x01(\rH\x00\x12\x14\n\nnamed_port\x18\x04 \x01(\tH\x00\x12\x15\n\rresolver_name\x18\x05 \x01(\t\x12\x13\n\x0bipv4_compat\x18\x06 \x01(\x08\"\x1c\n\x08Protocol\x12\x07\n\x03TCP\x10\x00\x12\x07\n\x03UDP\x10\x01\x42\x10\n\x0eport_specifier\"S\n\x07\x41\x64\x64ress\x12=\n\x0esocket_address\x18\x01 \x01(\x0b\x32#.envoy.config.core.v3.SocketAddressH\x00\x42\t\n\x07\x61\x64\x64ress\"<\n\x0bHeaderValue\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x11\n\traw_value\x18\x03 \x01(\x0c\"\xde\x02\n\x11HeaderValueOption\x12\x31\n\x06header\x18\x01 \x01(\x0b\x32!.envoy.config.core.v3.HeaderValue\x12*\n\x06\x61ppend\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.BoolValue\x12Q\n\rappend_action\x18\x03 \x01(\x0e\x32:.envoy.config.core.v3.HeaderValueOption.HeaderAppendAction\x12\x18\n\x10keep_empty_value\x18\x04 \x01(\x08\"}\n\x12HeaderAppendAction\x12\x1b\n\x17\x41PPEND_IF_EXISTS_OR_ADD\x10\x00\x12\x11\n\rADD_IF_ABSENT\x10\x01\x12\x1e\n\x1aOVERWRITE_IF_EXISTS_OR_ADD\x10\x02\x12\x17\n\x13OVERWRITE_IF_EXISTS\x10\x03\"?\n\tHeaderMap\x12\x32\n\x07headers\x18\x01 \x03(\x0b\x32!.envoy.config.core.v3.HeaderValue\",\n\x0eQueryParameter\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mesh.proto.core_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_NODE']._serialized_start=77
-  _globals['_NODE']._serialized_end=155
-  _globals['_CONTROLPLANE']._serialized_start=157
-  _globals['_CONTROLPLANE']._serialized_end=191
+  _globals['_NODE']._serialized_start=109
+  _globals['_NODE']._serialized_end=187
+  _globals['_CONTROLPLANE']._serialized_start=189
+  _globals['_CONTROLPLANE']._serialized_end=223
+  _globals['_SOCKETADDRESS']._serialized_start=226
+  _globals['_SOCKETADDRESS']._serialized_end=458
+  _globals['_SOCKETADDRESS_PROTOCOL']._serialized_start=412
+  _globals['_SOCKETADDRESS_PROTOCOL']._serialized_end=440
+  _globals['_ADDRESS']._serialized_start=460
+  _globals['_ADDRESS']._serialized_end=543
+  _globals['_HEADERVALUE']._serialized_start=545
+  _globals['_HEADERVALUE']._serialized_end=605
+  _globals['_HEADERVALUEOPTION']._serialized_start=608
+  _globals['_HEADERVALUEOPTION']._serialized_end=958
+  _globals['_HEADERVALUEOPTION_HEADERAPPENDACTION']._serialized_start=833
+  _globals['_HEADERVALUEOPTION_HEADERAPPENDACTION']._serialized_end=958
+  _globals['_HEADERMAP']._serialized_start=960
+  _globals['_HEADERMAP']._serialized_end=1023
+  _globals['_QUERYPARAMETER']._serialized_start=1025
+  _globals['_QUERYPARAMETER']._serialized_end=1069
 # @@protoc_insertion_point(module_scope)

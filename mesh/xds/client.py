@@ -28,6 +28,7 @@ from mesh.xds.convert import (
     address_from_any,
     authorization_from_any,
 )
+from mesh.xds.meshconfig import EXTENSION_PROVIDER_TYPE_URL, extension_provider_from_any
 from mesh.xds.state import ProxyState
 from mesh.xds.waypoint_policy import (
     WAYPOINT_AUTHN_TYPE_URL,
@@ -36,8 +37,14 @@ from mesh.xds.waypoint_policy import (
     waypoint_policy_from_any,
 )
 
-# What a waypoint subscribes to: addresses to route by, the policies and authentications bound to it.
-WAYPOINT_TYPE_URLS = (ADDRESS_TYPE_URL, WAYPOINT_POLICY_TYPE_URL, WAYPOINT_AUTHN_TYPE_URL)
+# What a waypoint subscribes to: addresses to route by, the policies and authentications bound to
+# it, and the external authorizers CUSTOM policies name.
+WAYPOINT_TYPE_URLS = (
+    ADDRESS_TYPE_URL,
+    WAYPOINT_POLICY_TYPE_URL,
+    WAYPOINT_AUTHN_TYPE_URL,
+    EXTENSION_PROVIDER_TYPE_URL,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -268,6 +275,11 @@ class XdsClient:
             self.state.apply(
                 waypoint_policies=[waypoint_policy_from_any(r.resource, r.name) for r in resp.resources],
                 removed_waypoint_policies=resp.removed_resources,
+            )
+        elif type_url == EXTENSION_PROVIDER_TYPE_URL:
+            self.state.apply(
+                extension_providers=[extension_provider_from_any(r.resource, r.name) for r in resp.resources],
+                removed_extension_providers=resp.removed_resources,
             )
         else:
             self.state.apply(

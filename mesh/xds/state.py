@@ -27,6 +27,7 @@ import structlog
 
 from mesh.identity import Identity
 from mesh.model.frozen import FrozenMap, freeze_fields, tuple_fields
+from mesh.model.meshconfig import ExtensionProvider
 from mesh.model.objects import DEFAULT_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN, TunnelProtocol, WorkloadStatus
 from mesh.model.policy import AuthorizationPolicy, RequestAuthentication
 from mesh.subscribers import Subscribers
@@ -54,6 +55,7 @@ class WaypointAuthentication:
 
 
 _NO_AUTHNS: Mapping[str, WaypointAuthentication] = MappingProxyType({})
+_NO_PROVIDERS: Mapping[str, ExtensionProvider] = MappingProxyType({})
 
 HBONE_PORT = 15008
 
@@ -205,6 +207,7 @@ class ProxySnapshot:
 
     __slots__ = (
         "_authorizations",
+        "_extension_providers",
         "_ix",
         "_services",
         "_version",
@@ -222,8 +225,10 @@ class ProxySnapshot:
         indexes: _Indexes,
         waypoint_policies: Mapping[str, AuthorizationPolicy] = _NO_POLICIES,
         waypoint_authentications: Mapping[str, WaypointAuthentication] = _NO_AUTHNS,
+        extension_providers: Mapping[str, ExtensionProvider] = _NO_PROVIDERS,
     ) -> None:
         self._version = version
+        self._extension_providers = extension_providers
         self._waypoint_authentications = waypoint_authentications
         self._workloads = workloads
         self._services = services
@@ -254,6 +259,11 @@ class ProxySnapshot:
     def waypoint_policies(self) -> Mapping[str, AuthorizationPolicy]:
         """``namespace/name`` -> the waypoint-bound AuthorizationPolicy as written (waypoints only)."""
         return self._waypoint_policies
+
+    @property
+    def extension_providers(self) -> Mapping[str, ExtensionProvider]:
+        """MeshConfig ``extensionProviders`` by name: the external authorizers (waypoints only)."""
+        return self._extension_providers
 
     @property
     def authorizations(self) -> Mapping[str, Authorization]:
@@ -334,7 +344,9 @@ class ProxyState:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._snapshot = ProxySnapshot(0, MappingProxyType({}), MappingProxyType({}), MappingProxyType({}), _Indexes())
+        self._snapshot = ProxySnapshot(
+            0, MappingProxyType({}), MappingProxyType({}), MappingProxyType({}), _Indexes()
+        )
         self._subscribers: Subscribers[int] = Subscribers()
 
     @property
@@ -359,6 +371,8 @@ class ProxyState:
         removed_waypoint_policies: Iterable[str] = (),
         waypoint_authentications: Iterable[WaypointAuthentication] = (),
         removed_waypoint_authentications: Iterable[str] = (),
+        extension_providers: Iterable[ExtensionProvider] = (),
+        removed_extension_providers: Iterable[str] = (),
     ) -> bool:
         """Apply one batch atomically; returns whether anything changed.
 
@@ -419,7 +433,9 @@ class ProxyState:
                     for ip in value.addresses:
                         others = tuple(u for u in by_ip.get(ip, ()) if u != name)
                         if others:
-                            log.warning("two workloads claim one IP; the newer wins", ip=ip, old=others[-1], new=name)
+                            log.warning(
+                                "two workloads claim one IP; the newer wins", ip=ip, old=others[-1], new=name
+                            )
                         by_ip[ip] = (*others, name)
                     for key, ports in value.services.items():
                         members(key)[name] = ports
@@ -442,7 +458,12 @@ class ProxyState:
             wp_authns = _merged(
                 old.waypoint_authentications, waypoint_authentications, removed_waypoint_authentications
             )
-            wp_changed = wp_policies is not old.waypoint_policies or wp_authns is not old.waypoint_authentications
+            providers = _merged(old.extension_providers, extension_providers, removed_extension_providers)
+            wp_changed = (
+                wp_policies is not old.waypoint_policies
+                or wp_authns is not old.waypoint_authentications
+                or providers is not old.extension_providers
+            )
             if not (changed or auth_changed or wp_changed):
                 return False
             for key, m in touched_endpoints.items():
@@ -467,6 +488,7 @@ class ProxyState:
                 ),
                 wp_policies,
                 wp_authns,
+                providers,
             )
             version, subscribers = self._snapshot.version, self._subscribers.snapshot
         for callback in subscribers:
@@ -477,7 +499,7 @@ class ProxyState:
         return True
 
 
-_V = TypeVar("_V", AuthorizationPolicy, WaypointAuthentication)
+_V = TypeVar("_V", AuthorizationPolicy, WaypointAuthentication, ExtensionProvider)
 
 
 def _merged(current: Mapping[str, _V], upserts: Iterable[_V], removed: Iterable[str]) -> Mapping[str, _V]:
@@ -495,7 +517,9 @@ def _merged(current: Mapping[str, _V], upserts: Iterable[_V], removed: Iterable[
     return MappingProxyType(out)
 
 
-def _policy_scopes(auths: Mapping[str, Authorization]) -> tuple[tuple[str, ...], Mapping[str, tuple[str, ...]]]:
+def _policy_scopes(
+    auths: Mapping[str, Authorization],
+) -> tuple[tuple[str, ...], Mapping[str, tuple[str, ...]]]:
     global_keys: list[str] = []
     by_namespace: dict[str, list[str]] = {}
     for key in sorted(auths):

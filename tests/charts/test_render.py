@@ -34,8 +34,12 @@ from tests.charts.helm import (
 CUSTOM: dict[str, dict[str, Any]] = {
     "base": {"crds": {"wafPolicy": False, "keepOnUninstall": False}, "labels": {"team": "mesh"}},
     "controlplane": {
-        "global": {"hub": "registry.example.com/mesh", "tag": "1.2.3", "trustDomain": "example.org",
-                   "imagePullSecrets": ["regcred"]},
+        "global": {
+            "hub": "registry.example.com/mesh",
+            "tag": "1.2.3",
+            "trustDomain": "example.org",
+            "imagePullSecrets": ["regcred"],
+        },
         "replicaCount": 3,
         "logLevel": "debug",
         "waypointController": {"enabled": False},
@@ -96,7 +100,9 @@ def test_umbrella_renders_the_four_charts(helm: Helm) -> None:
 
 def test_umbrella_passes_global_values_down(helm: Helm) -> None:
     docs = helm.template("ambient", CUSTOM["ambient"])
-    assert not [d for d in docs if d["kind"] == "CustomResourceDefinition" and "istio.io" in d["metadata"]["name"]]
+    assert not [
+        d for d in docs if d["kind"] == "CustomResourceDefinition" and "istio.io" in d["metadata"]["name"]
+    ]
     assert not [d for d in docs if d["metadata"]["name"].startswith("ambient-cni")]
     cp = container(find(docs, "Deployment", "controlplane"))
     zt = container(find(docs, "DaemonSet", "ztunnel"))
@@ -121,7 +127,9 @@ def test_refuses_a_namespace_other_than_istio_system(helm: Helm, chart: str) -> 
         ("ztunnel", {"terminationGracePeriodSeconds": 0}, "terminationGracePeriodSeconds"),
     ],
 )
-def test_values_schema_refuses_bad_values(helm: Helm, chart: str, values: dict[str, Any], complaint: str) -> None:
+def test_values_schema_refuses_bad_values(
+    helm: Helm, chart: str, values: dict[str, Any], complaint: str
+) -> None:
     with pytest.raises(HelmError, match=complaint):
         helm.template(chart, values)
 
@@ -181,7 +189,11 @@ def test_ztunnel_values_are_honoured(helm: Helm) -> None:
     assert pod_spec(ds)["terminationGracePeriodSeconds"] == 60
     assert c["args"] == ["--drain-seconds=59"]
     env = env_of(c)
-    assert (env["CA_ADDRESS"], env["XDS_ADDRESS"], env["EXTRA"]) == ("ca.example:15012", "xds.example:15012", "x")
+    assert (env["CA_ADDRESS"], env["XDS_ADDRESS"], env["EXTRA"]) == (
+        "ca.example:15012",
+        "xds.example:15012",
+        "x",
+    )
     # Helm merges maps: user annotations come in addition to the Prometheus ones (null removes one).
     assert ds["spec"]["template"]["metadata"]["annotations"] == {
         "sidecar.istio.io/inject": "false",
@@ -199,7 +211,11 @@ def test_ztunnel_config_is_accepted_by_ztunnel(helm: Helm) -> None:
     env = {k: v for k, v in env_of(c).items() if isinstance(v, str)}
     cfg = load(c["args"], {**env, "NODE_NAME": "node-1"})
     assert (cfg.node_name, cfg.trust_domain, cfg.drain_seconds) == ("node-1", "cluster.local", 29.0)
-    assert (cfg.readiness_port, cfg.stats_port, cfg.zds_socket) == (15021, 15020, "/var/run/ztunnel/ztunnel.sock")
+    assert (cfg.readiness_port, cfg.stats_port, cfg.zds_socket) == (
+        15021,
+        15020,
+        "/var/run/ztunnel/ztunnel.sock",
+    )
 
 
 def test_ztunnel_has_no_api_access(helm: Helm) -> None:
@@ -222,7 +238,9 @@ def test_cni_rbac_is_exactly_what_the_agent_calls(helm: Helm) -> None:
         ("", "pods", "patch"),  # the ambient.istio.io/redirection annotation
     }
     binding = find(docs, "ClusterRoleBinding", "ambient-cni")
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ambient-cni", "namespace": "istio-system"}]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "ambient-cni", "namespace": "istio-system"}
+    ]
     assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
 
 
@@ -301,7 +319,12 @@ WAYPOINT_RULES = {
     ("gateway.networking.k8s.io", "gateways/status", "patch"),
     *{
         (g, r, v)
-        for g, r in (("", "serviceaccounts"), ("", "services"), ("apps", "deployments"), ("policy", "poddisruptionbudgets"))
+        for g, r in (
+            ("", "serviceaccounts"),
+            ("", "services"),
+            ("apps", "deployments"),
+            ("policy", "poddisruptionbudgets"),
+        )
         for v in ("get", "create", "update", "delete")
     },
 }
@@ -315,12 +338,21 @@ def test_controlplane_rbac_is_exactly_what_it_calls(helm: Helm) -> None:
     assert rules == CONTROLPLANE_RULES
     # Every resource the source watches is granted list+watch (and nothing watched is missing).
     for r in RESOURCES:
+        if r.namespace:
+            continue  # namespaced: a Role (below)
         assert {(r.group, r.plural, "list"), (r.group, r.plural, "watch")} <= rules, r.plural
     assert rbac_rules(find(docs, "ClusterRole", "ambient-controlplane-waypoints")) == WAYPOINT_RULES
-    # No secrets, no configmaps, no wildcards anywhere.
+    # ConfigMaps: list+watch in the root namespace only (the mesh ConfigMap, by name).
+    meshconfig = find(docs, "Role", "ambient-controlplane-meshconfig")
+    assert meshconfig["metadata"]["namespace"] == "istio-system"
+    assert rbac_rules(meshconfig) == {("", "configmaps", "list"), ("", "configmaps", "watch")}
+    binding = find(docs, "RoleBinding", "ambient-controlplane-meshconfig")
+    assert binding["roleRef"]["name"] == "ambient-controlplane-meshconfig"
+    # No secrets, no other configmaps, no wildcards anywhere.
     for role in (d for d in docs if d["kind"] in ("ClusterRole", "Role")):
         for g, res, v in rbac_rules(role):
-            assert "*" not in (g, res, v) and res not in ("secrets", "configmaps")
+            assert "*" not in (g, res, v) and res != "secrets"
+            assert res != "configmaps" or role is meshconfig
     custom = helm.template("controlplane", CUSTOM["controlplane"])
     assert not [d for d in custom if d["metadata"]["name"] == "ambient-controlplane-waypoints"]
 
@@ -435,4 +467,28 @@ def test_every_workload_uses_a_console_script_of_the_package(helm: Helm) -> None
 def test_kubectl_is_installed_next_to_helm() -> None:
     for tool in ("helm", "kubectl"):
         if find_tool(tool) is None:
-            pytest.skip(f"{tool} is not installed: run `bash scripts/dev.sh test` (installs both into .venv/bin)")
+            pytest.skip(
+                f"{tool} is not installed: run `bash scripts/dev.sh test` (installs both into .venv/bin)"
+            )
+
+
+def test_mesh_configmap_carries_extension_providers(helm: Helm) -> None:
+    """values meshConfig.extensionProviders land in the mesh ConfigMap as the control plane reads it."""
+    from mesh.model.meshconfig import ExtAuthzGrpc, MeshConfig
+    from sources.convert import ConvertOptions, convert
+
+    providers = [
+        {
+            "name": "opa",
+            "envoyExtAuthzGrpc": {"service": "opa.opa.svc.cluster.local", "port": 9191, "timeout": "1s"},
+        }
+    ]
+    docs = helm.template("controlplane", {"meshConfig": {"extensionProviders": providers}})
+    cm = find(docs, "ConfigMap", "istio")
+    assert cm["metadata"]["namespace"] == "istio-system"
+    mc = convert(cm, ConvertOptions(reject_unknown_fields=True))
+    assert isinstance(mc, MeshConfig)
+    (opa,) = mc.extension_providers
+    assert opa.ext_authz == ExtAuthzGrpc("opa.opa.svc.cluster.local", 9191, timeout=1.0)
+    plain = convert(find(helm.template("controlplane"), "ConfigMap", "istio"))
+    assert isinstance(plain, MeshConfig) and plain.extension_providers == ()

@@ -29,6 +29,10 @@ Just enough of kube-apiserver for a list+watch client, so tests exercise the rea
   refused as with ``fieldValidation=Strict``): 422 Invalid. ``ownerReferences`` are kept as
   sent (and checked: at most one controller). Every write is recorded in
   :attr:`FakeApiServer.writes`; :attr:`FakeApiServer.fail_writes` injects refusals.
+* Cluster-scoped objects (namespaces, nodes): ``GET /api/v1/{plural}/{name}`` and ``PATCH`` of it
+  (merge or strategic-merge patch, as ``kubectl label`` sends; only ``metadata.labels`` and
+  ``metadata.annotations`` may change, a ``metadata.resourceVersion`` is a precondition).
+  Label keys and values are checked as the real server checks them (422 Invalid), on every write.
 
 One global resourceVersion counter, as etcd has. Thread-safe; everything waits on one
 condition variable, so tests wait for things to happen rather than sleep.
@@ -90,6 +94,7 @@ FAKE_RESOURCES = (
     FakeResource("v1", "Node", "nodes"),
     FakeResource("v1", "Pod", "pods"),
     FakeResource("v1", "Service", "services"),
+    FakeResource("v1", "ConfigMap", "configmaps"),
     FakeResource("discovery.k8s.io/v1", "EndpointSlice", "endpointslices"),
     FakeResource("security.istio.io/v1", "AuthorizationPolicy", "authorizationpolicies"),
     FakeResource("security.istio.io/v1", "PeerAuthentication", "peerauthentications"),
@@ -409,8 +414,11 @@ class FakeApiServer:
             start = int(query["continue"][0]) if "continue" in query else 0
             limit = int(query["limit"][0]) if "limit" in query else 0
             end = start + limit if limit else len(refs)
+            chosen = _field_filter(query)
             items = []
             for ref in refs[start:end]:
+                if not chosen(coll.objects[ref]):
+                    continue
                 item = copy.deepcopy(coll.objects[ref])
                 if res.builtin:
                     item.pop("apiVersion", None)
@@ -422,7 +430,12 @@ class FakeApiServer:
             return {"kind": f"{res.kind}List", "apiVersion": res.api_version, "metadata": md, "items": items}
 
     def _watch_events(
-        self, res: FakeResource, since: int, allow_bookmarks: bool, timeout: float | None
+        self,
+        res: FakeResource,
+        since: int,
+        allow_bookmarks: bool,
+        timeout: float | None,
+        chosen: Callable[[Mapping[str, Any]], bool] = lambda obj: True,
     ) -> Iterator[bytes | None]:
         """Lines to send; None means "drop the connection now"; ends on timeout/close."""
         deadline = time.monotonic() + timeout if timeout else None
@@ -460,7 +473,7 @@ class FakeApiServer:
                         if e in coll.events:
                             coll.events.remove(e)
                     yield e.raw
-                elif e.type != "BOOKMARK" or allow_bookmarks:
+                elif allow_bookmarks if e.type == "BOOKMARK" else chosen(e.obj):
                     yield json.dumps({"type": e.type, "object": e.obj}).encode()
                 with self._cond:
                     self.delivered[res.plural] = max(self.delivered[res.plural], e.rv)
@@ -518,6 +531,9 @@ class FakeApiServer:
         name = md.get("name")
         if not isinstance(name, str) or not _DNS1123_SUBDOMAIN.match(name) or len(name) > 253:
             return f"metadata.name: Invalid value: {name!r}: a lowercase RFC 1123 subdomain is required"
+        bad_label = _label_problem(md.get("labels"))
+        if bad_label is not None:
+            return bad_label
         owners = md.get("ownerReferences") or []
         if sum(bool(o.get("controller")) for o in owners if isinstance(o, Mapping)) > 1:
             return (
@@ -720,6 +736,67 @@ class FakeApiServer:
         out["details"] = {"name": target.name, "kind": target.res.plural, "uid": old["metadata"]["uid"]}
         return 200, out
 
+    def _get_cluster_object(self, res: FakeResource, name: str) -> tuple[int, dict[str, Any]]:
+        with self._cond:
+            obj = self._collections[res.plural].objects.get(name)
+            if obj is None:
+                return 404, _status(404, "NotFound", f'{res.plural} "{name}" not found')
+            out = copy.deepcopy(obj)
+            out.setdefault("apiVersion", res.api_version)
+            out.setdefault("kind", res.kind)
+            return 200, out
+
+    def _patch_cluster_object(
+        self, res: FakeResource, name: str, content_type: str, body: Any
+    ) -> tuple[int, dict[str, Any]]:
+        """A merge patch of a namespace's or node's labels/annotations (``kubectl label``)."""
+        merge_types = ("application/merge-patch+json", "application/strategic-merge-patch+json")
+        with self._cond:
+            self.patches.append(Patch(f"/api/v1/{res.plural}/{name}", content_type, body))
+
+            def answer(code: int, out: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+                self.writes.append(Write("PATCH", res.plural, name, "", code))
+                self._cond.notify_all()
+                return code, out
+
+            coll = self._collections[res.plural]
+            obj = coll.objects.get(name)
+            if content_type not in merge_types:
+                return answer(415, _status(415, "UnsupportedMediaType", content_type))
+            if not isinstance(body, Mapping):
+                return answer(400, _status(400, "BadRequest", "body is not a JSON object"))
+            if obj is None:
+                return answer(404, _status(404, "NotFound", f'{res.plural} "{name}" not found'))
+            md = body.get("metadata") or {}
+            if set(body) - {"metadata", "apiVersion", "kind"} or not isinstance(md, Mapping):
+                return answer(422, _status(422, "Invalid", "the fake patches metadata only"))
+            if set(md) - {"labels", "annotations", "resourceVersion", "name"} or md.get("name", name) != name:
+                return answer(
+                    422, _status(422, "Invalid", f"{res.kind} {name!r}: only labels/annotations may change")
+                )
+            rv = md.get("resourceVersion")
+            if rv and rv != obj["metadata"]["resourceVersion"]:
+                return answer(
+                    409,
+                    _status(
+                        409,
+                        "Conflict",
+                        f'Operation cannot be fulfilled on {res.plural} "{name}": the object has been modified; '
+                        "please apply your changes to the latest version and try again",
+                    ),
+                )
+            patched = _merge(
+                obj, {"metadata": {k: v for k, v in md.items() if k in ("labels", "annotations")}}
+            )
+            bad = _label_problem(patched["metadata"].get("labels"))
+            if bad is not None:
+                return answer(422, _status(422, "Invalid", f'{res.kind} "{name}" is invalid: {bad}'))
+            self._rv += 1
+            patched["metadata"]["resourceVersion"] = str(self._rv)
+            coll.objects[name] = patched
+            coll.events.append(_Event(self._rv, "MODIFIED", patched))
+            return answer(200, copy.deepcopy(patched))
+
     def _patch_status(self, path: str, content_type: str, body: Any) -> tuple[int, dict[str, Any]]:
         # /apis/{group}/{version}/namespaces/{ns}/{plural}/{name}/status, or a pod's metadata:
         # /api/v1/namespaces/{ns}/pods/{name} (the cni agent's redirection annotation)
@@ -777,6 +854,41 @@ class _Target:
         return f"{self.namespace}/{self.name}"
 
 
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
+
+
+def _label_problem(labels: Any) -> str | None:
+    """Why kube-apiserver refuses these ``metadata.labels`` (qualified-name keys, values of at
+    most 63 characters), or None."""
+    if labels is None:
+        return None
+    if not isinstance(labels, Mapping):
+        return "metadata.labels: Invalid value: must be a map of strings"
+    for k, v in labels.items():
+        prefix, _, name = str(k).rpartition("/")
+        if (
+            not name
+            or len(name) > 63
+            or not _LABEL_NAME.match(name)
+            or (prefix and (len(prefix) > 253 or not _DNS1123_SUBDOMAIN.match(prefix)))
+        ):
+            return f"metadata.labels: Invalid value: {k!r}: name part must consist of alphanumeric characters"
+        if not isinstance(v, str) or len(v) > 63 or not _LABEL_NAME.match(v):
+            return (
+                f"metadata.labels: Invalid value: {v!r}: a valid label must be an empty string or consist of "
+                "alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character"
+            )
+    return None
+
+
+def _cluster_route(path: str) -> tuple[FakeResource, str] | None:
+    """``/api/v1/{namespaces|nodes}/{name}``: one cluster-scoped object."""
+    parts = path.strip("/").split("/")
+    if len(parts) == 4 and parts[:2] == ["api", "v1"] and parts[2] in ("namespaces", "nodes"):
+        return _BY_PLURAL[parts[2]], parts[3]
+    return None
+
+
 def _route(path: str) -> _Target | None:
     """``/api/v1/namespaces/{ns}/{plural}[/{name}[/status]]`` or the same under
     ``/apis/{group}/{version}``; None for anything else."""
@@ -796,6 +908,27 @@ def _route(path: str) -> _Target | None:
     if sub not in ("", "status"):
         return None
     return _Target(res, rest[1], rest[3] if len(rest) >= 4 else "", sub)
+
+
+def _field_filter(
+    query: Mapping[str, list[str]], in_namespace: str | None = None
+) -> Callable[[Mapping[str, Any]], bool]:
+    """A list/watch's ``fieldSelector`` (``metadata.name``/``metadata.namespace`` equality, which
+    kube-apiserver supports on every resource), and the namespace of a namespaced request."""
+    fields = _selector(query.get("fieldSelector", [""])[0]) or {}
+    name, namespace = fields.get("metadata.name"), fields.get("metadata.namespace")
+    if in_namespace is not None:
+        if namespace not in (None, in_namespace):
+            return lambda obj: False
+        namespace = in_namespace
+
+    def chosen(obj: Mapping[str, Any]) -> bool:
+        md = obj.get("metadata") or {}
+        return (name is None or md.get("name") == name) and (
+            namespace is None or md.get("namespace") == namespace
+        )
+
+    return chosen
 
 
 def _selector(text: str) -> dict[str, str] | None:
@@ -906,6 +1039,10 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         query = parse_qs(url.query)
         res = _BY_PATH.get(url.path)
+        cluster = _cluster_route(url.path)
+        if cluster is not None:
+            self._send_json(*self.fake._get_cluster_object(*cluster))
+            return
         if res is None:
             target = _route(url.path)
             if target is None:
@@ -915,7 +1052,7 @@ class _Handler(BaseHTTPRequestHandler):
             elif target.name:
                 self._send_json(*self.fake._get_object(target))
             elif query.get("watch", ["false"])[0] in ("true", "1"):
-                self._send_json(400, _status(400, "BadRequest", "the fake watches whole collections only"))
+                self._watch(target.res, query, target.namespace)
             else:
                 self._send_json(*self.fake._list_namespaced(target, query))
             return
@@ -925,6 +1062,10 @@ class _Handler(BaseHTTPRequestHandler):
         if query.get("watch", ["false"])[0] not in ("true", "1"):
             self._send_json(200, self.fake._list(res, query))
             return
+        self._watch(res, query)
+
+    def _watch(self, res: FakeResource, query: Mapping[str, list[str]], namespace: str | None = None) -> None:
+        """A watch of a collection, or of its objects in ``namespace``."""
         rv_text = query.get("resourceVersion", [""])[0]
         allow = query.get("allowWatchBookmarks", ["false"])[0] in ("true", "True", "1")
         timeout = int(query["timeoutSeconds"][0]) if "timeoutSeconds" in query else None
@@ -949,7 +1090,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._end()
             return
         try:
-            for line in fake._watch_events(res, since, allow, timeout):
+            for line in fake._watch_events(res, since, allow, timeout, _field_filter(query, namespace)):
                 if line is None:  # drop: no terminating chunk, connection cut
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
@@ -1023,5 +1164,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(400, _status(400, "BadRequest", "body is not JSON"))
             return
         content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip()
+        cluster = _cluster_route(urlsplit(self.path).path)
+        if cluster is not None:
+            self._send_json(*self.fake._patch_cluster_object(*cluster, content_type, body))
+            return
         code, out = self.fake._patch_status(urlsplit(self.path).path, content_type, body)
         self._send_json(code, out)

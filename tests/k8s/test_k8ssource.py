@@ -519,3 +519,51 @@ def test_error_event_other_than_gone_backs_off_and_resumes(fake: FakeApiServer, 
         assert sum(p == "pods" for p, _ in fake.list_requests) == 1
     failures = [e for e in logs if e["event"] == "kubernetes watch failed, retrying"]
     assert any("500" in e["error"] for e in failures)
+
+
+# --- the mesh ConfigMap -------------------------------------------------------------------------
+
+
+def _configmap(name: str, ns: str, mesh: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": ns},
+        "data": {"mesh": mesh},
+    }
+
+
+def test_mesh_configmap_extension_providers(fake: FakeApiServer, store: Store) -> None:
+    providers = "extensionProviders:\n- name: opa\n  envoyExtAuthzGrpc: {service: opa.authz.svc.cluster.local, port: 9191}\n"
+    fake.add(_configmap("istio", "istio-system", providers))
+    fake.add(_configmap("istio", "shop", providers.replace("opa", "other")))  # not the root namespace
+    fake.add(_configmap("app-settings", "istio-system", "x: 1"))  # not the mesh's
+    with running(fake, store):
+        s = wait_store(store, lambda s: s.extension_provider("opa") is not None)
+        assert list(s.mesh_configs) == ["istio-system/istio"]
+        assert s.extension_provider("other") is None
+        # Only the root namespace is watched (a Role there suffices), by name, as istiod does:
+        # the ConfigMap "istio" of namespace shop above never arrives.
+        assert any(w.plural == "configmaps" for w in fake.watch_requests)
+
+        # An edit that breaks it is refused and the last good providers stay (named in the log).
+        with capture_logs() as logs:
+            fake.modify(
+                _configmap(
+                    "istio",
+                    "istio-system",
+                    "extensionProviders:\n- name: opa\n  envoyExtAuthzGrpc: {port: 1}\n",
+                )
+            )
+            deadline = time.monotonic() + 5
+            while not any(e.get("field", "").endswith("envoyExtAuthzGrpc.service") for e in logs):
+                assert time.monotonic() < deadline, logs
+                time.sleep(0.02)
+        assert store.snapshot().extension_provider("opa") is not None
+
+        fake.modify(_configmap("istio", "istio-system", providers.replace("opa", "opa2")))
+        wait_store(
+            store, lambda s: s.extension_provider("opa2") is not None and s.extension_provider("opa") is None
+        )
+        fake.delete(_configmap("istio", "istio-system", ""))
+        wait_store(store, lambda s: not s.mesh_configs)

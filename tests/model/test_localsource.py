@@ -131,6 +131,15 @@ spec:
   action: DENY
   rules: [{from: [{source: {namespaces: [evil]}}]}]
 ---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |
+    extensionProviders:
+    - name: opa
+      envoyExtAuthzGrpc: {service: opa.authz.svc.cluster.local, port: 9191}
+---
 apiVersion: security.istio.io/v1
 kind: RequestAuthentication
 metadata: {name: jwt, namespace: shop}
@@ -187,7 +196,10 @@ def test_every_kind(tmp_path: Path) -> None:
         Kind.PEER_AUTHENTICATION: 1,
         Kind.AUTHORIZATION_POLICY: 1,
         Kind.REQUEST_AUTHENTICATION: 1,
+        Kind.MESH_CONFIG: 1,
     }
+    opa = snap.extension_provider("opa")
+    assert opa is not None and opa.kind == "envoyExtAuthzGrpc"
     web1 = snap.workload_by_name("shop", "web-1")
     assert web1 is not None
     assert web1.tunnel_protocol is TunnelProtocol.HBONE
@@ -235,7 +247,7 @@ def test_unknown_kinds_are_ignored_with_a_warning() -> None:
     warnings = [e for e in logs if e["log_level"] == "warning"]
     assert len(warnings) == 1
     w = warnings[0]
-    assert w["event"] == "local config: ignored an object of unknown kind"
+    assert w["event"] == "local config: ignored a ConfigMap (only istio-system/istio, the mesh config, is read)"
     assert (w["kind"], w["document"], w["name"], w["source"]) == ("ConfigMap", 0, "shop/cfg", "f.yaml")
 
 

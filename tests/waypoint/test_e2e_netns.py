@@ -15,12 +15,13 @@ import datetime as dt
 import re
 import socket
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
+from controlplane.jwks import JwksCache
 from mesh.hbone.client import ConnectRefused, open_connection
 from mesh.identity import Identity
 from mesh.model import (
@@ -42,7 +43,10 @@ from mesh.model import (
     WaypointRef,
     WorkloadSelector,
 )
+from mesh.model.policy import JwtHeader, JwtRule
 from mesh.tls import client_context
+from mesh.xds.state import ProxySnapshot, ProxyState
+from tests.controlplane.test_jwks import Jwks
 from tests.netns.mesh import TRUST_DOMAIN, Mesh
 from tests.netns.topology import Pod, Topology
 from tests.waypoint.conftest import H1Backend, H1Client, H2Backend, H2Client
@@ -174,10 +178,21 @@ def topo() -> Iterator[tuple[Topology, Pods]]:
         assert not errors, errors
 
 
+@pytest.fixture(scope="module")
+def jwks_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jwks]:
+    """An HTTPS JWKS endpoint on the host's loopback, where the control plane fetches keys."""
+    server = Jwks(tmp_path_factory.mktemp("jwks"))
+    try:
+        yield server
+    finally:
+        server.close()
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def env(topo: tuple[Topology, Pods]) -> AsyncIterator[Env]:
+async def env(topo: tuple[Topology, Pods], jwks_server: Jwks) -> AsyncIterator[Env]:
     t, p = topo
     m = Mesh(t, cert_ttl=dt.timedelta(hours=1))
+    m.discovery.jwks = JwksCache(m.store, refresh=0.2, ssl_context=jwks_server.trust())
     m.extra = list(BASE)
     web_h1, web_h2, api_h1 = H1Backend(), H2Backend(), H1Backend()
     try:
@@ -386,7 +401,9 @@ async def test_a_per_account_waypoint_serves_only_its_account(env: Env) -> None:
 async def test_strict_mode_only_the_waypoint_and_the_original_identity(env: Env) -> None:
     p = env.pods
     strict = Namespace(
-        "shop", annotations={"ambient-mesh.io/waypoint-mode": "strict"}, waypoint=WaypointRef("waypoint", "shop")
+        "shop",
+        annotations={"ambient-mesh.io/waypoint-mode": "strict"},
+        waypoint=WaypointRef("waypoint", "shop"),
     )
     only_frontend = AuthorizationPolicy(
         namespace="shop",
@@ -486,4 +503,91 @@ async def test_jwt_through_the_waypoint(env: Env) -> None:
         finally:
             await c.close()
     finally:
+        await env.apply()
+
+
+async def state_until(state: ProxyState, predicate: Callable[[ProxySnapshot], bool]) -> None:
+    """Wait until a proxy's state satisfies ``predicate`` (its next changes are watched)."""
+    changed = asyncio.Event()
+    unsubscribe = state.subscribe(lambda _v: changed.set())
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            while not predicate(state.snapshot()):
+                await changed.wait()
+                changed.clear()
+    finally:
+        unsubscribe()
+
+
+async def test_jwt_keys_from_an_https_jwks_server_through_the_waypoint(env: Env, jwks_server: Jwks) -> None:
+    """jwksUri: the control plane fetches the keys over HTTPS, the waypoint gets them through
+    discovery; every kind of token gets its status through the real waypoint, and a key rotated
+    in at the server is honoured once fetched."""
+    import jwt as pyjwt
+
+    from tests.waypoint.test_jwt import EC_KEY, ISS, OTHER_KEY, RSA_KEY, jwks, token
+
+    jwks_server.doc = jwks((RSA_KEY, "k1"), (EC_KEY, "k2"))
+    rule = JwtRule(
+        issuer=ISS,
+        audiences=("shop",),
+        jwks_uri=jwks_server.uri,
+        from_headers=(JwtHeader("authorization", "Bearer "), JwtHeader("x-jwt")),
+        from_params=("access_token",),
+    )
+    authn = RequestAuthentication(
+        namespace="shop",
+        name="jwt-https",
+        target_refs=(PolicyTargetRef("Service", "web"),),
+        jwt_rules=(rule,),
+    )
+    need_user = targeting(
+        "me-needs-a-user", "Service", "web", DENY,
+        Rule(from_=(RuleFrom(Source(not_request_principals=("*",))),), to=(RuleTo(Operation(paths=("/me",))),)),
+    )  # fmt: skip
+
+    def has_keys(doc: str) -> Callable[[ProxySnapshot], bool]:
+        def check(s: ProxySnapshot) -> bool:
+            a = s.waypoint_authentications.get("shop/jwt-https")
+            return a is not None and a.jwks_by_uri.get(jwks_server.uri) == doc
+
+        return check
+
+    c: H1Client | None = None
+    try:
+        await env.apply(authn, need_user)
+        await state_until(env.waypoint.state, has_keys(jwks_server.doc))
+        c = await h1(env, env.pods.frontend, WEB_VIP)
+
+        async def status(path: str = "/me", **headers: str) -> int:
+            assert c is not None
+            resp, _ = await c.request(
+                "GET", path, headers=[(k.replace("_", "-"), v) for k, v in headers.items()]
+            )
+            return int(resp.status_code)
+
+        good = token()
+        tampered = good[:-4] + ("AAAA" if not good.endswith("AAAA") else "BBBB")
+        assert await status() == 403  # no token: no principal
+        assert await status(authorization=f"Bearer {good}") == 200
+        assert await status(authorization=f"Bearer {token(EC_KEY, 'k2', 'ES256')}") == 200
+        assert await status(x_jwt=good) == 200  # a custom header
+        assert await status(f"/me?access_token={good}") == 200  # a query parameter
+        for bad in (
+            token(exp=1),  # expired
+            token(iss="https://elsewhere"),  # an issuer no rule names
+            token(aud="other"),  # wrong audience
+            tampered,
+            pyjwt.encode({"iss": ISS, "sub": "mallory", "aud": "shop"}, None, algorithm="none"),
+            token(OTHER_KEY, "k9"),  # a kid the keys do not have (yet)
+        ):
+            assert await status(authorization=f"Bearer {bad}") == 401, bad
+        # Rotation at the issuer: once the control plane has fetched it, the new key works.
+        jwks_server.doc = jwks((RSA_KEY, "k1"), (OTHER_KEY, "k9"))
+        await state_until(env.waypoint.state, has_keys(jwks_server.doc))
+        assert await status(authorization=f"Bearer {token(OTHER_KEY, 'k9')}") == 200
+        assert await status(authorization=f"Bearer {token(EC_KEY, 'k2', 'ES256')}") == 401  # rotated out
+    finally:
+        if c is not None:
+            await c.close()
         await env.apply()

@@ -214,7 +214,11 @@ async def test_chunked_upload_is_streamed(h1_backend: H1Backend) -> None:
 
     h1_backend.on_body = progress
     async with client_via_proxy(app) as c:
-        c.send(h11.Request(method="POST", target="/upload", headers=[("host", "svc"), ("transfer-encoding", "chunked")]))
+        c.send(
+            h11.Request(
+                method="POST", target="/upload", headers=[("host", "svc"), ("transfer-encoding", "chunked")]
+            )
+        )
         for _ in range(16):
             c.send(h11.Data(data=chunk))
             await c.s.drain()
@@ -356,3 +360,71 @@ async def test_connect_method_is_405(h1_backend: H1Backend) -> None:
     assert app.heads == []
     records = await app.wait_records(1)
     assert records[0].status == 405
+
+
+# --- ReadBody: deciding after the body (ext_authz includeRequestBodyInCheck) ---------------------
+
+
+def reading(limit: int, partial: bool, seen: list[tuple[bytes, bool]], allow: bool = True) -> object:
+    from waypoint.request import ReadBody
+
+    async def then(body: bytes, complete: bool) -> Verdict:
+        seen.append((body, complete))
+        return Forward("k") if allow else deny("body says no")
+
+    return lambda head: ReadBody(limit, partial, then)
+
+
+async def test_read_body_then_forward_the_whole_body(h1_backend: H1Backend) -> None:
+    seen: list[tuple[bytes, bool]] = []
+    app = App(h1_backend.port, decide=reading(10, False, seen))  # type: ignore[arg-type]
+    async with client_via_proxy(app) as c:
+        resp, body = await c.request("POST", "/small", body=b"hello")
+        assert (resp.status_code, body) == (200, b"POST /small 5")
+        resp, body = await c.request("GET", "/empty")
+        assert resp.status_code == 200
+        resp, body = await c.request("POST", "/big", body=b"x" * 11)
+        assert (resp.status_code, body) == (413, b"Payload Too Large")  # over the limit, not partial
+        resp, body = await c.request("GET", "/after")  # the connection is still good
+        assert resp.status_code == 200
+    assert seen == [(b"hello", True), (b"", True), (b"", True)]
+    assert [r.body for r in h1_backend.requests] == [b"hello", b"", b""]
+
+
+async def test_read_body_partial_and_chunked(h1_backend: H1Backend) -> None:
+    seen: list[tuple[bytes, bool]] = []
+    app = App(h1_backend.port, decide=reading(4, True, seen))  # type: ignore[arg-type]
+    async with client_via_proxy(app) as c:
+        c.send(
+            h11.Request(
+                method="POST", target="/chunks", headers=[("host", "svc"), ("transfer-encoding", "chunked")]
+            )
+        )
+        for part in (b"ab", b"cd", b"ef", b"gh"):
+            c.send(h11.Data(data=part))
+        c.send(h11.EndOfMessage())
+        await c.s.drain()
+        resp, body = await c.response()
+    assert (resp.status_code, body) == (200, b"POST /chunks 8")
+    assert seen == [(b"abcd", False)]  # the first limit bytes; the authorizer is told it is partial
+    assert h1_backend.requests[0].body == b"abcdefgh"  # forwarded whole
+
+
+async def test_read_body_denied_and_100_continue(h1_backend: H1Backend) -> None:
+    seen: list[tuple[bytes, bool]] = []
+    app = App(h1_backend.port, decide=reading(100, False, seen, allow=False))  # type: ignore[arg-type]
+    async with client_via_proxy(app) as c:
+        c.send(
+            h11.Request(
+                method="PUT",
+                target="/x",
+                headers=[("host", "svc"), ("content-length", "4"), ("expect", "100-continue")],
+            )
+        )
+        await c.s.drain()
+        ev = await asyncio.wait_for(next_event(c), TIMEOUT)
+        assert isinstance(ev, h11.InformationalResponse) and ev.status_code == 100  # asked for the body
+        c.send(h11.Data(data=b"body"), h11.EndOfMessage())
+        resp, body = await c.response()
+    assert (resp.status_code, body) == (403, b"body says no")
+    assert seen == [(b"body", True)] and not h1_backend.requests

@@ -29,7 +29,9 @@ from waypoint.request import RBAC_DENIED, Forward, RequestHead, Verdict, deny
 @contextlib.asynccontextmanager
 async def h2_proxy(app: App, **kw: Any) -> AsyncIterator[Listener]:
     async def serve(s: TcpByteStream) -> None:
-        await serve_http2(s, on_request=app.on_request, open_upstream=app.open_upstream, on_done=app.on_done, **kw)
+        await serve_http2(
+            s, on_request=app.on_request, open_upstream=app.open_upstream, on_done=app.on_done, **kw
+        )
 
     async with listening(serve) as lst:
         yield lst
@@ -122,7 +124,12 @@ async def test_shared_pool_across_downstream_connections(h2_backend: H2Backend) 
 
 async def test_path_rewrite_and_headers(h2_backend: H2Backend) -> None:
     def decide(head: RequestHead) -> Verdict:
-        return Forward("k", path="/v2" + head.path, add_headers=(("x-added", "1"),), remove_headers=frozenset({"x-secret"}))
+        return Forward(
+            "k",
+            path="/v2" + head.path,
+            add_headers=(("x-added", "1"),),
+            remove_headers=frozenset({"x-secret"}),
+        )
 
     app = App(h2_backend.port, decide=decide)
     async with client_via_proxy(app) as c:
@@ -195,8 +202,9 @@ async def test_flow_control_acknowledges_only_what_was_forwarded(h2_backend: H2B
                 c.peer.flush()
                 acks = sum(isinstance(e, h2.events.PingAckReceived) for e in c.peer.stream_events(0))
                 await c.peer.wait_for(
-                    lambda acks=acks: sum(isinstance(e, h2.events.PingAckReceived) for e in c.peer.stream_events(0))
-                    > acks
+                    lambda acks=acks: (
+                        sum(isinstance(e, h2.events.PingAckReceived) for e in c.peer.stream_events(0)) > acks
+                    )
                 )
             # The proxy's stream window plus what it forwarded into the origin's window, no more.
             assert h2_backend.received <= window
@@ -257,3 +265,43 @@ async def test_garbage_closes_connection(h2_backend: H2Backend) -> None:
         s.close()
         await s.wait_closed()
     assert app.heads == []
+
+
+# --- ReadBody: deciding after the body (ext_authz includeRequestBodyInCheck) ---------------------
+
+
+def reading(limit: int, partial: bool, seen: list[tuple[bytes, bool]]) -> object:
+    from waypoint.request import ReadBody
+
+    async def then(body: bytes, complete: bool) -> Verdict:
+        seen.append((body, complete))
+        return deny("no") if body.startswith(b"deny") else Forward("k")
+
+    return lambda head: ReadBody(limit, partial, then)
+
+
+async def test_read_body_then_forward(h2_backend: H2Backend) -> None:
+    seen: list[tuple[bytes, bool]] = []
+    app = App(h2_backend.port, decide=reading(100_000, False, seen))  # type: ignore[arg-type]
+    big = os.urandom(90_000)  # more than the client's initial window: read while held
+    async with client_via_proxy(app) as c:
+        r = await c.request("POST", "/a", body=big)
+        assert r.headers[":status"] == "200" and r.body == b"POST /a 90000"
+        r = await c.request("GET", "/b")
+        assert r.headers[":status"] == "200"
+        r = await c.request("POST", "/c", body=b"deny me")
+        assert (r.headers[":status"], r.body) == ("403", b"no")
+        r = await c.request("POST", "/d", body=b"x" * 100_001)
+        assert (r.headers[":status"], r.body) == ("413", b"Payload Too Large")
+    assert seen == [(big, True), (b"", True), (b"deny me", True)]
+    assert h2_backend.requests[0][1] == big  # forwarded whole
+
+
+async def test_read_body_partial(h2_backend: H2Backend) -> None:
+    seen: list[tuple[bytes, bool]] = []
+    app = App(h2_backend.port, decide=reading(10, True, seen))  # type: ignore[arg-type]
+    async with client_via_proxy(app) as c:
+        r = await c.request("POST", "/p", body=b"0123456789abcdef")
+    assert r.headers[":status"] == "200" and r.body == b"POST /p 16"
+    assert seen == [(b"0123456789", False)]
+    assert h2_backend.requests[0][1] == b"0123456789abcdef"
