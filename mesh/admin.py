@@ -2,6 +2,12 @@
 
 Enough HTTP for curl, Prometheus, kubelet and ``ambientctl``: GET and POST (a request body is
 read and ignored; the query carries the arguments), one request per connection.
+
+Each server holds at most ``MAX_CONNECTIONS`` connections (stats and readiness listen on every
+address). At the cap, a new connection evicts the oldest one that has not sent its request yet
+(reset), so a flood of idle connections cannot keep kubelet's probe or Prometheus out: a real
+client sends its request at once and is answered before the flood catches up with it. If every
+held connection is being answered, the new one is reset.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any
 import structlog
 
 from mesh import log as meshlog
+from mesh.hbone.relay import rst_on_close
 
 log = structlog.get_logger(__name__)
 
@@ -44,6 +51,8 @@ def json_response(data: object, status: int = 200) -> Response:
 
 
 MAX_BODY = 64 * 1024
+MAX_CONNECTIONS = 64  # per server
+HEAD_TIMEOUT = 10.0  # to send the request head
 DEFAULT_LEVEL = "info"
 
 
@@ -82,16 +91,34 @@ async def _drain_body(reader: asyncio.StreamReader, head: bytes) -> None:
             except ValueError:
                 return
             if 0 < length <= MAX_BODY:
-                async with asyncio.timeout(10):
+                async with asyncio.timeout(HEAD_TIMEOUT):
                     await reader.readexactly(length)
             return
 
 
 class HttpServer:
-    def __init__(self, routes: dict[str, Route], name: str) -> None:
+    def __init__(self, routes: dict[str, Route], name: str, *, max_connections: int = MAX_CONNECTIONS) -> None:
         self.routes = routes
         self.name = name
         self.server: asyncio.Server | None = None
+        self.max_connections = max_connections
+        self._waiting: dict[asyncio.StreamWriter, None] = {}  # no request yet, oldest first
+        self._answering = 0
+        self.evicted = 0  # lifetime count of connections reset at the cap
+
+    def _admit(self, writer: asyncio.StreamWriter) -> bool:
+        """Make room for ``writer`` (evicting the oldest idle connection at the cap)."""
+        if len(self._waiting) + self._answering >= self.max_connections:
+            if not self._waiting:
+                _reset(writer)
+                self.evicted += 1
+                return False
+            oldest = next(iter(self._waiting))
+            del self._waiting[oldest]
+            _reset(oldest)
+            self.evicted += 1
+        self._waiting[writer] = None
+        return True
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         self.server = await asyncio.start_server(self._serve, host, port)
@@ -99,11 +126,20 @@ class HttpServer:
         return addr[0], addr[1]
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self._admit(writer):
+            return
+        answering = False
         try:
-            async with asyncio.timeout(10):
+            async with asyncio.timeout(HEAD_TIMEOUT):
                 head = await reader.readuntil(b"\r\n\r\n")
-            line = head.split(b"\r\n", 1)[0].decode("latin-1")
             await _drain_body(reader, head)
+            if writer not in self._waiting:
+                return  # evicted while its request was arriving
+            # The whole request is in: answered now, and no longer evictable.
+            del self._waiting[writer]
+            answering = True
+            self._answering += 1
+            line = head.split(b"\r\n", 1)[0].decode("latin-1")
             parts = line.split(" ")
             if len(parts) != 3:
                 resp = Response(400, b"bad request line\n")
@@ -128,6 +164,9 @@ class HttpServer:
         except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
         finally:
+            self._waiting.pop(writer, None)
+            if answering:
+                self._answering -= 1
             writer.close()
             try:
                 await writer.wait_closed()
@@ -138,6 +177,11 @@ class HttpServer:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    rst_on_close(writer.get_extra_info("socket"))
+    writer.transport.abort()
 
 
 async def start_proxy_servers(

@@ -28,6 +28,7 @@ from mesh.pki import (
     make_csr,
 )
 from mesh.proto import ca_pb2, ca_pb2_grpc
+from mesh.xds.channel import CONTROL_PLANE_CHANNEL_OPTIONS
 
 
 class CaError(Exception):
@@ -60,6 +61,11 @@ class GrpcCaClient:
     The token is re-read on every call because its owner (kubelet, or the local control plane)
     rotates it in place. The channel is made on first use, inside the running event loop,
     which grpc.aio channels are bound to; :meth:`close` releases it.
+
+    While the CA is unreachable a call fails at once (UNAVAILABLE, with the reason: refused,
+    or TLS); the channel keeps probing at most every second (:mod:`mesh.xds.channel`), so the
+    first retry after the control plane's return finds it connected. The certificate manager
+    retries at once when discovery reconnects (:meth:`mesh.certs.CertManager.retry_failed`).
     """
 
     def __init__(
@@ -87,7 +93,9 @@ class GrpcCaClient:
         if self._stub is None:
             creds = grpc.ssl_channel_credentials(root_certificates=self._roots)
             self._channel = grpc.aio.secure_channel(
-                self.address, creds, options=[("grpc.ssl_target_name_override", self.tls_server_name)]
+                self.address,
+                creds,
+                options=[("grpc.ssl_target_name_override", self.tls_server_name), *CONTROL_PLANE_CHANNEL_OPTIONS],
             )
             self._stub = ca_pb2_grpc.IstioCertificateServiceStub(self._channel)
         return self._stub

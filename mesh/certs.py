@@ -4,7 +4,11 @@
   reference counts); the last pod leaving drops the certificate and stops its refresher.
 * Each identity has one refresher task: fetch through the ``CaClient`` (which impersonates the
   identity with the node credential), then sleep until half the certificate's lifetime and
-  fetch again. Failures back off 500 ms, 1 s, 2 s … up to 150 s. At most 8 fetches run at once.
+  fetch again. Failures back off 500 ms, 1 s, 2 s … up to 150 s; a sign of life from the
+  control plane (discovery reconnected: :meth:`CertManager.retry_failed`) retries at once and
+  starts the backoff over. At most 8 fetches run at once.
+* Not ready (:attr:`CertManager.ready`) while an identity has no certificate, or has one that
+  expired or will expire before the next attempt to renew it (renewal failing).
 * A rotation only builds new TLS contexts for *new* connections; established connections keep
   the SSL objects they were made with, so nothing in flight breaks.
 """
@@ -71,15 +75,27 @@ class _Entry:
         self.wake = asyncio.Event()  # force an early refresh
         self.last_error = ""
         self.rotations = 0
+        self.failures = 0  # fetches that failed, over the entry's life
+        self.retry_at: dt.datetime | None = None  # next attempt, while renewal is failing
 
-    async def sleep(self, delay: float) -> None:
-        """Wait ``delay`` seconds, or less if ``wake`` is set meanwhile."""
+    async def sleep(self, delay: float) -> bool:
+        """Wait ``delay`` seconds, or less if ``wake`` is set meanwhile (then True)."""
         self.wake.clear()
         try:
             async with asyncio.timeout(delay):
                 await self.wake.wait()
         except TimeoutError:
-            pass
+            return False
+        return True
+
+    def healthy(self, now: dt.datetime) -> bool:
+        """Has a certificate that is valid now and, if renewing fails, until the next attempt."""
+        if self.certs is None:
+            return False
+        not_after = self.certs.credential.not_after
+        if not_after <= now:
+            return False
+        return not (self.last_error and self.retry_at is not None and self.retry_at >= not_after)
 
 
 class CertManager:
@@ -97,7 +113,7 @@ class CertManager:
         self._now = now
         self._entries: dict[Identity, _Entry] = {}
         self._tasks = Supervisor("certs")
-        self.changed = asyncio.Event()  # pulsed on every new certificate (readiness waits on it)
+        self.changed = asyncio.Event()  # pulsed on every fetch's outcome: a certificate or a failure
         self._subscribers: list[Callable[[Identity, Certs], None]] = []
 
     def subscribe(self, cb: Callable[[Identity, Certs], None]) -> Callable[[], None]:
@@ -145,6 +161,24 @@ class CertManager:
         async with asyncio.timeout(timeout):
             return await asyncio.shield(e.first)
 
+    def retry_failed(self) -> None:
+        """The control plane showed life (discovery reconnected): every identity whose fetch is
+        failing retries now, its backoff started over, instead of sleeping up to 150 s."""
+        for e in self._entries.values():
+            if e.last_error:
+                e.wake.set()
+
+    def status(self) -> list[tuple[Identity, float | None, int]]:
+        """(identity, seconds until its certificate expires or None, failed fetches) for metrics."""
+        now = self._now()
+        out = []
+        for ident, e in self._entries.items():
+            left = None
+            if e.certs is not None:
+                left = (e.certs.credential.not_after - now).total_seconds()
+            out.append((ident, left, e.failures))
+        return out
+
     def refresh_now(self, identity: Identity) -> None:
         """Rotate ``identity``'s certificate early (admin / tests)."""
         e = self._entries.get(identity)
@@ -153,7 +187,8 @@ class CertManager:
 
     @property
     def ready(self) -> bool:
-        return all(e.certs is not None for e in self._entries.values())
+        now = self._now()
+        return all(e.healthy(now) for e in self._entries.values())
 
     # -- refreshing -----------------------------------------------------------------------------
 
@@ -169,11 +204,16 @@ class CertManager:
             except (CaError, OSError, ssl.SSLError, ValueError) as err:
                 delay = self._backoff(attempt)
                 e.last_error = str(err)
+                e.failures += 1
+                e.retry_at = self._now() + dt.timedelta(seconds=delay)
                 log.warning(
                     "certificate fetch failed", identity=str(identity), error=str(err), retry_in_s=delay
                 )
+                self.changed.set()
+                self.changed.clear()
                 attempt += 1
-                await e.sleep(delay)
+                if await e.sleep(delay):
+                    attempt = 0  # woken: a sign of life, or an early refresh asked for
 
     async def _refresher(self, identity: Identity, e: _Entry) -> None:
         while True:
@@ -181,6 +221,7 @@ class CertManager:
             rotated = e.certs is not None
             e.certs = certs
             e.last_error = ""
+            e.retry_at = None
             if rotated:
                 e.rotations += 1
             if not e.first.done():

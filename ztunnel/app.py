@@ -20,13 +20,17 @@ from mesh.caclient import CaClient
 from mesh.certs import CertManager
 from mesh.pki import PkiError, load_pem_certs
 from mesh.tasks import Supervisor
+from mesh.xds.client import XdsClient
 from mesh.xds.dump import to_json
 from mesh.xds.state import ProxyState
 from ztunnel.inpod import FactoryMaker, Ports, WorkloadManager, ZdsClient, netns_factory
 from ztunnel.metrics import Metrics
+from ztunnel.prefetch import CertPrefetch
 from ztunnel.state import NodeContext
 
 log = structlog.get_logger(__name__)
+
+ACCESS_LOG_INTERVAL = 300.0  # seconds between the access-log lines of a connection still open
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +72,7 @@ class Ztunnel:
         make_factory: FactoryMaker = netns_factory,
         process_metrics: bool = False,
         prefer_same_node: bool = True,
+        access_log_interval: float = ACCESS_LOG_INTERVAL,
     ) -> None:
         self.state = state
         self.certs = CertManager(ca)
@@ -76,16 +81,26 @@ class Ztunnel:
             node, trust_domain, state, self.certs, self.metrics, prefer_same_node=prefer_same_node
         )
         self.drain_seconds = drain_seconds
+        self.access_log_interval = access_log_interval
         self.manager = WorkloadManager(
             self.node, ports, drain_seconds=drain_seconds, make_factory=make_factory
         )
         self.zds = ZdsClient(zds_path, self.manager)
+        self.prefetch = CertPrefetch(self.node)
+        self.metrics.watch_certificates(self.certs.status)
         self.addresses_config = addresses or Addresses()
         self.bound: dict[str, tuple[str, int]] = {}
         self.tasks = Supervisor(f"ztunnel-{node}")
         self.stop = asyncio.Event()
         self.draining = asyncio.Event()  # set once no listener accepts any more
         self._servers: list[HttpServer] = []
+
+    def follow(self, xds: XdsClient) -> None:
+        """Wire the discovery client that writes ``state``: its connection state and last update
+        become metrics, and each reconnect is the sign of life that makes failing certificate
+        fetches retry at once (the CA is the same control plane)."""
+        self.metrics.watch_xds(lambda: xds.connected, lambda: xds.last_update)
+        xds.on_connected(self.certs.retry_failed)
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -168,10 +183,20 @@ class Ztunnel:
         for name, (srv, bound) in started.items():
             self.bound[name] = bound
             self._servers.append(srv)
+        self.prefetch.start()
         self.tasks.spawn(self.zds.run(), name="zds")
+        if self.access_log_interval > 0:
+            self.tasks.spawn(self._log_long_lived(), name="access-log-open")
         log.info(
             "ztunnel started", node=self.node.node, **{k: f"{h}:{p}" for k, (h, p) in self.bound.items()}
         )
+
+    async def _log_long_lived(self) -> None:
+        """Every interval, a line for each connection open at least that long (a timer, not a
+        wait for a condition)."""
+        while True:
+            await asyncio.sleep(self.access_log_interval)
+            self.metrics.log_open("connection open", older_than=self.access_log_interval)
 
     async def shutdown(self, drain_seconds: float | None = None) -> None:
         """Stop accepting, drain open connections up to the deadline, then close everything."""
@@ -179,9 +204,13 @@ class Ztunnel:
         log.info("ztunnel draining", node=self.node.node, deadline_s=drain, pods=len(self.manager.pods))
         await self.tasks.aclose()  # no more ZDS requests
         await self.manager.stop_accepting()
+        # Each open connection is logged now: if the drain is cut short (SIGKILL at the end of
+        # the grace period) the log still has it; its "connection complete" follows if it ends.
+        self.metrics.log_open("connection open at drain")
         self.draining.set()
         await self.manager.aclose(drain)
         self.node.connections.close()
+        self.prefetch.close()
         await self.certs.aclose()
         for srv in self._servers:
             with contextlib.suppress(OSError):

@@ -36,6 +36,7 @@ class Config:
     log_level: str = "info"
     prefer_same_node: bool = True
     ready_file: str | None = None
+    access_log_interval: float = 300.0  # a line per still-open connection this often (0: never)
 
 
 _ENV = {
@@ -49,6 +50,7 @@ _ENV = {
     "readiness_port": "ZTUNNEL_READINESS_PORT",
     "drain_seconds": "TERMINATION_GRACE_PERIOD_SECONDS",
     "log_level": "LOG_LEVEL",
+    "access_log_interval": "ZTUNNEL_ACCESS_LOG_INTERVAL",
 }
 
 
@@ -74,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--readiness-port", help="readiness port (env ZTUNNEL_READINESS_PORT)")
     p.add_argument("--drain-seconds", help="drain deadline on SIGTERM (env TERMINATION_GRACE_PERIOD_SECONDS)")
     p.add_argument("--log-level", help=f"one of {', '.join(LEVELS)} (env LOG_LEVEL)")
+    p.add_argument(
+        "--access-log-interval",
+        help="seconds between access-log lines of a connection still open, 0 for none (env ZTUNNEL_ACCESS_LOG_INTERVAL)",
+    )
     p.add_argument("--ready-file", help="write 'ready' here once ready")
     return p
 
@@ -102,6 +108,13 @@ def load(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         raise ConfigError(f"--drain-seconds: {drain!r} is not a number") from None
     if drain_s < 0:
         raise ConfigError(f"--drain-seconds: {drain_s} is negative")
+    interval = raw.get("access_log_interval", "300")
+    try:
+        interval_s = float(interval)
+    except ValueError:
+        raise ConfigError(f"--access-log-interval: {interval!r} is not a number") from None
+    if not 0 <= interval_s < float("inf"):
+        raise ConfigError(f"--access-log-interval: {interval_s} is not a number of seconds >= 0")
     td = raw.get("trust_domain", DEFAULT_TRUST_DOMAIN)
     if not td or "/" in td:
         raise ConfigError(f"--trust-domain: {td!r} is not a valid trust domain")
@@ -117,4 +130,5 @@ def load(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         drain_seconds=drain_s,
         log_level=level,
         ready_file=args.ready_file,
+        access_log_interval=interval_s,
     )

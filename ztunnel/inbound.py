@@ -17,7 +17,7 @@ import structlog
 
 from mesh import netaddr
 from mesh.hbone.protocol import format_authority
-from mesh.hbone.relay import TcpLeg, wait_relay
+from mesh.hbone.relay import TcpLeg, rst_on_close, wait_relay
 from mesh.hbone.server import HboneServer, InboundStream
 from mesh.hbone.stream import StreamError, cancel_on_end
 from mesh.netns import MARK_TPROXY, family_of
@@ -59,6 +59,7 @@ async def connect_as(
     except BaseException:
         sock.close()
         raise
+    rst_on_close(sock)  # if ztunnel dies, the app sees a reset, not a clean end
     return sock
 
 

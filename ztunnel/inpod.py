@@ -22,6 +22,7 @@ import structlog
 
 from mesh import zds
 from mesh.certs import Certs, backoff_delays
+from mesh.hbone.relay import rst_on_close
 from mesh.identity import Identity
 from mesh.netns import NetnsSocketFactory, SocketFactory
 from mesh.tasks import Supervisor
@@ -99,6 +100,7 @@ class PodProxy:
                     continue
                 raise
             conn.setblocking(False)
+            rst_on_close(conn)  # if ztunnel dies, the app sees a reset, not a clean end
             self.tasks.spawn(handle(conn), name="connection")  # type: ignore[arg-type]
 
     @property

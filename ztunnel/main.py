@@ -49,7 +49,9 @@ async def run(cfg: Config, roots: bytes, token_file: str) -> int:
         drain_seconds=cfg.drain_seconds,
         process_metrics=True,
         prefer_same_node=cfg.prefer_same_node,
+        access_log_interval=cfg.access_log_interval,
     )
+    zt.follow(xds)
     xds_task = asyncio.create_task(xds.run(), name="xds")
     try:
         await zt.start()

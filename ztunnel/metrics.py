@@ -5,6 +5,11 @@ filled in by the proxy as the connection goes inside ``with metrics.connection(r
 counts it opened on entry and closed on exit — whatever ends it: a result, an error, or a
 cancellation at drain (recorded as such) — so opened and closed always match.
 
+An open connection also gets a line (``connection open``, result ``open``, bytes so far) every
+``access_log_interval`` while it lives, and one (``connection open at drain``) when a drain
+starts, so a long-lived connection, or one whose ztunnel is killed at the end of its grace
+period, is not missing from the log (:meth:`Metrics.log_open`).
+
 While the block runs the record is also in :meth:`Metrics.open_connections`: what ztunnel's
 admin ``/config_dump`` lists as live connections (``ambientctl ztunnel-config connections``),
 with the bytes moved so far when the proxy gave the record a ``progress`` source.
@@ -22,7 +27,9 @@ from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 
 from mesh.identity import Identity
 from mesh.xds.state import Service, Workload
@@ -154,6 +161,12 @@ class Metrics:
             LABELS,
             registry=self.registry,
         )
+        self.failed = Counter(
+            "istio_tcp_connections_failed",
+            "TCP connections that ended in an error (refused, unreachable, reset; response_flags says which)",
+            LABELS,
+            registry=self.registry,
+        )
 
         # Faults and load an operator watches (no Istio equivalent: our own names).
         self.tls_handshake_failures = Counter(
@@ -175,9 +188,30 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.xds_connected = Gauge(
+            "ambient_xds_connected",
+            "1 while the discovery stream to the control plane is up, else 0",
+            registry=self.registry,
+        )
+        self.xds_last_update = Gauge(
+            "ambient_xds_last_update_timestamp_seconds",
+            "when the last discovery response was applied (Unix time; 0: never)",
+            registry=self.registry,
+        )
+
         self.connections_closed = 0  # lifetime count, for tests and drains to wait on
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._open: dict[int, ConnectionRecord] = {}  # id(record) -> record, in opening order
+
+    def watch_xds(self, connected: Callable[[], bool], last_update: Callable[[], float]) -> None:
+        """Read the discovery client's state at each scrape."""
+        self.xds_connected.set_function(lambda: 1.0 if connected() else 0.0)
+        self.xds_last_update.set_function(last_update)
+
+    def watch_certificates(self, status: Callable[[], list[tuple[Identity, float | None, int]]]) -> None:
+        """Per identity, at each scrape: seconds to expiry and failed fetches
+        (:meth:`mesh.certs.CertManager.status`); an identity no pod holds any more disappears."""
+        self.registry.register(_CertificateCollector(status))
 
     def open_connections(self) -> list[ConnectionRecord]:
         """The connections inside :meth:`connection` right now, oldest first."""
@@ -225,27 +259,76 @@ class Metrics:
             if self.connections_closed >= n and not fut.done():
                 fut.set_result(None)
         self.closed_total.labels(**labels).inc()
+        if rec.result == "error":
+            self.failed.labels(**labels).inc()
         self.sent.labels(**labels).inc(rec.bytes_sent)
         self.received.labels(**labels).inc(rec.bytes_received)
-        access_log.info(
-            "connection complete",
-            direction=rec.direction,
-            src_addr=rec.src_addr,
-            dst_addr=rec.dst_addr,
-            src_workload=labels["source_workload"],
-            src_namespace=labels["source_workload_namespace"],
-            src_identity=labels["source_principal"],
-            dst_workload=labels["destination_workload"],
-            dst_namespace=labels["destination_workload_namespace"],
-            dst_identity=labels["destination_principal"],
-            dst_service=labels["destination_service"],
-            security=labels["connection_security_policy"],
-            bytes_sent=rec.bytes_sent,
-            bytes_recv=rec.bytes_received,
-            duration_ms=round((time.monotonic() - rec.start) * 1000, 1),
-            result=rec.result,
-            reason=rec.reason or None,
+        _access_line("connection complete", rec, labels, (rec.bytes_sent, rec.bytes_received), time.monotonic())
+
+    def log_open(self, event: str, *, older_than: float = 0.0) -> int:
+        """An access-log line ``event`` for each connection open now for at least ``older_than``
+        seconds, with its bytes so far (ztunnel's periodic line for long-lived connections, and
+        the line each open connection gets when a drain starts, in case the process does not
+        live to log its end). Returns how many lines were written."""
+        now = time.monotonic()
+        written = 0
+        for rec in list(self._open.values()):
+            if now - rec.start >= older_than:
+                _access_line(event, rec, rec.labels(), rec.bytes_so_far(), now, "open" if rec.result == "ok" else None)
+                written += 1
+        return written
+
+
+def _access_line(
+    event: str,
+    rec: ConnectionRecord,
+    labels: dict[str, str],
+    moved: tuple[int, int],
+    now: float,
+    result: str | None = None,
+) -> None:
+    access_log.info(
+        event,
+        direction=rec.direction,
+        src_addr=rec.src_addr,
+        dst_addr=rec.dst_addr,
+        src_workload=labels["source_workload"],
+        src_namespace=labels["source_workload_namespace"],
+        src_identity=labels["source_principal"],
+        dst_workload=labels["destination_workload"],
+        dst_namespace=labels["destination_workload_namespace"],
+        dst_identity=labels["destination_principal"],
+        dst_service=labels["destination_service"],
+        security=labels["connection_security_policy"],
+        bytes_sent=moved[0],
+        bytes_recv=moved[1],
+        duration_ms=round((now - rec.start) * 1000, 1),
+        result=result or rec.result,
+        reason=rec.reason or None,
+    )
+
+
+class _CertificateCollector(Collector):
+    def __init__(self, status: Callable[[], list[tuple[Identity, float | None, int]]]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[Metric]:
+        expiry = GaugeMetricFamily(
+            "ambient_certificate_expiry_seconds",
+            "seconds until the identity's certificate expires (negative: expired; absent: none yet)",
+            labels=("identity",),
         )
+        failures = CounterMetricFamily(
+            "ambient_certificate_fetch_failures",
+            "certificate fetches (issue or renewal) that failed, per identity",
+            labels=("identity",),
+        )
+        for identity, left, failed in self._status():
+            if left is not None:
+                expiry.add_metric((identity.uri,), left)
+            failures.add_metric((identity.uri,), failed)
+        yield expiry
+        yield failures
 
 
 class HboneStats:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from mesh.certs import CertManager
+from mesh.hbone.relay import fin_on_close
 from mesh.identity import Identity
 from mesh.netns import SocketFactory, original_dst
 from mesh.xds.state import Endpoint, ProxySnapshot, ProxyState, Workload
@@ -115,7 +116,10 @@ async def _pipe(
 
 
 async def relay_sockets(a: socket.socket, b: socket.socket) -> RelayResult:
-    """Relay two connected sockets until both directions end (half-closes are passed on)."""
+    """Relay two connected sockets until both directions end (half-closes are passed on).
+
+    Sockets armed with :func:`~mesh.hbone.relay.rst_on_close` are disarmed when both directions
+    ended cleanly, so only a relay cut short (an error, a drain deadline) ends with a RST."""
     res = RelayResult()
     ra, wa = await asyncio.open_connection(sock=a)
     try:
@@ -127,6 +131,9 @@ async def relay_sockets(a: socket.socket, b: socket.socket) -> RelayResult:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(_pipe(ra, wb, wa, res, True))
             tg.create_task(_pipe(rb, wa, wb, res, False))
+        if not res.error:  # both directions ended with a FIN: end gracefully (see rst_on_close)
+            fin_on_close(a)
+            fin_on_close(b)
     finally:
         for w in (wa, wb):
             w.close()

@@ -4,12 +4,20 @@ A ``TcpLeg`` is the TCP side of a tunnel: it writes what it reads into its ``Str
 while the stream is not writable) and is the stream's sink (acknowledging bytes once its own
 transport took them). ``wait_relay`` waits for both directions to finish; ``connect_and_relay``
 serves a CONNECT by dialing its target.
+
+The app-side sockets of a node proxy are armed with :func:`rst_on_close` while they relay: if
+the process dies (``kill -9``, OOM) the kernel closes them with a RST, so the app sees a
+failure instead of a FIN that would pass a truncated stream off as complete. A relay that ends
+normally disarms its socket (:func:`fin_on_close`) before closing it, so normal ends stay FIN.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import cast
+import contextlib
+import socket
+import struct
+from typing import Any, cast
 
 import structlog
 
@@ -18,6 +26,24 @@ from mesh.hbone.server import InboundStream
 from mesh.hbone.stream import HIGH_WATER, Stream, StreamError, cancel_on_end
 
 log = structlog.get_logger(__name__)
+
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: any close, even the kernel's, sends a RST
+_LINGER_OFF = struct.pack("ii", 0, 0)  # the default: close() sends a FIN after the buffered bytes
+
+
+def rst_on_close(sock: Any) -> None:
+    """Arm ``sock`` (a socket or a transport's socket) so that however it is closed (by us, or
+    by the kernel when this process dies) the peer gets a RST. Once per socket, not per frame."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
+def fin_on_close(sock: Any) -> None:
+    """Disarm :func:`rst_on_close` before a graceful close: the peer gets a FIN, after every
+    byte we still had to send."""
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
 
 
 class TcpLeg(asyncio.Protocol):
@@ -152,6 +178,8 @@ class TcpLeg(asyncio.Protocol):
 
     def _maybe_close(self) -> None:
         if self.eof_from_tcp and self.eof_from_stream and self.transport is not None:
+            # Both directions ended cleanly: a graceful close (FIN), even if the socket was armed.
+            fin_on_close(self.transport.get_extra_info("socket"))
             self.transport.close()
 
 

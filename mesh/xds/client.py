@@ -1,8 +1,12 @@
 """The node side of discovery: keep a :class:`~mesh.xds.state.ProxyState` in sync with the server.
 
 A node proxy must keep working while the control plane restarts or is unreachable, so the
-client never clears what it has: it reconnects with jittered exponential backoff and tells
-the server, per type, which resource versions it holds; the server then sends only the
+client never clears what it has. While the control plane is unreachable a session waits for
+its channel to be READY, which gRPC probes at most every second (:mod:`mesh.xds.channel`), so
+a control plane that comes back is used within about a second however long it was away; the
+jittered exponential backoff between sessions is only for a server that is reachable but ends
+or refuses streams, and it starts over once a stream delivered a response (a sign of life).
+On each connect the client tells the server, per type, which resource versions it holds; the server then sends only the
 difference (changed resources and removals). Each response is applied as one atomic store
 write or refused whole (NACK with the reason), so readers never see half of a response.
 """
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +25,7 @@ import grpc
 import structlog
 
 from mesh.proto import core_pb2, discovery_pb2, discovery_pb2_grpc, status_pb2
+from mesh.xds.channel import CONTROL_PLANE_CHANNEL_OPTIONS
 from mesh.xds.convert import (
     ADDRESS_TYPE_URL,
     AUTHORIZATION_TYPE_URL,
@@ -52,6 +58,7 @@ ChannelFactory = Callable[[], grpc.aio.Channel]
 # Resources of 10,000 pods exceed gRPC's 4 MiB default in one response.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _INVALID_ARGUMENT = 3  # google.rpc.Code
+_QUIET_CONNECT = 2.0  # seconds a connect may take before "waiting for the control plane" is logged
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +89,10 @@ def secure_channel_factory(
     """Channels that verify the control plane's certificate against the mesh root."""
 
     def make() -> grpc.aio.Channel:
-        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            *CONTROL_PLANE_CHANNEL_OPTIONS,
+        ]
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
         creds = grpc.ssl_channel_credentials(root_certificates=root_cert_pem)
@@ -96,7 +106,8 @@ def insecure_channel_factory(address: str) -> ChannelFactory:
 
     def make() -> grpc.aio.Channel:
         return grpc.aio.insecure_channel(
-            address, options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+            address,
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), *CONTROL_PLANE_CHANNEL_OPTIONS],
         )
 
     return make
@@ -107,6 +118,11 @@ class XdsClient:
     :data:`WAYPOINT_TYPE_URLS`) and mirrors them in ``state`` (its only writer). ``synced`` is
     set once the first full state of every type has been applied and stays set across
     reconnects, since the last state stays in force. ``run()`` returns after ``stop()``.
+
+    For observers (metrics, the certificate manager): ``connected`` is true while a stream is
+    up and has delivered a response, ``last_update`` is the wall-clock time of the last
+    response applied (0 before the first), and :meth:`on_connected` callbacks run each time a
+    stream delivers its first response: the control plane is alive again.
     """
 
     def __init__(
@@ -147,6 +163,16 @@ class XdsClient:
         self._received: set[str] = set()
         self._progress = False
         self._log = log.bind(node=node_id)
+        self.connected = False
+        self.last_update = 0.0
+        self._connected_callbacks: list[Callable[[], None]] = []
+
+    def on_connected(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` whenever a stream delivers its first response; returns the undo."""
+        self._connected_callbacks.append(callback)
+        return lambda: (
+            self._connected_callbacks.remove(callback) if callback in self._connected_callbacks else None
+        )
 
     @property
     def versions(self) -> Mapping[str, Mapping[str, str]]:
@@ -173,6 +199,8 @@ class XdsClient:
                     self._log.warning("xds stream failed", code=e.code().name, details=e.details())
                 except Exception:
                     self._log.exception("xds session failed")
+                finally:
+                    self.connected = False
                 if self._progress:
                     attempt = 0
                 delay = self._backoff.delay(attempt)
@@ -205,6 +233,13 @@ class XdsClient:
     async def _session(self) -> None:
         channel = self._channel_factory()
         try:
+            try:
+                async with asyncio.timeout(_QUIET_CONNECT):
+                    await channel.channel_ready()
+            except TimeoutError:
+                # Unreachable for now: gRPC probes (at most every second) until it answers.
+                self._log.info("xds waiting for the control plane")
+                await channel.channel_ready()
             stub = discovery_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
             call = stub.DeltaAggregatedResources(metadata=self._metadata())
             node = core_pb2.Node(id=self._node_id)
@@ -224,7 +259,10 @@ class XdsClient:
                 if resp is grpc.aio.EOF:
                     return
                 assert isinstance(resp, discovery_pb2.DeltaDiscoveryResponse)
-                self._progress = True
+                if not self._progress:
+                    self._progress = self.connected = True
+                    for cb in list(self._connected_callbacks):
+                        cb()
                 await call.write(self._handle(resp))
         finally:
             await channel.close()
@@ -243,6 +281,7 @@ class XdsClient:
         self._log.debug(
             "xds applied", type_url=resp.type_url, upserted=len(update.upserted), removed=len(update.removed)
         )
+        self.last_update = time.time()
         if self._on_update is not None:
             self._on_update(update)
         self._received.add(resp.type_url)
@@ -283,7 +322,9 @@ class XdsClient:
             )
         else:
             self.state.apply(
-                waypoint_authentications=[waypoint_authn_from_any(r.resource, r.name) for r in resp.resources],
+                waypoint_authentications=[
+                    waypoint_authn_from_any(r.resource, r.name) for r in resp.resources
+                ],
                 removed_waypoint_authentications=resp.removed_resources,
             )
         for r in resp.resources:

@@ -591,7 +591,13 @@ async def test_removing_a_pod_drains_its_connections(mesh: tuple[Mesh, Pods]) ->
     async with asyncio.timeout(5):
         assert await reader.read() == b"before after"
     writer.close()
-    # … its certificate is gone once it was the last pod with the identity? (web-a is on node 1)
+    # The pod is deleted, so discovery drops it too: its certificate is gone, it was the last
+    # pod with the identity on node 2 (web-a is on node 1). Until then ztunnel kept it, as it
+    # prefetches the certificates of every workload discovery places on its node.
+    m.store.replace_all(
+        [*(m.workload(x) for x in m.topo.pods if x is not p.remote_web), *m.services, *m.extra]
+    )
+    await m.converged()
     dump = await node2.config_dump()
     assert {c["identity"] for c in dump["certificates"]} == {"spiffe://cluster.local/ns/shop/sa/api"}  # type: ignore[union-attr]
     assert p.remote_web.uid not in {pod["uid"] for pod in dump["pods"]}  # type: ignore[union-attr]

@@ -96,7 +96,9 @@ async def test_snapshot_keep_and_stale_removal(zt: tuple[Ztunnel, FakeAgent, Fak
     assert await add(agent, "a") == ""  # already running: no second proxy
     assert await agent.snapshot_sent() == ""
     assert set(z.manager.pods) == {"a"}
-    assert [str(i) for i in z.certs.identities()] == ["spiffe://cluster.local/ns/ns/sa/a"]
+    # "b" is still a workload of this node in discovery: its certificate stays (prefetched).
+    assert z.certs.dump()[1]["identity"] == "spiffe://cluster.local/ns/ns/sa/b"
+    assert [e["pods"] for e in z.certs.dump()] == [2, 1]  # a: its pod + discovery; b: discovery
     assert await agent.request(zds.DelWorkload("a")) == ""
     assert await agent.request(zds.DelWorkload("never-there")) == ""
     assert z.manager.pods == {}
@@ -116,12 +118,12 @@ async def test_add_fails_cleanly_when_no_certificate(zt: tuple[Ztunnel, FakeAgen
     ca.gate = asyncio.Event()  # the CA never answers
     z.manager.cert_timeout = 0.2
     try:
-        err = await add(agent, "b")
+        err = await add(agent, "c")  # not in discovery (yet): no certificate was prefetched
     finally:
         ca.gate.set()
     assert "timeout waiting for certificate" in err
-    assert "b" not in z.manager.pods
-    assert z.certs.identities() == []
+    assert "c" not in z.manager.pods
+    assert "spiffe://cluster.local/ns/ns/sa/c" not in {str(i) for i in z.certs.identities()}
 
 
 def http_get(addr: tuple[str, int], path: str) -> tuple[int, str]:

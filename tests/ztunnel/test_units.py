@@ -37,6 +37,9 @@ def test_config_from_env_and_flags() -> None:
         ["--admin-port", "16000"], {"NODE_NAME": "n1", "ZTUNNEL_ADMIN_PORT": "1", "LOG_LEVEL": "DEBUG"}
     )
     assert (cfg.node_name, cfg.admin_port, cfg.log_level) == ("n1", 16000, "debug")
+    assert cfg.access_log_interval == 300.0
+    cfg = config.load([], {"NODE_NAME": "n1", "ZTUNNEL_ACCESS_LOG_INTERVAL": "60"})
+    assert cfg.access_log_interval == 60.0
 
 
 @pytest.mark.parametrize(
@@ -48,6 +51,9 @@ def test_config_from_env_and_flags() -> None:
         (["--node-name", "n"], {"LOG_LEVEL": "loud"}, "LOG_LEVEL: 'loud'"),
         (["--node-name", "n", "--drain-seconds", "-1"], {}, "negative"),
         (["--node-name", "n", "--trust-domain", "a/b"], {}, "--trust-domain"),
+        (["--node-name", "n", "--access-log-interval", "soon"], {}, "--access-log-interval: 'soon'"),
+        (["--node-name", "n", "--access-log-interval", "-5"], {}, "--access-log-interval: -5.0"),
+        (["--node-name", "n", "--access-log-interval", "nan"], {}, "--access-log-interval: nan"),
     ],
 )
 def test_config_errors_name_the_value(argv: list[str], env: dict[str, str], message: str) -> None:
