@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from ambientctl import check, demo, hbone, mtls_report, policy, waypoint, ztunnel_config
+from ambientctl import check, demo, hbone, meshcmd, mtls_report, policy, waypoint, ztunnel_config
 from mesh import log
 
 
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     ztunnel_config.add_parser(sub)
     check.add_parser(sub)
     waypoint.add_parser(sub)
+    meshcmd.add_parser(sub)
     return p
 
 

@@ -6,6 +6,10 @@ network plugin's work, then our chained CNI plugin with its prevResult, which re
 redirection is in place) → wait for ztunnel to own every enrolled pod → apps → capture → traffic.
 Next to the node daemons runs the waypoint supervisor (``supervisor.py``): whatever waypoint
 ``Gateway`` the file gains later (the waypoint act's, or a user's on a ``--keep`` mesh), it runs.
+
+:class:`MeshBase` is that machinery for any set of nodes and pods; :class:`LocalMesh` is the
+demo's (``spec``'s topology, its apps, traffic and acts), ``usermesh.UserMesh`` a user's file's
+(``ambientctl mesh``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ambientctl.localmesh import spec, supervisor
 from ambientctl.localmesh.capture import Capture, Flow, read_flows
@@ -40,6 +44,24 @@ Say = Callable[[str], None]
 
 class DemoError(RuntimeError):
     pass
+
+
+class PodRef(Protocol):
+    """What the mesh machinery needs to know of a pod (the demo's ``spec.PodSpec``, a user
+    file's ``userfile.PodPlan``)."""
+
+    @property
+    def namespace(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def node(self) -> str: ...
+    @property
+    def ip(self) -> str: ...
+    @property
+    def key(self) -> str: ...
+    @property
+    def uid(self) -> str: ...
 
 
 @dataclass
@@ -79,7 +101,11 @@ class Results:
     config_dumps: dict[str, Any] = field(default_factory=dict)
 
 
-class LocalMesh:
+class MeshBase:
+    """The machinery every local mesh shares (the demo's, a user's ``ambientctl mesh up``): the
+    control plane, per node the cni agent and ztunnel, the waypoint supervisor, and pods run as a
+    container runtime runs them. Subclasses say which pods there are and write the mesh file."""
+
     STEPS = 9
 
     def __init__(self, state: RunState, say: Say) -> None:
@@ -94,15 +120,231 @@ class LocalMesh:
         self.cp_address = ""
         self._step = 0
         self.redirected: set[str] = set()
+
+    def step(self, msg: str) -> None:
+        self._step += 1
+        self.say(f"[{self._step}/{self.STEPS}] {msg}")
+
+    # -- what a subclass says ---------------------------------------------------------------------
+
+    def pod_refs(self) -> list[PodRef]:
+        """Every pod of the mesh file (not the waypoints' pods: the supervisor runs those)."""
+        raise NotImplementedError
+
+    def enrolled(self, p: PodRef) -> bool:
+        """The pod is in the ambient mesh (its traffic is captured)."""
+        raise NotImplementedError
+
+    def _write_config(self) -> None:
+        raise NotImplementedError
+
+    def _confirmed(self, p: PodRef) -> None:
+        """The cni agent set up redirection for enrolled pod ``p``."""
+        self.redirected.add(p.key)
+
+    # -- the processes ----------------------------------------------------------------------------
+
+    def start_controlplane(self) -> None:
+        ready = self.state.path / "controlplane.ready"
+        self.procs.start(
+            "controlplane",
+            [*python_main("controlplane.main"), "--local-config", str(self.config), "--state-dir",
+             str(self.cp_dir), "--listen", "127.0.0.1:0", "--ready-file", str(ready), "--poll-interval", "0.5"],
+        )  # fmt: skip
+        self.cp_address = self.procs.wait_file("controlplane", ready).strip()
+        self.say(f"      serving on {self.cp_address}; root cert and node tokens in {self.cp_dir}")
+
+    def _daemons_file(self) -> Path | None:
+        """A file of node daemons the supervisor restarts when they die (None: it restarts none;
+        the demo's restart tests stop and start them by hand)."""
+        return None
+
+    def _start_supervisor(self) -> None:
+        ready = self.state.path / "supervisor.ready"
+        self.procs.start(
+            supervisor.PROC_NAME,
+            supervisor.argv(
+                self.state.path, self.config, self.cp_dir, self.cp_address,
+                {n.name: n.netns for n in self.topo.nodes.values()}, ready, daemons=self._daemons_file(),
+            ),
+        )  # fmt: skip
+        self.procs.wait_file(supervisor.PROC_NAME, ready)
+        self.say(
+            f"      waypoint supervisor: watches {self.config.name} for waypoint Gateways, runs them "
+            f"(log {self.state.path / 'logs' / 'supervisor.log'})"
+        )
+
+    def waypoints(self) -> dict[str, Any]:
+        """What the supervisor runs now: ``{"ns/gateway": {"phase", "node", "ip", "admin_port", ...}}``."""
+        waypoints = supervisor.read_status(self.state.path).get("waypoints", {})
+        return waypoints if isinstance(waypoints, dict) else {}
+
+    def _start_node(self, node: NodeNet) -> None:
+        d = self.state.path / node.name
+        d.mkdir()
+        admin, stats, readiness = free_ports(3)
+        np = NodeProcs(node, admin, stats, readiness, d / "zds.sock", d / "cni.sock")
+        self.nodes[node.name] = np
+        self._start_agent(np)
+        self._start_ztunnel(np)
+        self.say(
+            f"      {node.name}: cni agent ({np.plugin.name}, {np.zds.name}), ztunnel admin :{admin}, "
+            f"metrics :{stats}, readiness :{readiness}"
+        )
+
+    def exec_argv(self, pod_key: str, argv: list[str]) -> list[str]:
+        """``argv`` run inside the network namespace of pod ``pod_key`` (``ip netns exec``)."""
+        return ["ip", "netns", "exec", self.pods[pod_key].netns, *argv]
+
+    def _add_pod(self, p: PodRef) -> PodNet:
+        net = self.pods.get(p.key)
+        if net is None:
+            net = self.topo.add_pod(p.namespace, p.name, self.topo.nodes[p.node], p.ip)
+            self.pods[p.key] = net
+        return net
+
+    def _start_agent(self, np: NodeProcs, *, append: bool = False) -> None:
+        d = self.state.path / np.node.name
+        ready = d / "cni.ready"
+        ready.unlink(missing_ok=True)  # a restart waits for the new process's file
+        self.procs.start(
+            np.agent,
+            [*python_main("cni.main"), "--node", np.node.name, "--local-config", str(self.config),
+             "--zds-socket", str(np.zds), "--plugin-socket", str(np.plugin), "--state-dir", str(d / "cni"),
+             "--poll-interval", "0.5", "--ready-file", str(ready)],
+            append=append,
+        )  # fmt: skip
+        self.procs.wait_file(np.agent, ready)
+
+    def _start_ztunnel(self, np: NodeProcs, *, append: bool = False) -> None:
+        d = self.state.path / np.node.name
+        ready = d / "ztunnel.ready"
+        ready.unlink(missing_ok=True)
+        env = dict(os.environ)
+        env.update(
+            CA_ROOT_CERT=str(self.cp_dir / "root-cert.pem"),
+            TOKEN_FILE=str(self.cp_dir / "tokens" / f"{np.node.name}.token"),
+        )
+        self.procs.start(
+            np.ztunnel,
+            [*python_main("ztunnel.main"), "--node-name", np.node.name, "--ca-address", self.cp_address,
+             "--xds-address", self.cp_address, "--zds-socket", str(np.zds), "--admin-port", str(np.admin),
+             "--stats-port", str(np.stats), "--readiness-port", str(np.readiness), "--drain-seconds", "1",
+             "--ready-file", str(ready)],
+            env,
+            append=append,
+        )  # fmt: skip
+        self.procs.wait_file(np.ztunnel, ready)
+
+    # -- one process at a time (restart tests) ----------------------------------------------------
+
+    def stop(self, name: str, sig: signal.Signals = signal.SIGKILL) -> int:
+        """Stop one of the mesh's processes (e.g. ``ztunnel-node-a``, ``cni-node-a``); its exit status."""
+        return self.procs.stop(name, sig)
+
+    def start_ztunnel(self, node: str) -> None:
+        """Start a new ztunnel process for ``node`` (same ports, same ZDS socket, log appended) and
+        wait until it serves every enrolled pod of the node again (``/config_dump``, ``/healthz/ready``)."""
+        np = self.nodes[node]
+        self._start_ztunnel(np, append=True)
+        self._wait_ztunnel(np)
+
+    def start_agent(self, node: str) -> None:
+        """Start a new cni agent process for ``node`` (same state dir and sockets, log appended);
+        returns once it serves its sockets."""
+        self._start_agent(self.nodes[node], append=True)
+
+    def _run_pod(self, p: PodRef) -> None:
+        net = self._add_pod(p)
+        np = self.nodes[p.node]
+        conf = {
+            "cniVersion": "1.0.0",
+            "name": "ambient-demo",
+            "type": "ambient-cni-plugin",
+            "agent_socket": str(np.plugin),
+            "agent_timeout": 20,
+            "prevResult": net.cni_result(),
+        }
+        env = {
+            "PATH": os.environ.get("PATH", ""),
+            "CNI_COMMAND": "ADD",
+            "CNI_CONTAINERID": f"{self.state.run_id}-{p.namespace}-{p.name}",
+            "CNI_NETNS": net.netns_path,
+            "CNI_IFNAME": "eth0",
+            "CNI_PATH": "",
+            "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={p.namespace};K8S_POD_NAME={p.name};"
+            f"K8S_POD_UID={p.uid}",
+        }
+        r = subprocess.run(
+            [sys.executable, "-m", "cni.plugin_main"],
+            input=json.dumps(conf).encode(), capture_output=True, env=env, timeout=40,
+        )  # fmt: skip
+        if r.returncode != 0:
+            raise DemoError(
+                f"CNI ADD {p.key}: exit {r.returncode}: {r.stdout.decode().strip()} {r.stderr.decode()}"
+            )
+        enrolled = self.enrolled(p)
+        if enrolled:
+            self._confirmed(p)
+        what = "redirection rules in place" if enrolled else "not enrolled, left alone"
+        self.say(f"      {p.key:14} on {p.node}: {p.ip:9} netns {net.netns}  ({what})")
+
+    def _wait_ztunnel(self, np: NodeProcs, timeout: float = 45.0) -> None:
+        pods = self.pod_refs()
+        want = {p.key for p in pods if p.node == np.node.name and self.enrolled(p)}
+
+        def probe() -> dict[str, Any] | None:
+            dump = http_json(np.admin_url("/config_dump"))
+            if not dump or not dump.get("ready"):
+                return None
+            have = {f"{p['namespace']}/{p['name']}" for p in dump.get("pods", []) if p.get("listeners")}
+            if not want <= have or len(dump.get("workloads", [])) < len(pods):
+                return None
+            hbone = {
+                f"{w['namespace']}/{w['name']}"
+                for w in dump["workloads"]
+                if w.get("tunnel_protocol") == "HBONE"
+            }
+            if hbone != self.redirected:
+                return None
+            status, _ = http_get(f"http://127.0.0.1:{np.readiness}/healthz/ready")
+            return dump if status == 200 else None
+
+        dump = self.procs.wait_for(np.ztunnel, "ready with its pods", probe, timeout)
+        ids = sorted({p["identity"] for p in dump["pods"]})
+        self.say(
+            f"      {np.node.name}: ready, {len(dump['pods'])} pod(s), certificates for {', '.join(ids)}"
+        )
+
+    def ztunnel_log(self, node: str) -> Path:
+        return self.state.path / "logs" / f"ztunnel-{node}.log"
+
+    def _access_logs(self, node: str) -> list[dict[str, Any]]:
+        return [r for r in read_json_lines(self.ztunnel_log(node)) if r.get("event") == "connection complete"]
+
+
+class LocalMesh(MeshBase):
+    """The demo's mesh: ``spec``'s fixed topology, its apps, traffic and acts."""
+
+    def __init__(self, state: RunState, say: Say) -> None:
+        super().__init__(state, say)
         # In mesh.yaml after the pods, in order: the policy act's policies, the waypoint act's
         # Gateway and policies (replaced or removed by key as a user would edit the file).
         self.policies: list[spec.Document] = []
         self.web_waypoint: str | None = None  # the label istio.io/use-waypoint on Service web
         self.capture: Capture | None = None
 
-    def step(self, msg: str) -> None:
-        self._step += 1
-        self.say(f"[{self._step}/{self.STEPS}] {msg}")
+    def pod_refs(self) -> list[PodRef]:
+        return list(spec.PODS)
+
+    def enrolled(self, p: PodRef) -> bool:
+        return spec.NAMESPACES[p.namespace]
+
+    def _confirmed(self, p: PodRef) -> None:
+        # Local mode has no API server for the agent to annotate the pod through: the demo,
+        # which owns the file, records the agent's confirmation the same way.
+        super()._confirmed(p)
+        self._write_config()
 
     # -- build ------------------------------------------------------------------------------------
 
@@ -119,14 +361,7 @@ class LocalMesh:
             )
 
         self.step("starting the control plane (local mode: CA + discovery)")
-        ready = self.state.path / "controlplane.ready"
-        self.procs.start(
-            "controlplane",
-            [*python_main("controlplane.main"), "--local-config", str(self.config), "--state-dir",
-             str(self.cp_dir), "--listen", "127.0.0.1:0", "--ready-file", str(ready), "--poll-interval", "0.5"],
-        )  # fmt: skip
-        self.cp_address = self.procs.wait_file("controlplane", ready).strip()
-        self.say(f"      serving on {self.cp_address}; root cert and node tokens in {self.cp_dir}")
+        self.start_controlplane()
 
         self.step(f"building nodes {', '.join(spec.NODES)} as network namespaces, joined by a wire")
         for name in spec.NODES:
@@ -194,39 +429,6 @@ class LocalMesh:
         self.web_waypoint = gateway
         self._write_config()
 
-    def _start_supervisor(self) -> None:
-        ready = self.state.path / "supervisor.ready"
-        self.procs.start(
-            supervisor.PROC_NAME,
-            supervisor.argv(
-                self.state.path, self.config, self.cp_dir, self.cp_address,
-                {n.name: n.netns for n in self.topo.nodes.values()}, ready,
-            ),
-        )  # fmt: skip
-        self.procs.wait_file(supervisor.PROC_NAME, ready)
-        self.say(
-            f"      waypoint supervisor: watches {self.config.name} for waypoint Gateways, runs them "
-            f"(log {self.state.path / 'logs' / 'supervisor.log'})"
-        )
-
-    def waypoints(self) -> dict[str, Any]:
-        """What the supervisor runs now: ``{"ns/gateway": {"phase", "node", "ip", "admin_port", ...}}``."""
-        waypoints = supervisor.read_status(self.state.path).get("waypoints", {})
-        return waypoints if isinstance(waypoints, dict) else {}
-
-    def _start_node(self, node: NodeNet) -> None:
-        d = self.state.path / node.name
-        d.mkdir()
-        admin, stats, readiness = free_ports(3)
-        np = NodeProcs(node, admin, stats, readiness, d / "zds.sock", d / "cni.sock")
-        self.nodes[node.name] = np
-        self._start_agent(np)
-        self._start_ztunnel(np)
-        self.say(
-            f"      {node.name}: cni agent ({np.plugin.name}, {np.zds.name}), ztunnel admin :{admin}, "
-            f"metrics :{stats}, readiness :{readiness}"
-        )
-
     def enroll_pods(self) -> None:
         """After ``build(enroll=False)``: the CNI plugin chain for every pod, then wait until each
         ztunnel serves its enrolled pods. The apps are not started."""
@@ -236,132 +438,6 @@ class LocalMesh:
         self.step("waiting for each ztunnel to take over its enrolled pods (listeners + certificates)")
         for np in self.nodes.values():
             self._wait_ztunnel(np)
-
-    def exec_argv(self, pod_key: str, argv: list[str]) -> list[str]:
-        """``argv`` run inside the network namespace of pod ``pod_key`` (``ip netns exec``)."""
-        return ["ip", "netns", "exec", self.pods[pod_key].netns, *argv]
-
-    def _add_pod(self, p: spec.PodSpec) -> PodNet:
-        net = self.pods.get(p.key)
-        if net is None:
-            net = self.topo.add_pod(p.namespace, p.name, self.topo.nodes[p.node], p.ip)
-            self.pods[p.key] = net
-        return net
-
-    def _start_agent(self, np: NodeProcs, *, append: bool = False) -> None:
-        d = self.state.path / np.node.name
-        ready = d / "cni.ready"
-        ready.unlink(missing_ok=True)  # a restart waits for the new process's file
-        self.procs.start(
-            np.agent,
-            [*python_main("cni.main"), "--node", np.node.name, "--local-config", str(self.config),
-             "--zds-socket", str(np.zds), "--plugin-socket", str(np.plugin), "--state-dir", str(d / "cni"),
-             "--poll-interval", "0.5", "--ready-file", str(ready)],
-            append=append,
-        )  # fmt: skip
-        self.procs.wait_file(np.agent, ready)
-
-    def _start_ztunnel(self, np: NodeProcs, *, append: bool = False) -> None:
-        d = self.state.path / np.node.name
-        ready = d / "ztunnel.ready"
-        ready.unlink(missing_ok=True)
-        env = dict(os.environ)
-        env.update(
-            CA_ROOT_CERT=str(self.cp_dir / "root-cert.pem"),
-            TOKEN_FILE=str(self.cp_dir / "tokens" / f"{np.node.name}.token"),
-        )
-        self.procs.start(
-            np.ztunnel,
-            [*python_main("ztunnel.main"), "--node-name", np.node.name, "--ca-address", self.cp_address,
-             "--xds-address", self.cp_address, "--zds-socket", str(np.zds), "--admin-port", str(np.admin),
-             "--stats-port", str(np.stats), "--readiness-port", str(np.readiness), "--drain-seconds", "1",
-             "--ready-file", str(ready)],
-            env,
-            append=append,
-        )  # fmt: skip
-        self.procs.wait_file(np.ztunnel, ready)
-
-    # -- one process at a time (restart tests) ----------------------------------------------------
-
-    def stop(self, name: str, sig: signal.Signals = signal.SIGKILL) -> int:
-        """Stop one of the mesh's processes (e.g. ``ztunnel-node-a``, ``cni-node-a``); its exit status."""
-        return self.procs.stop(name, sig)
-
-    def start_ztunnel(self, node: str) -> None:
-        """Start a new ztunnel process for ``node`` (same ports, same ZDS socket, log appended) and
-        wait until it serves every enrolled pod of the node again (``/config_dump``, ``/healthz/ready``)."""
-        np = self.nodes[node]
-        self._start_ztunnel(np, append=True)
-        self._wait_ztunnel(np)
-
-    def start_agent(self, node: str) -> None:
-        """Start a new cni agent process for ``node`` (same state dir and sockets, log appended);
-        returns once it serves its sockets."""
-        self._start_agent(self.nodes[node], append=True)
-
-    def _run_pod(self, p: spec.PodSpec) -> None:
-        net = self._add_pod(p)
-        np = self.nodes[p.node]
-        conf = {
-            "cniVersion": "1.0.0",
-            "name": "ambient-demo",
-            "type": "ambient-cni-plugin",
-            "agent_socket": str(np.plugin),
-            "agent_timeout": 20,
-            "prevResult": net.cni_result(),
-        }
-        env = {
-            "PATH": os.environ.get("PATH", ""),
-            "CNI_COMMAND": "ADD",
-            "CNI_CONTAINERID": f"{self.state.run_id}-{p.namespace}-{p.name}",
-            "CNI_NETNS": net.netns_path,
-            "CNI_IFNAME": "eth0",
-            "CNI_PATH": "",
-            "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={p.namespace};K8S_POD_NAME={p.name};"
-            f"K8S_POD_UID={p.uid}",
-        }
-        r = subprocess.run(
-            [sys.executable, "-m", "cni.plugin_main"],
-            input=json.dumps(conf).encode(), capture_output=True, env=env, timeout=40,
-        )  # fmt: skip
-        if r.returncode != 0:
-            raise DemoError(
-                f"CNI ADD {p.key}: exit {r.returncode}: {r.stdout.decode().strip()} {r.stderr.decode()}"
-            )
-        enrolled = spec.NAMESPACES[p.namespace]
-        if enrolled:
-            # Local mode has no API server for the agent to annotate the pod through: the demo,
-            # which owns the file, records the agent's confirmation the same way.
-            self.redirected.add(p.key)
-            self._write_config()
-        what = "redirection rules in place" if enrolled else "not enrolled, left alone"
-        self.say(f"      {p.key:14} on {p.node}: {p.ip:9} netns {net.netns}  ({what})")
-
-    def _wait_ztunnel(self, np: NodeProcs, timeout: float = 45.0) -> None:
-        want = {p.key for p in spec.PODS if p.node == np.node.name and spec.NAMESPACES[p.namespace]}
-
-        def probe() -> dict[str, Any] | None:
-            dump = http_json(np.admin_url("/config_dump"))
-            if not dump or not dump.get("ready"):
-                return None
-            have = {f"{p['namespace']}/{p['name']}" for p in dump.get("pods", []) if p.get("listeners")}
-            if not want <= have or len(dump.get("workloads", [])) < len(spec.PODS):
-                return None
-            hbone = {
-                f"{w['namespace']}/{w['name']}"
-                for w in dump["workloads"]
-                if w.get("tunnel_protocol") == "HBONE"
-            }
-            if hbone != self.redirected:
-                return None
-            status, _ = http_get(f"http://127.0.0.1:{np.readiness}/healthz/ready")
-            return dump if status == 200 else None
-
-        dump = self.procs.wait_for(np.ztunnel, "ready with its pods", probe, timeout)
-        ids = sorted({p["identity"] for p in dump["pods"]})
-        self.say(
-            f"      {np.node.name}: ready, {len(dump['pods'])} pod(s), certificates for {', '.join(ids)}"
-        )
 
     def _start_app(self, p: spec.PodSpec) -> None:
         net = self.pods[p.key]
@@ -435,12 +511,6 @@ class LocalMesh:
         except (ValueError, IndexError):
             out = {"status": 0, "error": f"client exit {r.returncode}: {r.stderr.strip()[-300:]}"}
         return out
-
-    def ztunnel_log(self, node: str) -> Path:
-        return self.state.path / "logs" / f"ztunnel-{node}.log"
-
-    def _access_logs(self, node: str) -> list[dict[str, Any]]:
-        return [r for r in read_json_lines(self.ztunnel_log(node)) if r.get("event") == "connection complete"]
 
     def _collect_logs(self, res: Results, timeout: float = 15.0) -> None:
         """Match every request to ztunnel's access-log records (written when a connection closes)."""

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ambientctl.localmesh.state import RunState
+from ambientctl.localmesh.state import RunState, proc_starttime
 
 T = TypeVar("T")
 POLL = 0.05
@@ -54,21 +54,32 @@ class Procs:
     def __init__(self, state: RunState) -> None:
         self.state = state
         self.running: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+        # How each was started (argv, the environment it adds, log): to start it again.
+        self.specs: dict[str, tuple[list[str], dict[str, str], Path]] = {}
 
     def start(
-        self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None, *, append: bool = False
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        *,
+        append: bool = False,
+        log: Path | None = None,
+        cwd: str | None = None,
     ) -> Path:
-        """Start ``name`` in its own session, output to ``logs/<name>.log`` (``append``: a restart
-        keeps the previous process's lines before its own)."""
-        log = self.state.path / "logs" / f"{name}.log"
+        """Start ``name`` in its own session, output to ``log`` (default ``logs/<name>.log``;
+        ``append``: a restart keeps the previous process's lines before its own)."""
+        log = log or self.state.path / "logs" / f"{name}.log"
         log.parent.mkdir(exist_ok=True)
         with open(log, "ab" if append else "wb") as out:
             p = subprocess.Popen(
                 list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=dict(env) if env is not None else None, start_new_session=True,
+                env=dict(env) if env is not None else None, start_new_session=True, cwd=cwd,
             )  # fmt: skip
         self.state.add_proc(name, p.pid)
         self.running[name] = (p, log)
+        extra = {k: v for k, v in (env or {}).items() if os.environ.get(k) != v}
+        self.specs[name] = (list(argv), extra, log)
         return log
 
     def pid(self, name: str) -> int:
@@ -76,7 +87,7 @@ class Procs:
         return self.running[name][0].pid
 
     def log_tail(self, name: str, lines: int = 15) -> str:
-        _, log = self.running[name]
+        log = self.running[name][1] if name in self.running else self.state.path / "logs" / f"{name}.log"
         try:
             text = log.read_text(errors="replace").splitlines()
         except OSError:
@@ -84,6 +95,13 @@ class Procs:
         return "\n".join("    " + line for line in text[-lines:])
 
     def check_alive(self, name: str) -> None:
+        if name not in self.running:  # started by another command of this run: its record says
+            rec = next((r for r in reversed(self.state.procs) if r.name == name), None)
+            if rec is None or proc_starttime(rec.pid) != rec.starttime:
+                raise ProcError(
+                    f"{name} is not running; its log: {self.state.path / 'logs' / (name + '.log')}"
+                )
+            return
         p, _ = self.running[name]
         if p.poll() is not None:
             raise ProcError(f"{name} exited with status {p.returncode}; its log:\n{self.log_tail(name)}")

@@ -8,6 +8,7 @@ failed half way — can remove exactly what this run made and nothing else.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -15,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -73,6 +75,16 @@ class RunState:
     def add_proc(self, name: str, pid: int) -> None:
         self.procs.append(ProcRecord(name, pid, proc_starttime(pid) or ""))
         self.save()
+
+
+@contextlib.contextmanager
+def locked(run_dir: Path) -> Iterator[None]:
+    """One writer of a run's ``state.json`` at a time across processes (``mesh up`` while it
+    builds, ``mesh apply``, the supervisor recording a restarted daemon): each loads, changes and
+    saves it inside. (The demo's process is the only writer of its run's and does not lock.)"""
+    with open(Path(run_dir) / "lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def proc_starttime(pid: int) -> str | None:

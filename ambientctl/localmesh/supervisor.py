@@ -19,6 +19,13 @@ small process, which the local mesh keeps running next to the control plane, doe
 
 A file that fails to parse changes nothing (the control plane keeps its last good version too).
 
+Given ``--daemons FILE`` (an ``ambientctl mesh up`` mesh: the control plane, each node's cni agent
+and ztunnel, with their command lines), it is their kubelet too: one that dies is started again
+with the same command line, after a delay that doubles from 1 s up to 30 s with each restart
+(back to 1 s once one has run a minute), logged ("ztunnel-node-a: not running; restarting in 2 s
+(restart 2)"); the new process is appended to the run's ``state.json`` (under its lock), where
+``mesh down`` and ``ztunnel-config`` find it.
+
 What it makes is recorded in its own run state, ``<run>/supervisor/state.json`` (the demo's
 ``state.json`` belongs to the demo process, which rewrites it whole), with netns names under
 ``ambd-<run>-wp-``, so ``ambientctl demo down`` (see :func:`teardown`) removes exactly that. Its
@@ -53,7 +60,7 @@ from typing import Any
 import structlog
 
 from ambientctl.localmesh.procs import free_ports, http_get, python_main
-from ambientctl.localmesh.state import STATE_FILE, RunState, proc_starttime
+from ambientctl.localmesh.state import STATE_FILE, RunState, locked, proc_starttime
 from ambientctl.localmesh.state import teardown as teardown_state
 from ambientctl.localmesh.topology import NodeNet, PodNet, Topology, TopologyError
 from controlplane.tokens import waypoint_token_path
@@ -71,6 +78,8 @@ PROC_NAME = "supervisor"  # the demo's record of this process
 NETNS_TAG = "wp"  # its netns are ambd-<run>-wp-<namespace>-<pod>
 HBONE_PORT = 15008
 MAX_BACKOFF = 10.0
+DAEMON_BACKOFF = (1.0, 30.0)  # first delay, cap: a node daemon's restarts (kubelet: 10 s .. 5 min)
+DAEMON_STEADY = 60.0  # a daemon that ran this long starts its backoff again from the first delay
 
 
 @dataclass(frozen=True)
@@ -147,6 +156,33 @@ class Managed:
         }
 
 
+@dataclass
+class Daemon:
+    """A node daemon (or the control plane) this supervisor restarts when it dies."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]  # added to the supervisor's own environment
+    log: Path
+    restarts: int = 0
+    started: float = field(default_factory=time.monotonic)
+    not_before: float | None = None  # dead: when to start it again
+    proc: subprocess.Popen[bytes] | None = None  # when this supervisor started it
+
+    def delay(self) -> float:
+        first, cap = DAEMON_BACKOFF
+        return float(min(cap, first * 2 ** min(self.restarts - 1, 10)))
+
+
+def load_daemons(path: Path) -> dict[str, Daemon]:
+    raw = json.loads(path.read_text())
+    return {
+        name: Daemon(name, [str(a) for a in d["argv"]], {str(k): str(v) for k, v in d.get("env", {}).items()},
+                     Path(d["log"]))
+        for name, d in raw.items()
+    }  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Config:
     run_dir: Path
@@ -158,6 +194,7 @@ class Config:
     stop_timeout: float = 5.0
     ready_warn: float = 60.0
     ready_file: Path | None = None
+    daemons_file: Path | None = None
 
 
 def sub_state_dir(run_dir: Path) -> Path:
@@ -199,6 +236,7 @@ class Supervisor:
         self._status = ""
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe()
+        self.daemons = load_daemons(cfg.daemons_file) if cfg.daemons_file is not None else {}
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -273,6 +311,10 @@ class Supervisor:
     # -- one poll ---------------------------------------------------------------------------------
 
     def tick(self) -> None:
+        for d in self.daemons.values():
+            if self._stopping:
+                break
+            self._watch(d)
         self._read_file()
         want = {k: w for k, w in self.wants.items() if self._runnable(w)}
         have = {k: m.want for k, m in self.managed.items()}
@@ -336,6 +378,46 @@ class Supervisor:
         if (key, message) not in self._said:
             self._said.add((key, message))
             log.warning(message)
+
+    # -- node daemons -----------------------------------------------------------------------------
+
+    def _watch(self, d: Daemon) -> None:
+        now = time.monotonic()
+        if d.proc is not None:
+            running = d.proc.poll() is None
+        else:
+            try:
+                recs = [r for r in RunState.load(self.cfg.run_dir).procs if r.name == d.name]
+            except (OSError, ValueError, TypeError):
+                return  # being replaced right now: next time
+            running = bool(recs) and proc_starttime(recs[-1].pid) == recs[-1].starttime
+        if running:
+            return
+        if d.not_before is None:
+            if now - d.started > DAEMON_STEADY:
+                d.restarts = 0
+            d.restarts += 1
+            d.not_before = now + d.delay()
+            status = f" (exit status {d.proc.returncode})" if d.proc is not None else ""
+            log.warning(
+                f"{d.name}: not running{status}; restarting in {d.delay():g} s (restart {d.restarts})",
+                log_file=str(d.log),
+            )
+            return
+        if now < d.not_before:
+            return
+        env = dict(os.environ)
+        env.update(d.env)
+        with open(d.log, "ab") as out:
+            d.proc = subprocess.Popen(
+                d.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True,  # outlives the supervisor: mesh down stops it
+            )  # fmt: skip
+        with locked(self.cfg.run_dir):
+            st = RunState.load(self.cfg.run_dir)
+            st.add_proc(d.name, d.proc.pid)
+        d.started, d.not_before = time.monotonic(), None
+        log.info(f"{d.name}: restarted (restart {d.restarts})", pid=d.proc.pid, log_file=str(d.log))
 
     # -- one waypoint -----------------------------------------------------------------------------
 
@@ -495,6 +577,8 @@ def argv(
     nodes: Mapping[str, str],
     ready_file: Path,
     poll_interval: float = 0.5,
+    *,
+    daemons: Path | None = None,
 ) -> list[str]:
     """The command line that runs the supervisor of a local mesh."""
     out = [
@@ -504,6 +588,8 @@ def argv(
     ]  # fmt: skip
     for name, netns in nodes.items():
         out += ["--node", f"{name}={netns}"]
+    if daemons is not None:
+        out += ["--daemons", str(daemons)]
     return out
 
 
@@ -571,6 +657,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-interval", type=float, default=0.5)
     p.add_argument("--stop-timeout", type=float, default=5.0, help="SIGTERM to SIGKILL, seconds")
     p.add_argument("--ready-file", type=Path)
+    p.add_argument(
+        "--daemons", type=Path, help="JSON {name: {argv, env, log}}: processes to restart when they die"
+    )
     p.add_argument("--log-level", default="info", choices=meshlog.LEVELS)
     return p
 
@@ -594,6 +683,7 @@ def main(args: list[str] | None = None) -> int:
         poll_interval=a.poll_interval,
         stop_timeout=a.stop_timeout,
         ready_file=a.ready_file,
+        daemons_file=a.daemons,
     )
     return Supervisor(cfg).run()
 

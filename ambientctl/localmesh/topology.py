@@ -55,6 +55,11 @@ class NodeNet:
     gateway: str  # the bridge's address: its pods' default route
     prefixlen: int = 24
 
+    @property
+    def subnet(self) -> str:
+        """The node's pod CIDR (its bridge's subnet)."""
+        return str(ipaddress.ip_network(f"{self.gateway}/{self.prefixlen}", strict=False))
+
 
 @dataclass(frozen=True)
 class PodNet:
@@ -97,9 +102,11 @@ class Topology:
         run("ip", "netns", "add", name)
         run("ip", "-n", name, "link", "set", "lo", "up")
 
-    def add_node(self, name: str) -> NodeNet:
+    def add_node(self, name: str, pod_cidr: str | None = None) -> NodeNet:
+        """Node number ``len(nodes) + 1``: its bridge gets the first address of ``pod_cidr``
+        (default :func:`node_cidr` of its number)."""
         index = len(self.nodes) + 1
-        cidr = ipaddress.ip_network(node_cidr(index))
+        cidr = ipaddress.ip_network(pod_cidr or node_cidr(index))
         node = NodeNet(
             name, index, f"{self.state.prefix}{name}", str(cidr.network_address + 1), cidr.prefixlen
         )
@@ -119,8 +126,33 @@ class Topology:
         for n in (a, b):
             run("ip", "-n", n.netns, "addr", "add", f"{WIRE_NET}.{n.index}/24", "dev", WIRE)
             run("ip", "-n", n.netns, "link", "set", WIRE, "up")
-        run("ip", "-n", a.netns, "route", "add", node_cidr(b.index), "via", f"{WIRE_NET}.{b.index}")
-        run("ip", "-n", b.netns, "route", "add", node_cidr(a.index), "via", f"{WIRE_NET}.{a.index}")
+        run("ip", "-n", a.netns, "route", "add", b.subnet, "via", f"{WIRE_NET}.{b.index}")
+        run("ip", "-n", b.netns, "route", "add", a.subnet, "via", f"{WIRE_NET}.{a.index}")
+
+    def connect_all(self, nodes: list[NodeNet]) -> None:
+        """Join ``nodes``: two by a direct wire (:meth:`connect`); three or more through a hub, a
+        netns ``<prefix>wire`` holding a bridge every node's ``wire`` veth is plugged into.
+        Each node routes every other node's pod subnet via that node's wire address."""
+        if len(nodes) < 2:
+            return
+        if len(nodes) == 2:
+            self.connect(nodes[0], nodes[1])
+            return
+        hub = f"{self.state.prefix}{WIRE}"
+        self._add_netns(hub)
+        run("ip", "-n", hub, "link", "add", BRIDGE, "type", "bridge")
+        run("ip", "-n", hub, "link", "set", BRIDGE, "up")
+        for n in nodes:
+            port = f"n{n.index}"
+            run("ip", "link", "add", "name", WIRE, "netns", n.netns, "type", "veth", "peer", "name", port,
+                "netns", hub)  # fmt: skip
+            run("ip", "-n", hub, "link", "set", port, "master", BRIDGE, "up")
+            run("ip", "-n", n.netns, "addr", "add", f"{WIRE_NET}.{n.index}/24", "dev", WIRE)
+            run("ip", "-n", n.netns, "link", "set", WIRE, "up")
+        for n in nodes:
+            for other in nodes:
+                if other is not n:
+                    run("ip", "-n", n.netns, "route", "add", other.subnet, "via", f"{WIRE_NET}.{other.index}")
 
     def adopt_node(self, name: str, netns: str) -> NodeNet:
         """A node another process built (:meth:`add_node`): its bridge's IPv4 address tells the
@@ -143,7 +175,10 @@ class Topology:
     def add_pod(self, namespace: str, name: str, node: NodeNet, ip: str) -> PodNet:
         """The sandbox a container runtime makes, with what the main CNI plugin (bridge) does."""
         netns = f"{self.state.prefix}{namespace}-{name}"
-        host_if = f"v{ip.rsplit('.', 1)[1]}"
+        # Unique on the node's bridge: the last octet within a /24 (the demo's), else the whole address.
+        host_if = (
+            f"v{ip.rsplit('.', 1)[1]}" if node.prefixlen >= 24 else f"v{int(ipaddress.ip_address(ip)):08x}"
+        )
         pod = PodNet(namespace, name, node, ip, netns, host_if)
         self._add_netns(netns)
         run("ip", "link", "add", "name", "eth0", "netns", netns, "type", "veth", "peer", "name", host_if,

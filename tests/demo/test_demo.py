@@ -282,7 +282,7 @@ def test_missing_tool_exits_2(tmp_path: Path) -> None:
 
 
 def test_not_root_exits_2(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(demo.shutil, "which", lambda tool: f"/usr/sbin/{tool}")
-    monkeypatch.setattr(demo.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(shutil, "which", lambda tool: f"/usr/sbin/{tool}")  # the modules demo uses
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
     problem = demo.preflight()
     assert problem is not None and "run it as root" in problem
