@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 VENV="$ROOT/.venv"
-APT_PKGS=(nftables iproute2 golang-go stunnel4 haproxy iperf3 tcpdump containernetworking-plugins python3-venv procps)
+APT_PKGS=(nftables iproute2 golang-go stunnel4 haproxy iperf3 tcpdump containernetworking-plugins python3-venv procps libmodsecurity3 modsecurity-crs)
 
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 
