@@ -156,6 +156,9 @@ async def run(cfg: Config, roots: bytes) -> int:
         drain_seconds=cfg.drain_seconds,
         process_metrics=True,
     )
+    # A reconnect is the control plane's sign of life: failing certificate fetches (the CA is the
+    # same control plane) retry at once instead of waiting out their backoff.
+    xds.on_connected(wp.certs.retry_failed)
     xds_task = asyncio.create_task(xds.run(), name="xds")
     try:
         await wp.start()
