@@ -6,7 +6,7 @@ messages work here (modelled on istioctl's ``pkg/waypoint/waypoint.go``), agains
 
 - ``--kubeconfig FILE``: a Kubernetes cluster's API (the Gateway objects; the control plane's
   waypoint controller reports ``Accepted``/``Programmed`` in their status);
-- nothing: the running local mesh (``ambientctl demo --keep``), found as ``ambientctl
+- nothing: the running local mesh (``ambientctl mesh up`` or ``demo --keep``), found as ``ambientctl
   ztunnel-config`` finds it (``--run ID`` picks one of several). Its YAML file is the source of
   truth: ``apply``/``delete`` edit it atomically, keeping comments and document order, and the
   control plane and the waypoint supervisor pick the edit up; ``Programmed`` is whether the

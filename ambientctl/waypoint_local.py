@@ -252,7 +252,7 @@ class LocalBackend:
             live = [m for m in runs if m.running]
             if not live:
                 raise WaypointError(
-                    f"no local mesh is running under {root}: start one (ambientctl demo --keep), "
+                    f"no local mesh is running under {root}: start one (ambientctl mesh up -f FILE, or ambientctl demo --keep), "
                     "or give --kubeconfig FILE to manage a cluster's waypoints"
                 )
             if len(live) > 1:

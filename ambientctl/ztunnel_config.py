@@ -6,7 +6,7 @@ connections|log|all``; the same verbs, columns (``pkg/writer/ztunnel/configdump`
 ``/logging``):
 
 - ``--admin ADDR``: any ztunnel's admin address (``host:port`` or a URL), e.g. a port-forward;
-- ``--node NAME``: that node's ztunnel in the running local mesh (``ambientctl demo --keep``);
+- ``--node NAME``: that node's ztunnel in the running local mesh (``ambientctl mesh up`` or ``demo --keep``);
 - ``-f FILE``: a saved config dump (``-`` = stdin);
 - nothing: the running local mesh, found under ``/run/ambient-demo`` — any node's ztunnel for
   what every node holds alike (workloads, services, policies), the only node's for what is per
@@ -87,7 +87,7 @@ class ZtunnelRef:
 
 @dataclass(frozen=True)
 class LocalMesh:
-    """A local mesh run (``ambientctl demo --keep``) as its run directory records it."""
+    """A local mesh run (``ambientctl mesh up`` or ``demo --keep``) as its run directory records it."""
 
     run_id: str
     run_dir: Path
@@ -225,7 +225,7 @@ def find_local_mesh(run: str | None, root: Path = RUNS_ROOT) -> LocalMesh:
             f"\n  {m.describe()}: no process left (ambientctl demo down removes it)" for m in runs
         )
         raise UsageError(
-            f"no local mesh is running under {root} (start one with `ambientctl demo --keep`), "
+            f"no local mesh is running under {root} (start one with `ambientctl mesh up -f FILE` or `ambientctl demo --keep`), "
             f"or give --admin ADDR{stale}"
         )
     listing = "".join(f"\n  {m.describe()}" for m in live)
@@ -854,7 +854,7 @@ def _common(p: argparse.ArgumentParser, *, top: bool) -> None:
     p.add_argument("--node", metavar="NAME", default=d(None),
                    help="the ztunnel of node NAME in the running local mesh")  # fmt: skip
     p.add_argument("--run", metavar="ID", default=d(None),
-                   help="which local mesh, when several run (ambientctl demo --keep)")  # fmt: skip
+                   help="which local mesh, when several run (ambientctl mesh up, demo --keep)")  # fmt: skip
     p.add_argument("-f", "--file", metavar="FILE", default=d(None), help="a saved config dump (- for stdin)")
     p.add_argument("-o", "--output", choices=OUTPUTS, default=d("short"),
                    help="output format: short (tables, default), json or yaml")  # fmt: skip

@@ -518,7 +518,8 @@ async def test_local_mesh_found_without_flags(
     rc, _, err = await run(capsys, "zc", "workload")
     assert rc == 2
     assert (
-        f"no local mesh is running under {root} (start one with `ambientctl demo --keep`), or give --admin ADDR"
+        f"no local mesh is running under {root} (start one with `ambientctl mesh up -f FILE` or `ambientctl demo --keep`), "
+        "or give --admin ADDR"
         in err
     )
 
