@@ -468,6 +468,18 @@ class _UpstreamConn(_Endpoint):
         if self.reserved <= 0 and (self.single_use or self.goaway or self.dead is not None):
             self.close()
 
+    def give_back(self, sid: int | None) -> None:
+        """End a reservation from ``Http2UpstreamPool.acquire``: reset the stream if it is still
+        open, release it; or, when no stream was opened (``sid`` None), the slot alone."""
+        if sid is None:
+            self.reserved -= 1
+            if self.reserved <= 0 and self.single_use:
+                self.close()
+            return
+        if self.stream_open(sid):
+            self.reset(sid, ErrorCodes.CANCEL)
+        self.release(sid)
+
     def done_after_goaway(self) -> bool:
         return (self.goaway or self.single_use) and self.reserved <= 0 and not self.inboxes
 
@@ -583,14 +595,7 @@ class Http2UpstreamPool:
             except _Reset as e:
                 raise ConnectionError(f"stream reset: {e}") from None
         finally:
-            if sid is not None and up.stream_open(sid):
-                up.reset(sid, ErrorCodes.CANCEL)
-            if sid is not None:
-                up.release(sid)
-            else:
-                up.reserved -= 1
-                if up.reserved <= 0 and up.single_use:
-                    up.close()
+            up.give_back(sid)
 
     @property
     def connections(self) -> int:
@@ -846,14 +851,7 @@ class _Serve:
                 with contextlib.suppress(asyncio.CancelledError):
                     await pump
         finally:
-            if usid is not None and up.stream_open(usid):
-                up.reset(usid, ErrorCodes.CANCEL)
-            if usid is not None:
-                up.release(usid)
-            else:
-                up.reserved -= 1
-                if up.reserved <= 0 and up.single_use:
-                    up.close()
+            up.give_back(usid)
 
     async def _pump_request(self, sid: int, inbox: _Inbox, up: _UpstreamConn, usid: int, t: Tally) -> None:
         """Downstream request body → upstream; then watch for the client resetting its stream.

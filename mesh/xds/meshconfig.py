@@ -45,39 +45,31 @@ def _body_from_proto(
     return ExtAuthzRequestBody(b.max_request_bytes, b.allow_partial_message, b.pack_as_bytes)
 
 
+def _common_to_proto(
+    a: ExtAuthzGrpc | ExtAuthzHttp,
+    out: _Pb.EnvoyExternalAuthorizationGrpcProvider | _Pb.EnvoyExternalAuthorizationHttpProvider,
+) -> None:
+    out.service, out.port, out.fail_open, out.clear_route_cache = a.service, a.port, a.fail_open, a.clear_route_cache
+    out.status_on_error = str(a.status_on_error)
+    out.timeout.FromNanoseconds(round(a.timeout * 1e9))
+    if a.include_request_body is not None:
+        _body_to_proto(a.include_request_body, out.include_request_body_in_check)
+
+
 def extension_provider_to_any(p: ExtensionProvider) -> any_pb2.Any:
     pb = _Pb(name=p.name)
     a = p.ext_authz
     if isinstance(a, ExtAuthzGrpc):
-        g = pb.envoy_ext_authz_grpc
-        g.service, g.port, g.fail_open, g.clear_route_cache = (
-            a.service,
-            a.port,
-            a.fail_open,
-            a.clear_route_cache,
-        )
-        g.status_on_error = str(a.status_on_error)
-        g.timeout.FromNanoseconds(round(a.timeout * 1e9))
-        if a.include_request_body is not None:
-            _body_to_proto(a.include_request_body, g.include_request_body_in_check)
+        _common_to_proto(a, pb.envoy_ext_authz_grpc)
     elif isinstance(a, ExtAuthzHttp):
         h = pb.envoy_ext_authz_http
-        h.service, h.port, h.fail_open, h.clear_route_cache = (
-            a.service,
-            a.port,
-            a.fail_open,
-            a.clear_route_cache,
-        )
-        h.status_on_error = str(a.status_on_error)
-        h.timeout.FromNanoseconds(round(a.timeout * 1e9))
+        _common_to_proto(a, h)
         h.path_prefix = a.path_prefix
         h.include_request_headers_in_check.extend(a.include_request_headers)
         h.include_additional_headers_in_check.update(dict(a.include_additional_headers))
         h.headers_to_upstream_on_allow.extend(a.headers_to_upstream_on_allow)
         h.headers_to_downstream_on_deny.extend(a.headers_to_downstream_on_deny)
         h.headers_to_downstream_on_allow.extend(a.headers_to_downstream_on_allow)
-        if a.include_request_body is not None:
-            _body_to_proto(a.include_request_body, h.include_request_body_in_check)
     else:
         raise ValueError(f"extension provider {p.name}: only ext_authz providers are sent")
     packed = any_pb2.Any()
