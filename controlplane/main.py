@@ -13,7 +13,9 @@ State directory layout::
     DIR/tokens/<node>.token    one per Node of the file (0600, local mode)
 
 In Kubernetes mode the state comes from list/watch of the API server, callers authenticate with
-projected service-account tokens checked by TokenReview, and no node tokens are written.
+projected service-account tokens checked by TokenReview, no node tokens are written, and the
+root is published as the ConfigMap ``istio-ca-root-cert`` in every namespace
+(:mod:`controlplane.rootcert`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from controlplane.auth import (
 from controlplane.ca import bearer_token
 from controlplane.jwks import DEFAULT_REFRESH as DEFAULT_JWKS_REFRESH
 from controlplane.jwks import JwksCache
+from controlplane.rootcert import RootCertController
 from controlplane.server import DEFAULT_PORT, ServerError, parse_listen, start_server
 from controlplane.tokens import DEFAULT_TOKEN_TTL, TokenError, TokenIssuer
 from controlplane.waypoint_controller import KubeApi, Reconciler, WaypointController, WaypointSettings
@@ -230,6 +233,12 @@ class Prepared:
     watch_events: WatchEvents | None = None  # Kubernetes mode
 
 
+# Connections to the API server: one held by each watch (the source's resources and the root
+# ConfigMap's), plus the controllers', TokenReview's and status writes' calls. The client's
+# default (5 per CPU) would make urllib3 open and discard connections ("pool is full").
+API_POOL_SIZE = 32
+
+
 def kubernetes_client(kubeconfig: str | None) -> Any:
     """An ApiClient from ``kubeconfig``, or the in-cluster service account when none is given."""
     from kubernetes import client, config
@@ -237,11 +246,15 @@ def kubernetes_client(kubeconfig: str | None) -> Any:
     cfg: Any = config  # the kubernetes package is untyped
     try:
         if kubeconfig:
-            return cfg.new_client_from_config(config_file=kubeconfig)
+            conf = client.Configuration()
+            conf.connection_pool_maxsize = API_POOL_SIZE
+            return cfg.new_client_from_config(config_file=kubeconfig, client_configuration=conf)
         cfg.load_incluster_config()
     except cfg.ConfigException as e:
         raise StartupError(f"--kubernetes: no usable API server configuration ({e})") from None
-    return client.ApiClient()
+    conf = client.Configuration.get_default_copy()
+    conf.connection_pool_maxsize = API_POOL_SIZE
+    return client.ApiClient(conf)
 
 
 class WatchEvents:
@@ -357,6 +370,7 @@ async def serve(args: argparse.Namespace, p: Prepared) -> int:
     unsubscribe = p.store.subscribe(new_node_tokens)
     authenticator = p.authenticator
     controller: WaypointController | None = None
+    root_cert: RootCertController | None = None
     servicers: list[xds.DiscoveryServicer] = []
 
     jwks = JwksCache(
@@ -387,6 +401,10 @@ async def serve(args: argparse.Namespace, p: Prepared) -> int:
                 f"--kubernetes: the API server was not fully listed within {args.sync_timeout:g}s "
                 "(see the log for the failing resource)"
             )
+        if args.kubernetes:
+            # After the first full list: every namespace there is gets the root ConfigMap.
+            root_cert = RootCertController(p.store, p.api_client, p.ca.roots_pem)
+            root_cert.start()
         if p.waypoints is not None:
             # After the first full list: the store then holds every Gateway there is.
             controller = WaypointController(p.store, Reconciler(KubeApi(p.api_client), p.waypoints))
@@ -416,6 +434,8 @@ async def serve(args: argparse.Namespace, p: Prepared) -> int:
             p.watch_events.listener = None
         if controller is not None:
             await controller.aclose()
+        if root_cert is not None:
+            await root_cert.aclose()
         unsubscribe()
         await jwks.aclose()
         await p.source.astop()

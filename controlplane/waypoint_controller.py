@@ -24,7 +24,8 @@ Kubernetes controller does it (istiod's gateway deployment controller is the mod
   precondition; an object of the same name it did not make is never adopted, changed or deleted
   (the Gateway reports it instead).
 * **Status**: ``Accepted`` (False, ``InvalidParameters``, for a bad ``ambient-mesh.io/waypoint-*``
-  annotation or a ``spec.infrastructure.parametersRef``, which is not supported) and
+  annotation, or a ``spec.infrastructure.parametersRef`` ConfigMap that is missing or sets what
+  we do not support) and
   ``Programmed`` (True once the Deployment reports a ready replica; False with ``Pending``,
   ``NoResources`` or ``Invalid`` otherwise), plus the Service's cluster IP as the address,
   merge-patched through the status subresource with the resourceVersion read, only when they
@@ -38,13 +39,17 @@ Parameters, on the Gateway (documented in docs/install.md): ``ambient-mesh.io/wa
 ``ambient-mesh.io/waypoint-cpu`` / ``-memory`` (requests) and ``-cpu-limit`` / ``-memory-limit``,
 ``ambient-mesh.io/waypoint-pdb-min-available`` or ``-pdb-max-unavailable`` (a PodDisruptionBudget),
 and the Gateway API's ``spec.infrastructure.labels`` / ``annotations`` (copied onto everything
-made, as Istio does).
+made, as Istio does). As in Istio, ``spec.infrastructure.parametersRef`` may name a ConfigMap of
+the Gateway's namespace whose keys ``deployment`` and ``podDisruptionBudget`` are YAML overlays
+of those objects; of them we read ``spec.replicas``, the waypoint container's ``resources``
+(container ``waypoint``, or Istio's ``istio-proxy``) and the PDB's ``minAvailable`` /
+``maxUnavailable`` (they win over the annotations), and refuse anything else by name. The
+ConfigMap is read at each reconcile (RBAC: ``get`` of configmaps): an edit of it takes effect
+at the next one (the Gateway changing, or the resync).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import json
 import random
@@ -57,9 +62,13 @@ from typing import Any
 
 import structlog
 
+from controlplane import kubeapi
+from controlplane.kubeapi import ApiError, ObjectKind
+from controlplane.workqueue import WorkQueue
 from mesh.enrollment import DATAPLANE_MODE_LABEL
 from mesh.model import Delta, Kind, Store
 from mesh.model.objects import LABEL_GATEWAY_NAME, WAYPOINT_GATEWAY_CLASS
+from sources.boundedyaml import YamlRefused, load_one
 from sources.kubernetes import Backoff
 
 log = structlog.get_logger(__name__)
@@ -153,17 +162,36 @@ def _int_or_percent(key: str, value: str) -> int | str:
     return v if v.endswith("%") else int(v)
 
 
-def parameters(gateway: Mapping[str, Any]) -> Parameters:
-    """The waypoint's parameters from its Gateway (raises :class:`InvalidParameters`)."""
+def parameters_ref(gateway: Mapping[str, Any]) -> str | None:
+    """The name of the ConfigMap ``spec.infrastructure.parametersRef`` names (in the Gateway's
+    namespace), or None; raises :class:`InvalidParameters` for a reference to anything else."""
+    infra = (gateway.get("spec") or {}).get("infrastructure") or {}
+    ref = infra.get("parametersRef")
+    if not ref:
+        return None
+    if not isinstance(ref, Mapping):
+        raise InvalidParameters("spec.infrastructure.parametersRef must be an object")
+    group, kind, name = ref.get("group", ""), ref.get("kind"), ref.get("name")
+    if group not in ("", "core") or kind != "ConfigMap":
+        raise InvalidParameters(
+            f"spec.infrastructure.parametersRef: {group or 'core'}/{kind} is not supported; "
+            'only a ConfigMap (group "", kind ConfigMap) of the Gateway\'s namespace'
+        )
+    if not isinstance(name, str) or not name:
+        raise InvalidParameters("spec.infrastructure.parametersRef.name is required")
+    return name
+
+
+def parameters(gateway: Mapping[str, Any], config_map: Mapping[str, Any] | None = None) -> Parameters:
+    """The waypoint's parameters from its Gateway's annotations, then from the ConfigMap its
+    ``spec.infrastructure.parametersRef`` names (``config_map``, read by the caller), whose
+    values win. Raises :class:`InvalidParameters`."""
     md = gateway.get("metadata") or {}
     ann: Mapping[str, str] = md.get("annotations") or {}
     spec = gateway.get("spec") or {}
     infra = spec.get("infrastructure") or {}
-    if infra.get("parametersRef"):
-        raise InvalidParameters(
-            "spec.infrastructure.parametersRef is not supported; "
-            "use the ambient-mesh.io/waypoint-* annotations of the Gateway"
-        )
+    if parameters_ref(gateway) is not None and config_map is None:
+        raise InvalidParameters("spec.infrastructure.parametersRef: the ConfigMap was not read")
     replicas: int | None = None
     if ANNOTATION_REPLICAS in ann:
         text = ann[ANNOTATION_REPLICAS].strip()
@@ -192,6 +220,14 @@ def parameters(gateway: Mapping[str, Any]) -> Parameters:
         raise InvalidParameters(
             f"{ANNOTATION_PDB_MIN_AVAILABLE} and {ANNOTATION_PDB_MAX_UNAVAILABLE} cannot both be set"
         )
+    if config_map is not None:
+        overlay = config_map_parameters(config_map)
+        if overlay.replicas is not None:
+            replicas = overlay.replicas
+        requests.update(overlay.requests)
+        limits.update(overlay.limits)
+        if overlay.pdb is not None:
+            min_available, max_unavailable = overlay.pdb
     labels = infra.get("labels") or {}
     annotations = infra.get("annotations") or {}
     if not isinstance(labels, Mapping) or not isinstance(annotations, Mapping):
@@ -207,21 +243,123 @@ def parameters(gateway: Mapping[str, Any]) -> Parameters:
     )
 
 
-# --- rendering (pure) --------------------------------------------------------------------------
+# --- parametersRef ConfigMap (pure) ------------------------------------------------------------
+
+# Its keys, as Istio names them: each a YAML overlay of the object of that kind. Ours reads the
+# fields below out of them; anything else is refused by name rather than silently ignored.
+PARAMETERS_DEPLOYMENT = "deployment"
+PARAMETERS_PDB = "podDisruptionBudget"
+# Container names an overlay may address: ours, and Istio's (so its examples carry over).
+WAYPOINT_CONTAINERS = ("waypoint", "istio-proxy")
 
 
 @dataclass(frozen=True, slots=True)
-class ObjectKind:
-    """A kind the controller writes, and where it lives in the API."""
+class Overlay:
+    """What a parametersRef ConfigMap sets (None / empty: left as the annotations say)."""
 
-    api_version: str
-    kind: str
-    plural: str
+    replicas: int | None = None
+    requests: Mapping[str, str] = field(default_factory=dict)
+    limits: Mapping[str, str] = field(default_factory=dict)
+    pdb: tuple[int | str | None, int | str | None] | None = None  # (minAvailable, maxUnavailable)
 
-    def path(self, namespace: str, name: str = "") -> str:
-        base = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
-        path = f"{base}/namespaces/{namespace}/{self.plural}"
-        return f"{path}/{name}" if name else path
+
+def _only(obj: Any, allowed: Iterable[str], where: str) -> Mapping[str, Any]:
+    allowed = sorted(allowed)
+    if not isinstance(obj, Mapping):
+        raise InvalidParameters(f"{where} must be a map")
+    extra = sorted(str(k) for k in obj if k not in allowed)
+    if extra:
+        raise InvalidParameters(f"{where}.{extra[0]} is not supported (only {', '.join(allowed)})")
+    return obj
+
+
+def _quantities(obj: Any, where: str) -> dict[str, str]:
+    out = {}
+    for k, v in _only(obj, ("cpu", "memory"), where).items():
+        text = str(v).strip() if isinstance(v, str | int) and not isinstance(v, bool) else ""
+        if not _QUANTITY.match(text):
+            raise InvalidParameters(f"{where}.{k}: {v!r} is not a Kubernetes quantity (e.g. 500m, 256Mi)")
+        out[str(k)] = text
+    return out
+
+
+def _int_or_percent_value(value: Any, where: str) -> int | str:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        return _int_or_percent(where, value)
+    raise InvalidParameters(f"{where}: {value!r} is neither a non-negative integer nor a percentage")
+
+
+def config_map_parameters(config_map: Mapping[str, Any]) -> Overlay:
+    """The parameters a Gateway's parametersRef ConfigMap sets, from its ``deployment`` key
+    (``spec.replicas``, the waypoint container's ``resources``) and ``podDisruptionBudget`` key
+    (``spec.minAvailable`` or ``spec.maxUnavailable``). Raises :class:`InvalidParameters`
+    naming the key and field."""
+    md = config_map.get("metadata") or {}
+    ref = f"ConfigMap {md.get('namespace')}/{md.get('name')}"
+    data = config_map.get("data") or {}
+    _only(data, (PARAMETERS_DEPLOYMENT, PARAMETERS_PDB), f"{ref}: data")
+    docs: dict[str, Any] = {}
+    for key, text in data.items():
+        try:
+            docs[key] = load_one(str(text))
+        except YamlRefused as e:
+            raise InvalidParameters(f"{ref}: {key}: {e}") from None
+    replicas: int | None = None
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if docs.get(PARAMETERS_DEPLOYMENT) is not None:
+        where = f"{ref}: {PARAMETERS_DEPLOYMENT}"
+        spec = _only(
+            _only(docs[PARAMETERS_DEPLOYMENT], ("spec",), where).get("spec") or {},
+            ("replicas", "template"),
+            f"{where}.spec",
+        )
+        if "replicas" in spec:
+            value = spec["replicas"]
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 1000:
+                raise InvalidParameters(f"{where}.spec.replicas: {value!r} is not an integer from 0 to 1000")
+            replicas = value
+        template = _only(spec.get("template") or {}, ("spec",), f"{where}.spec.template")
+        pod_spec = _only(template.get("spec") or {}, ("containers",), f"{where}.spec.template.spec")
+        containers = pod_spec.get("containers") or []
+        if not isinstance(containers, list):
+            raise InvalidParameters(f"{where}.spec.template.spec.containers must be a list")
+        for i, item in enumerate(containers):
+            cwhere = f"{where}.spec.template.spec.containers[{i}]"
+            c = _only(item, ("name", "resources"), cwhere)
+            if c.get("name") not in WAYPOINT_CONTAINERS:
+                raise InvalidParameters(
+                    f"{cwhere}.name: {c.get('name')!r} is not the waypoint container "
+                    f"({' or '.join(WAYPOINT_CONTAINERS)})"
+                )
+            resources = _only(c.get("resources") or {}, ("requests", "limits"), f"{cwhere}.resources")
+            requests.update(_quantities(resources.get("requests") or {}, f"{cwhere}.resources.requests"))
+            limits.update(_quantities(resources.get("limits") or {}, f"{cwhere}.resources.limits"))
+    pdb: tuple[int | str | None, int | str | None] | None = None
+    if docs.get(PARAMETERS_PDB) is not None:
+        where = f"{ref}: {PARAMETERS_PDB}"
+        spec = _only(
+            _only(docs[PARAMETERS_PDB], ("spec",), where).get("spec") or {},
+            ("minAvailable", "maxUnavailable"),
+            f"{where}.spec",
+        )
+        if "minAvailable" in spec and "maxUnavailable" in spec:
+            raise InvalidParameters(f"{where}.spec: minAvailable and maxUnavailable cannot both be set")
+        if spec:
+            pdb = (
+                _int_or_percent_value(spec["minAvailable"], f"{where}.spec.minAvailable")
+                if "minAvailable" in spec
+                else None,
+                _int_or_percent_value(spec["maxUnavailable"], f"{where}.spec.maxUnavailable")
+                if "maxUnavailable" in spec
+                else None,
+            )
+    return Overlay(replicas, requests, limits, pdb)
+
+
+# --- rendering (pure) --------------------------------------------------------------------------
 
 
 SERVICE_ACCOUNT = ObjectKind("v1", "ServiceAccount", "serviceaccounts")
@@ -229,6 +367,7 @@ DEPLOYMENT = ObjectKind("apps/v1", "Deployment", "deployments")
 SERVICE = ObjectKind("v1", "Service", "services")
 PDB = ObjectKind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets")
 GATEWAY = ObjectKind(GATEWAY_API_VERSION, "Gateway", "gateways")
+CONFIG_MAP = ObjectKind("v1", "ConfigMap", "configmaps")  # parametersRef: read only
 MANAGED_KINDS = (SERVICE_ACCOUNT, DEPLOYMENT, SERVICE, PDB)
 
 
@@ -584,108 +723,12 @@ def desired_status(
 # --- the API -----------------------------------------------------------------------------------
 
 
-class ApiError(Exception):
-    """The API server refused a request (or could not be reached: ``status`` 0)."""
-
-    def __init__(self, method: str, what: str, status: int, reason: str, message: str) -> None:
-        super().__init__(
-            f"{method} {what}: HTTP {status} {reason}: {message}" if status else f"{method} {what}: {message}"
-        )
-        self.method = method
-        self.what = what
-        self.status = status
-        self.reason = reason
-        self.message = message
-
-
 class NotOurs(Exception):
     """An object of the waypoint's name exists and was not made by this controller."""
 
 
-class KubeApi:
-    """The few REST calls the controller makes, with JSON in and out, over the ``kubernetes``
-    client's ApiClient (its configuration, auth and connection pool). Blocking: call it from a
-    worker thread."""
-
-    def __init__(self, api_client: Any, *, timeout: tuple[float, float] = (10.0, 30.0)) -> None:
-        self._api = api_client
-        self._timeout = timeout
-
-    def _call(
-        self,
-        method: str,
-        path: str,
-        what: str,
-        *,
-        body: Any = None,
-        query: list[tuple[str, str]] | None = None,
-        content_type: str = "application/json",
-    ) -> tuple[int, Any]:
-        headers = {"Accept": "application/json", "Content-Type": content_type}
-        try:
-            request = self._api.param_serialize(
-                method=method,
-                resource_path=path,
-                query_params=query or [],
-                header_params=headers,
-                body=body,
-                auth_settings=["BearerToken"],
-            )
-            resp = self._api.call_api(*request, _request_timeout=self._timeout)
-            data = resp.read()
-        except Exception as e:  # connection refused, timeout, TLS: a failure like any other
-            raise ApiError(method, what, 0, "", f"{type(e).__name__}: {e}") from None
-        try:
-            payload = json.loads(data) if data else None
-        except ValueError:
-            payload = None
-        if not 200 <= resp.status <= 299:
-            if isinstance(payload, Mapping):
-                raise ApiError(
-                    method, what, resp.status, str(payload.get("reason", "")), str(payload.get("message", ""))
-                )
-            raise ApiError(method, what, resp.status, "", (data or b"")[:200].decode(errors="replace"))
-        return resp.status, payload
-
-    def get(self, kind: ObjectKind, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            _, obj = self._call("GET", kind.path(namespace, name), f"{kind.kind} {namespace}/{name}")
-        except ApiError as e:
-            if e.status == 404:
-                return None
-            raise
-        return dict(obj)
-
-    def create(self, kind: ObjectKind, obj: Mapping[str, Any]) -> dict[str, Any]:
-        md = obj["metadata"]
-        _, out = self._call(
-            "POST", kind.path(md["namespace"]), f"{kind.kind} {md['namespace']}/{md['name']}", body=obj
-        )
-        return dict(out)
-
-    def replace(self, kind: ObjectKind, obj: Mapping[str, Any]) -> dict[str, Any]:
-        md = obj["metadata"]
-        _, out = self._call(
-            "PUT",
-            kind.path(md["namespace"], md["name"]),
-            f"{kind.kind} {md['namespace']}/{md['name']}",
-            body=obj,
-        )
-        return dict(out)
-
-    def delete(self, kind: ObjectKind, namespace: str, name: str, uid: str) -> None:
-        """Delete that very object (uid precondition); already gone is fine."""
-        body = {
-            "apiVersion": "v1",
-            "kind": "DeleteOptions",
-            "preconditions": {"uid": uid},
-            "propagationPolicy": "Background",
-        }
-        try:
-            self._call("DELETE", kind.path(namespace, name), f"{kind.kind} {namespace}/{name}", body=body)
-        except ApiError as e:
-            if e.status != 404:
-                raise
+class KubeApi(kubeapi.KubeApi):
+    """The generic calls plus the Gateway's own (listed by name, status merge-patched)."""
 
     def gateway(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The Gateway, listed by name (the control plane may list Gateways, not get them)."""
@@ -747,7 +790,7 @@ class Reconciler:
             self.remove(namespace, name)
             return Outcome.GONE
         try:
-            params = parameters(gw)
+            params = parameters(gw, self.parameters_config_map(gw))
         except InvalidParameters as e:
             log.warning("waypoint gateway has invalid parameters", gateway=key, reason=str(e))
             # The objects made from the last valid parameters stay: a typo must not take the
@@ -785,6 +828,19 @@ class Reconciler:
         addresses = [{"type": "IPAddress", "value": ip}] if ip and ip != "None" else None
         self.write_status(gw, [accepted, programmed], addresses)
         return Outcome.PROGRAMMED if programmed.status else Outcome.PENDING
+
+    def parameters_config_map(self, gw: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The ConfigMap the Gateway's parametersRef names, read now (None without one)."""
+        name = parameters_ref(gw)
+        if name is None:
+            return None
+        namespace = gw["metadata"]["namespace"]
+        cm = self.api.get(CONFIG_MAP, namespace, name)
+        if cm is None:
+            raise InvalidParameters(
+                f"spec.infrastructure.parametersRef: ConfigMap {namespace}/{name} does not exist"
+            )
+        return cm
 
     def ensure(self, kind: ObjectKind, wanted: dict[str, Any]) -> dict[str, Any]:
         """The live object after making it match ``wanted`` (written only when it does not)."""
@@ -864,8 +920,9 @@ def affected_gateways(delta: Delta) -> set[str]:
 
 
 class WaypointController:
-    """Queues Gateway keys from store deltas and reconciles them one at a time on a worker
-    thread, with backoff on failure, a short poll until ready and a periodic resync.
+    """Queues Gateway keys from store deltas and the Gateway watch, and reconciles them one at a
+    time on a worker thread (:class:`~controlplane.workqueue.WorkQueue`), with backoff on
+    failure, a short poll until ready and a periodic resync.
 
     ``start()`` (in the event loop) subscribes and queues every Gateway already in the store;
     ``aclose()`` stops it, waiting for a reconcile in flight (bounded by the API timeouts).
@@ -882,44 +939,33 @@ class WaypointController:
         self._store = store
         self._reconciler = reconciler
         self._timing = timing or ControllerTiming()
-        self._rand = rand
-        self._due: dict[str, float] = {}  # key -> loop time it is due
-        self._attempts: dict[str, int] = {}
-        self._wake: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._queue = WorkQueue(
+            "waypoint-controller",
+            self._work,
+            subject="waypoint",
+            backoff=self._timing.backoff,
+            describe=_describe,
+            rand=rand,
+        )
         self._unsubscribe: Callable[[], None] | None = None
-        self._stopping = False
-        self._idle_waiters: list[asyncio.Future[None]] = []
         self._seen: dict[str, tuple[Any, str]] = {}  # key -> (generation, labels+annotations)
-        self.reconciles = 0  # completed reconciles (successful or not), for tests and metrics
+
+    @property
+    def reconciles(self) -> int:
+        """Completed reconciles (successful or not), for tests and metrics."""
+        return self._queue.processed
 
     def start(self) -> None:
-        if self._task is not None:
-            raise RuntimeError("WaypointController already started")
-        self._loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
+        self._queue.start()
         self._unsubscribe = self._store.subscribe(self._on_delta)
         self.enqueue(self._store.snapshot().gateways)
-        self._task = asyncio.create_task(self._run(), name="waypoint-controller")
-        self._task.add_done_callback(_report_exit)
         log.info("waypoint controller started", image=self._reconciler.settings.image)
 
     async def aclose(self, timeout: float = 40.0) -> None:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
-        self._stopping = True
-        if self._wake is not None:
-            self._wake.set()
-        task, self._task = self._task, None
-        if task is None:
-            return
-        done, _ = await asyncio.wait({task}, timeout=timeout)
-        if not done:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._queue.aclose(timeout)
         log.info("waypoint controller stopped")
 
     # --- queue ----------------------------------------------------------------------------
@@ -943,103 +989,37 @@ class WaypointController:
             return
         else:
             self._seen[key] = seen
-        self._hand_over({key})
+        self._queue.hand_over({key})
 
     def _on_delta(self, delta: Delta) -> None:
         """Store subscriber: any thread."""
-        self._hand_over(affected_gateways(delta))
-
-    def _hand_over(self, keys: set[str]) -> None:
-        loop = self._loop
-        if not keys or loop is None:
-            return
-        try:
-            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            self.enqueue(keys)
-        else:
-            with contextlib.suppress(RuntimeError):  # loop closed: we are stopping
-                loop.call_soon_threadsafe(self.enqueue, keys)
+        self._queue.hand_over(affected_gateways(delta))
 
     def enqueue(self, keys: Iterable[str], delay: float = 0.0) -> None:
         """Queue ``keys`` to be reconciled in ``delay`` seconds (sooner if already due sooner).
         Event-loop thread only."""
-        if self._loop is None or self._stopping:
-            return
-        due = self._loop.time() + delay
-        for key in keys:
-            if key not in self._due or self._due[key] > due:
-                self._due[key] = due
-        if self._wake is not None:
-            self._wake.set()
+        self._queue.enqueue(keys, delay)
 
     async def wait_idle(self, timeout: float = 30.0) -> None:
         """Wait until nothing is due now (tests: a reconcile pass has finished)."""
-        assert self._loop is not None
-        fut: asyncio.Future[None] = self._loop.create_future()
-        self._idle_waiters.append(fut)
-        if self._wake is not None:
-            self._wake.set()
-        await asyncio.wait_for(fut, timeout)
+        await self._queue.wait_idle(timeout)
 
-    def _wake_idle(self) -> None:
-        waiters, self._idle_waiters = self._idle_waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
+    # --- work (worker thread) -------------------------------------------------------------
 
-    # --- work -----------------------------------------------------------------------------
-
-    async def _run(self) -> None:
-        assert self._loop is not None and self._wake is not None
-        while not self._stopping:
-            now = self._loop.time()
-            ready = [k for k, t in self._due.items() if t <= now]
-            if not ready:
-                self._wake_idle()
-                self._wake.clear()
-                timeout = min(self._due.values()) - now if self._due else None
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
-                continue
-            key = min(ready, key=lambda k: self._due[k])
-            del self._due[key]
-            await self._reconcile(key)
-        self._wake_idle()
-
-    async def _reconcile(self, key: str) -> None:
-        timing = self._timing
-        try:
-            outcome = await asyncio.to_thread(self._reconciler.reconcile, key)
-        except Exception as e:
-            attempt = self._attempts.get(key, 0)
-            self._attempts[key] = attempt + 1
-            delay = timing.backoff.delay(attempt, self._rand)
-            fields: dict[str, Any] = {"gateway": key, "attempt": attempt + 1, "retry_in": round(delay, 3)}
-            if isinstance(e, ApiError):
-                fields.update(
-                    object=e.what, method=e.method, status=e.status, reason=e.reason, error=e.message
-                )
-            else:
-                fields["error"] = f"{type(e).__name__}: {e}"
-            if isinstance(e, ApiError | NotOurs):
-                log.warning("waypoint reconcile failed, retrying", **fields)
-            else:
-                log.exception("waypoint reconcile failed unexpectedly, retrying", **fields)
-            self.enqueue([key], delay)
-        else:
-            self._attempts.pop(key, None)
-            if outcome is Outcome.PENDING:
-                self.enqueue([key], timing.status_poll)
-            elif outcome is not Outcome.GONE:
-                self.enqueue([key], timing.resync)
-        finally:
-            self.reconciles += 1
+    def _work(self, key: str) -> float | None:
+        """One reconcile; when to look at the Gateway again."""
+        outcome = self._reconciler.reconcile(key)
+        if outcome is Outcome.PENDING:
+            return self._timing.status_poll
+        if outcome is Outcome.GONE:
+            return None
+        return self._timing.resync
 
 
-def _report_exit(task: asyncio.Task[None]) -> None:
-    """A bug in the queue loop stops waypoint management, never the control plane: say so."""
-    if not task.cancelled() and task.exception() is not None:
-        log.error("waypoint controller stopped on an error", exc_info=task.exception())
+def _describe(key: str, e: Exception) -> tuple[dict[str, Any], bool]:
+    fields: dict[str, Any] = {"gateway": key}
+    if isinstance(e, ApiError):
+        fields.update(object=e.what, method=e.method, status=e.status, reason=e.reason, error=e.message)
+    else:
+        fields["error"] = f"{type(e).__name__}: {e}"
+    return fields, isinstance(e, ApiError | NotOurs)

@@ -327,6 +327,7 @@ WAYPOINT_RULES = {
         )
         for v in ("get", "create", "update", "delete")
     },
+    ("", "configmaps", "get"),  # a Gateway's parametersRef
 }
 
 
@@ -342,17 +343,34 @@ def test_controlplane_rbac_is_exactly_what_it_calls(helm: Helm) -> None:
             continue  # namespaced: a Role (below)
         assert {(r.group, r.plural, "list"), (r.group, r.plural, "watch")} <= rules, r.plural
     assert rbac_rules(find(docs, "ClusterRole", "ambient-controlplane-waypoints")) == WAYPOINT_RULES
+    # The root certificate publisher (controlplane/rootcert.py): exactly the verbs it calls.
+    rootcert = find(docs, "ClusterRole", "ambient-controlplane-rootcert")
+    assert rbac_rules(rootcert) == {
+        ("", "configmaps", v) for v in ("get", "list", "watch", "create", "update")
+    }
+    binding = find(docs, "ClusterRoleBinding", "ambient-controlplane-rootcert")
+    assert binding["roleRef"]["name"] == "ambient-controlplane-rootcert"
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "controlplane", "namespace": "istio-system"}
+    ]
     # ConfigMaps: list+watch in the root namespace only (the mesh ConfigMap, by name).
     meshconfig = find(docs, "Role", "ambient-controlplane-meshconfig")
     assert meshconfig["metadata"]["namespace"] == "istio-system"
     assert rbac_rules(meshconfig) == {("", "configmaps", "list"), ("", "configmaps", "watch")}
     binding = find(docs, "RoleBinding", "ambient-controlplane-meshconfig")
     assert binding["roleRef"]["name"] == "ambient-controlplane-meshconfig"
-    # No secrets, no other configmaps, no wildcards anywhere.
+    # No secrets, configmaps only for those two and the waypoints' parametersRef (get), no
+    # wildcards anywhere.
+    waypoints = find(docs, "ClusterRole", "ambient-controlplane-waypoints")
     for role in (d for d in docs if d["kind"] in ("ClusterRole", "Role")):
         for g, res, v in rbac_rules(role):
             assert "*" not in (g, res, v) and res != "secrets"
-            assert res != "configmaps" or role is meshconfig
+            assert (
+                res != "configmaps"
+                or role is meshconfig
+                or role is rootcert
+                or (role is waypoints and v == "get")
+            )
     custom = helm.template("controlplane", CUSTOM["controlplane"])
     assert not [d for d in custom if d["metadata"]["name"] == "ambient-controlplane-waypoints"]
 

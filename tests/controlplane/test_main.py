@@ -266,6 +266,17 @@ async def test_kubernetes_mode_process(tmp_path: Path, procs: list[subprocess.Po
         token = tmp_path / "token"
         token.write_text("ztunnel-a-token")
         roots = (state / "root-cert.pem").read_text()
+
+        def published(ns: str) -> bool:
+            cm = fake.get("configmaps", f"{ns}/istio-ca-root-cert")
+            return cm is not None and cm["data"] == {"root-cert.pem": roots}
+
+        # The CA's root, published in every namespace (the one made later too).
+        await asyncio.to_thread(
+            fake.wait_for, lambda: published("shop") and published("istio-system"), TIMEOUT
+        )
+        fake.add(namespace("payments"))
+        await asyncio.to_thread(fake.wait_for, lambda: published("payments"), TIMEOUT)
         client = GrpcCaClient(address, roots, token)
         try:
             assert (await client.fetch_certificate(WEB)).identity == WEB  # web-1 runs on node-a

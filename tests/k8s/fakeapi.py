@@ -18,16 +18,19 @@ Just enough of kube-apiserver for a list+watch client, so tests exercise the rea
 * Writes of namespaced objects, as strict as kube-apiserver where a controller can tell:
   ``GET .../namespaces/{ns}/{plural}/{name}`` (404 NotFound with a ``Status``), namespaced lists
   with a ``fieldSelector`` on ``metadata.name`` and an equality ``labelSelector``;
-  ``POST`` creates (409 AlreadyExists; 404 when the namespace does not exist; a
-  ``resourceVersion`` in the body is refused; a Service gets a ``clusterIP`` allocated);
+  ``POST`` creates (409 AlreadyExists; 404 when the namespace does not exist, 403 Forbidden
+  with the cause ``NamespaceTerminating`` when it is being deleted; a ``resourceVersion`` in the
+  body is refused; a Service gets a ``clusterIP`` allocated);
   ``PUT`` replaces (404 when missing; 409 Conflict on a stale ``resourceVersion``, none means
   unconditional; uid, creationTimestamp and the status are the server's; a Deployment's
   ``spec.selector`` and a Service's ``clusterIP`` are immutable, an empty ``clusterIP`` keeps the
-  allocated one); ``PUT .../status`` replaces only the status; ``DELETE`` (404 when missing;
-  ``preconditions`` uid/resourceVersion, 409 when they do not hold). Built-in kinds are
-  validated against the Kubernetes OpenAPI schema (``kubernetes-validate``, unknown fields
-  refused as with ``fieldValidation=Strict``): 422 Invalid. ``ownerReferences`` are kept as
-  sent (and checked: at most one controller). Every write is recorded in
+  allocated one, and so are the data of a ConfigMap marked ``immutable``); ``PUT .../status``
+  replaces only the status; ``DELETE`` (404 when missing; ``preconditions``
+  uid/resourceVersion, 409 when they do not hold). Built-in kinds are validated against the
+  Kubernetes OpenAPI schema (``kubernetes-validate``, unknown fields refused as with
+  ``fieldValidation=Strict``): 422 Invalid; ConfigMaps also as the server validates them
+  beyond the schema (config keys, no key in both ``data`` and ``binaryData``, 1 MiB in all).
+  ``ownerReferences`` are kept as sent (and checked: at most one controller). Every write is recorded in
   :attr:`FakeApiServer.writes`; :attr:`FakeApiServer.fail_writes` injects refusals.
 * Cluster-scoped objects (namespaces, nodes): ``GET /api/v1/{plural}/{name}`` and ``PATCH`` of it
   (merge or strategic-merge patch, as ``kubectl label`` sends; only ``metadata.labels`` and
@@ -100,6 +103,8 @@ FAKE_RESOURCES = (
     FakeResource("security.istio.io/v1", "PeerAuthentication", "peerauthentications"),
     FakeResource("security.istio.io/v1", "RequestAuthentication", "requestauthentications"),
     FakeResource("gateway.networking.k8s.io/v1", "Gateway", "gateways"),
+    # Ours (the base chart's CRD); sources/kubernetes.py watches it.
+    FakeResource("extensions.ambient-mesh.io/v1alpha1", "WafPolicy", "wafpolicies"),
     # What the waypoint controller writes.
     FakeResource("v1", "ServiceAccount", "serviceaccounts"),
     FakeResource("apps/v1", "Deployment", "deployments"),
@@ -539,6 +544,10 @@ class FakeApiServer:
             return (
                 "metadata.ownerReferences: Invalid value: only one reference can have Controller set to true"
             )
+        if target.res.plural == "configmaps":
+            why = _configmap_problem(obj)
+            if why is not None:
+                return why
         if self.validate_schemas and target.res.builtin:
             import kubernetes_validate  # type: ignore[import-untyped]
 
@@ -575,8 +584,14 @@ class FakeApiServer:
             if injected is not None:
                 return injected
             bad = self._check_body(target, body)
-            if bad is None and target.namespace not in self._collections["namespaces"].objects:
+            ns = self._collections["namespaces"].objects.get(target.namespace)
+            if bad is None and ns is None:
                 bad = 404, _status(404, "NotFound", f'namespaces "{target.namespace}" not found')
+            elif bad is None and ns is not None and _terminating(ns):
+                target = _Target(
+                    target.res, target.namespace, str((body.get("metadata") or {}).get("name", ""))
+                )
+                bad = 403, _forbidden_terminating(target)
             if bad is not None:
                 self._record("POST", target, bad[0])
                 return bad
@@ -692,6 +707,11 @@ class FakeApiServer:
             and spec.get("selector") != old_spec.get("selector")
         ):
             return "spec.selector: Invalid value: field is immutable"
+        if target.res.plural == "configmaps" and old.get("immutable"):
+            if not new.get("immutable"):
+                return "immutable: Forbidden: field is immutable when `immutable` is set"
+            if new.get("data") != old.get("data") or new.get("binaryData") != old.get("binaryData"):
+                return "data: Forbidden: field is immutable when `immutable` is set"
         if target.res.plural == "services" and isinstance(spec, dict):
             if not spec.get("clusterIP"):
                 spec["clusterIP"] = old_spec.get("clusterIP")
@@ -879,6 +899,58 @@ def _label_problem(labels: Any) -> str | None:
                 "alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character"
             )
     return None
+
+
+_CONFIG_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+CONFIGMAP_MAX_BYTES = 1024 * 1024
+
+
+def _configmap_problem(obj: Mapping[str, Any]) -> str | None:
+    """What kube-apiserver's ConfigMap validation refuses beyond the schema: keys that are not
+    config keys, a key in both ``data`` and ``binaryData``, more than 1 MiB in all."""
+    data = obj.get("data") or {}
+    binary = obj.get("binaryData") or {}
+    if not isinstance(data, Mapping) or not isinstance(binary, Mapping):
+        return None  # the schema says it
+    size = 0
+    for where, values in (("data", data), ("binaryData", binary)):
+        for k, v in values.items():
+            if not _CONFIG_KEY.match(k) or len(k) > 253 or k in (".", ".."):
+                return (
+                    f"{where}[{k}]: Invalid value: {k!r}: a valid config key must consist of alphanumeric "
+                    "characters, '-', '_' or '.'"
+                )
+            size += len(str(v))
+    both = set(data) & set(binary)
+    if both:
+        return f"data[{min(both)}]: Invalid value: {min(both)!r}: duplicate of key present in binaryData"
+    if size > CONFIGMAP_MAX_BYTES:
+        return f"[]: Too long: must have at most {CONFIGMAP_MAX_BYTES} bytes"
+    return None
+
+
+def _terminating(namespace: Mapping[str, Any]) -> bool:
+    return bool((namespace.get("metadata") or {}).get("deletionTimestamp")) or (
+        (namespace.get("status") or {}).get("phase") == "Terminating"
+    )
+
+
+def _forbidden_terminating(target: _Target) -> dict[str, Any]:
+    out = _status(
+        403,
+        "Forbidden",
+        f'{target.res.plural} "{target.name}" is forbidden: unable to create new content in namespace '
+        f"{target.namespace} because it is being terminated",
+        target,
+    )
+    out["details"]["causes"] = [
+        {
+            "type": "NamespaceTerminating",
+            "message": f"namespace {target.namespace} is being terminated",
+            "field": "metadata.namespace",
+        }
+    ]
+    return out
 
 
 def _cluster_route(path: str) -> tuple[FakeResource, str] | None:

@@ -261,3 +261,61 @@ def test_injected_write_failures_are_recorded(shop: FakeApiServer) -> None:
     assert (code, out["reason"]) == (403, "Forbidden")
     assert call(shop, "POST", PDBS, pdb)[0] == 201
     assert [w.code for w in shop.writes_of("poddisruptionbudgets")] == [503, 403, 201]
+
+
+CONFIGMAPS = "/api/v1/namespaces/shop/configmaps"
+
+
+def configmap(name: str = "cm", **fields: Any) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, **fields}
+
+
+def test_configmap_validation_beyond_the_schema(shop: FakeApiServer) -> None:
+    code, out = call(shop, "POST", CONFIGMAPS, configmap(data={"root cert": "x"}))
+    assert (code, out["reason"]) == (422, "Invalid") and "config key" in out["message"]
+    code, out = call(shop, "POST", CONFIGMAPS, configmap(data={"a": "x"}, binaryData={"a": "eA=="}))
+    assert code == 422 and "duplicate of key present in binaryData" in out["message"]
+    code, out = call(shop, "POST", CONFIGMAPS, configmap(data={"a": "x" * (1024 * 1024 + 1)}))
+    assert code == 422 and "Too long" in out["message"]
+    code, out = call(shop, "POST", CONFIGMAPS, configmap(data={"a": 1}))  # the schema: strings only
+    assert code == 422
+    assert shop.objects("configmaps") == {}
+    code, _ = call(shop, "POST", CONFIGMAPS, configmap(data={"root-cert.pem": "x", "a.b_c-1": "y"}))
+    assert code == 201
+
+
+def test_immutable_configmap_keeps_its_data(shop: FakeApiServer) -> None:
+    code, made = call(shop, "POST", CONFIGMAPS, configmap(data={"a": "1"}, immutable=True))
+    assert code == 201
+    changed = {**made, "data": {"a": "2"}}
+    code, out = call(shop, "PUT", f"{CONFIGMAPS}/cm", changed)
+    assert (code, out["reason"]) == (422, "Invalid") and "immutable" in out["message"]
+    code, out = call(shop, "PUT", f"{CONFIGMAPS}/cm", {**made, "immutable": False})
+    assert code == 422 and "immutable" in out["message"]
+    relabelled = {**made, "metadata": {**made["metadata"], "labels": {"x": "y"}}}
+    code, _ = call(shop, "PUT", f"{CONFIGMAPS}/cm", relabelled)
+    assert code == 200  # metadata may still change
+
+
+def test_no_new_objects_in_a_terminating_namespace(shop: FakeApiServer) -> None:
+    leaving = namespace("leaving")
+    leaving["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    leaving["status"] = {"phase": "Terminating"}
+    shop.add(leaving)
+    code, out = call(shop, "POST", "/api/v1/namespaces/leaving/configmaps", configmap())
+    assert (code, out["reason"]) == (403, "Forbidden") and "being terminated" in out["message"]
+    assert out["details"]["causes"][0]["type"] == "NamespaceTerminating"
+    assert [(w.method, w.ref, w.code) for w in shop.writes_of("configmaps")] == [("POST", "leaving/cm", 403)]
+
+
+def test_cluster_wide_list_by_name(shop: FakeApiServer) -> None:
+    shop.add(namespace("web"))
+    for ns in ("shop", "web"):
+        for name in ("istio-ca-root-cert", "other"):
+            assert call(shop, "POST", f"/api/v1/namespaces/{ns}/configmaps", configmap(name))[0] == 201
+    code, out = call(shop, "GET", "/api/v1/configmaps?fieldSelector=metadata.name%3Distio-ca-root-cert")
+    assert code == 200
+    assert sorted((i["metadata"]["namespace"], i["metadata"]["name"]) for i in out["items"]) == [
+        ("shop", "istio-ca-root-cert"),
+        ("web", "istio-ca-root-cert"),
+    ]
