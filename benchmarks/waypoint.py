@@ -6,16 +6,25 @@ One run builds two nodes and their pods as network namespaces (tests/netns/topol
 real discovery server (tests/discovery.py) holding the mesh's objects, a ztunnel per node and the
 namespace waypoint of ``shop`` — each its own process, fed only by discovery, as the netns end to
 end tests build them (tests/netns/mesh.py), but one process per proxy so that /proc tells each
-one's CPU and memory. The same 1 KiB requests then go, in one run, through four paths:
+one's CPU and memory. The same 1 KiB requests then go, in one run, through six paths:
 
 1. ``direct``: plain TCP from an unenrolled client pod (node 1) to an unenrolled server pod (node 2);
 2. ``mesh``: client → ztunnel → HBONE → ztunnel → server, a service without waypoint;
 3. ``waypoint``: client → ztunnel → HBONE → waypoint → HBONE → ztunnel → server, a service bound
    to the waypoint (L7: HTTP parsed, an AuthorizationPolicy evaluated, endpoint chosen per request);
-4. ``haproxy``: the reference, three haproxy processes in the same netns positions as (3), all
+4. ``waypoint+jwt``: as (3), to a service on the same pods with a RequestAuthentication (inline
+   ``jwks``: keys cached, no network) and a DENY ``notRequestPrincipals: ["*"]``; every request
+   carries ``Authorization: Bearer`` with an RS256 token the harness minted;
+5. ``waypoint+ext_authz``: as (3), to a service on the same pods with a CUSTOM policy whose
+   ``envoyExtAuthzGrpc`` provider (a MeshConfig object) is an authorizer pod in the mesh, a grpcio
+   ``Authorization/Check`` server (``--authorizer``: this file's lean one, or
+   tests/waypoint/authz_peer.py); every request carries ``x-ext-authz: allow``;
+6. ``haproxy``: the reference, three haproxy processes in the same netns positions as (3), all
    ``mode http``: the client pod's haproxy originates mutual TLS 1.3 to a middle haproxy in the
    waypoint's position, which terminates it, routes the request and re-originates mutual TLS 1.3 to
    the server pod's haproxy, which delivers plain HTTP to the server.
+
+(4) and (5) are reported as well as the cost they add to (3), measured in the same run.
 
 Load: ``wrk`` (HTTP/1.1, POST of 1 KiB, 1 KiB answer) and ``h2load`` (HTTP/2 with prior knowledge,
 gRPC-shaped unary calls: POST ``application/grpc``, ``te: trailers``, 1,029-byte DATA each way,
@@ -62,13 +71,21 @@ PYTHON = sys.executable
 SELF = str(Path(__file__).resolve())
 TIMES = "\N{MULTIPLICATION SIGN}"
 
-PATHS = ["direct", "mesh", "waypoint", "haproxy"]
+PATHS = ["direct", "mesh", "waypoint", "waypoint+jwt", "waypoint+ext_authz", "haproxy"]
+WAYPOINT_PATHS = ("waypoint", "waypoint+jwt", "waypoint+ext_authz")
+ADDED = ("waypoint+jwt", "waypoint+ext_authz")  # reported as added cost over the plain waypoint
 PROTOCOLS = ["http1", "grpc"]
 LABELS = {
     "direct": "direct TCP (pod → pod)",
     "mesh": "two ztunnels, no waypoint",
     "waypoint": "ztunnel → waypoint → ztunnel",
+    "waypoint+jwt": "waypoint + JWT (RS256, cached keys)",
+    "waypoint+ext_authz": "waypoint + ext_authz (gRPC Check)",
     "haproxy": "haproxy chain (mode http, TLS)",
+}
+ADDED_LABELS = {
+    "waypoint+jwt": "JWT validation, one token per client (RS256, inline JWKS)",
+    "waypoint+ext_authz": "ext_authz gRPC round trip (authorizer in the mesh)",
 }
 PROTO_TITLES = {
     "http1": "HTTP/1.1, 1 KiB POST (wrk; latency: h2load --h1)",
@@ -87,8 +104,21 @@ POD_SPECS: list[tuple[int, str, str, str, dict[str, str], bool]] = [
     (2, "server", "plain", "server", {"app": "server"}, False),  # 10.0.2.3: direct / reference server
     (2, "waypoint-0", "shop", "waypoint", {GATEWAY_LABEL: "waypoint"}, False),  # 10.0.2.4
     (2, "refmid", "plain", "refmid", {"app": "refmid"}, False),  # 10.0.2.5: the middle haproxy
+    (2, "ext-authz", "shop", "ext-authz", {"app": "ext-authz"}, True),  # 10.0.2.6: the authorizer
 ]
 WEB_VIP, NOWP_VIP, WAYPOINT_VIP = "10.96.0.20", "10.96.0.30", "10.96.0.98"
+# Services on the same web pods through the same waypoint, with a RequestAuthentication / a CUSTOM
+# policy bound to them; the authorizer's service.
+VIPS = {
+    "waypoint": WEB_VIP,
+    "waypoint+jwt": "10.96.0.21",
+    "waypoint+ext_authz": "10.96.0.22",
+    "mesh": NOWP_VIP,
+}
+SERVICES = {"waypoint": "web", "waypoint+jwt": "web-jwt", "waypoint+ext_authz": "web-extauthz"}
+AUTHZ_VIP, AUTHZ_PORT, AUTHZ_PROVIDER = "10.96.0.40", 9000, "bench-ext-authz"
+AUTHZ_HOST = "ext-authz.shop.svc.cluster.local"
+JWT_ISSUER, JWT_AUDIENCE = "https://issuer.bench.example", "web"
 SERVER_IP, REFMID_IP = "10.0.2.3", "10.0.2.5"
 APP_PORTS = {"http1": 8080, "grpc": 8081}  # on the server pods
 SVC_PORTS = {"http1": 80, "grpc": 81}  # on the services
@@ -131,24 +161,104 @@ def pods_json(topo: Any) -> list[dict[str, Any]]:
     return [asdict(p) for p in topo.pods]
 
 
-def mesh_objects(pods: list[dict[str, Any]]) -> list[Any]:
+@dataclass(frozen=True)
+class JwtMaterial:
+    """An RS256 key pair's public half as an inline JWKS document, and a token it signs."""
+
+    jwks: str
+    token: str
+
+    @classmethod
+    def mint(cls, tokens: int = 1, lifetime: float = 6 * 3600) -> tuple[JwtMaterial, list[str]]:
+        """A new key; the material with the first token, and ``tokens`` distinct tokens."""
+        import jwt
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        from jwt.algorithms import RSAAlgorithm
+
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        jwk = json.loads(RSAAlgorithm.to_jwk(key.public_key()))
+        jwk["kid"] = "bench"
+        minted = [
+            jwt.encode(
+                {
+                    "iss": JWT_ISSUER,
+                    "sub": "bench-client",
+                    "aud": JWT_AUDIENCE,
+                    "exp": int(time.time() + lifetime),
+                    "jti": str(i),
+                },
+                key,
+                algorithm="RS256",
+                headers={"kid": "bench"},
+            )
+            for i in range(tokens)
+        ]
+        return cls(json.dumps({"keys": [jwk]}), minted[0]), minted
+
+
+def jwt_microbench(n: int = 300) -> dict[str, float]:
+    """The waypoint's JWT step alone, in this process: ``Authenticator.authenticate`` of ``n``
+    new tokens (RS256 signature check: what a request pays the first time its token is seen),
+    then of the same tokens again (cached: what every later request pays)."""
+    from mesh.model import JwtRule, PolicyTargetRef, RequestAuthentication
+    from mesh.xds.state import WaypointAuthentication
+    from waypoint.jwt import Authenticated, Authenticator
+
+    material, tokens = JwtMaterial.mint(n)
+    ra = RequestAuthentication(
+        "shop", "web-jwt", target_refs=(PolicyTargetRef("Service", "web-jwt", ""),),
+        jwt_rules=(JwtRule(issuer=JWT_ISSUER, audiences=(JWT_AUDIENCE,), jwks=material.jwks),),
+    )  # fmt: skip
+    authn = Authenticator([WaypointAuthentication(ra)])
+    out: dict[str, float] = {"tokens": n}
+    for name in ("new_token_us", "cached_token_us"):
+        times = []
+        for t in tokens:
+            headers = [("authorization", f"Bearer {t}")]
+            t0 = time.perf_counter()
+            got = authn.authenticate(headers, URL_PATHS["http1"])
+            times.append((time.perf_counter() - t0) * 1e6)
+            if not isinstance(got, Authenticated) or got.principal is None:
+                raise dp.BenchError(f"JWT microbenchmark: token refused: {got}")
+        out[name] = statistics.median(times)
+    return out
+
+
+def request_headers(path: str, jwt_token: str) -> list[tuple[str, str]]:
+    """The extra headers every request of ``path`` carries."""
+    if path == "waypoint+jwt":
+        return [("authorization", f"Bearer {jwt_token}")]
+    if path == "waypoint+ext_authz":
+        return [("x-ext-authz", "allow")]
+    return []
+
+
+def mesh_objects(pods: list[dict[str, Any]], jwks: str) -> list[Any]:
     """What the control plane's store holds: every pod, the waypoint's Gateway and service, the
-    service ``web`` bound to it, ``web-nowp`` (the same pods, no waypoint) and the demo's L7 policy."""
+    service ``web`` bound to it, ``web-nowp`` (the same pods, no waypoint) and the demo's L7 policy;
+    ``web-jwt`` and ``web-extauthz`` (the same pods, the same waypoint, the same policy) with a
+    RequestAuthentication (inline ``jwks``) and a DENY of requests without a principal, and with a
+    CUSTOM policy sending every request to the ``ext-authz`` service, named in the MeshConfig."""
     from mesh.model import (
         WAYPOINT_GATEWAY_CLASS,
         AuthorizationAction,
         AuthorizationPolicy,
         Gateway,
+        JwtRule,
         Operation,
         PolicyTargetRef,
+        RequestAuthentication,
         Rule,
+        RuleFrom,
         RuleTo,
         Service,
         ServicePort,
+        Source,
         TunnelProtocol,
         WaypointRef,
         Workload,
     )
+    from mesh.model.meshconfig import ExtAuthzGrpc, ExtensionProvider, MeshConfig
 
     workloads = [
         Workload(
@@ -175,16 +285,45 @@ def mesh_objects(pods: list[dict[str, Any]]) -> list[Any]:
             "shop", "waypoint", vips=(WAYPOINT_VIP,), ports=(ServicePort(15008, 15008, "mesh"),),
             selector={GATEWAY_LABEL: "waypoint"},
         ),
-        Service("shop", "web", vips=(WEB_VIP,), ports=ports, selector={"app": "web"},
-                waypoint=WaypointRef("waypoint", "shop")),
+        *(
+            Service("shop", SERVICES[p], vips=(VIPS[p],), ports=ports, selector={"app": "web"},
+                    waypoint=WaypointRef("waypoint", "shop"))
+            for p in WAYPOINT_PATHS
+        ),
         Service("shop", "web-nowp", vips=(NOWP_VIP,), ports=ports, selector={"app": "web"}),
+        Service("shop", "ext-authz", vips=(AUTHZ_VIP,), ports=(ServicePort(AUTHZ_PORT, AUTHZ_PORT, "grpc"),),
+                selector={"app": "ext-authz"}),
         AuthorizationPolicy(
             namespace="shop",
             name="web-no-admin",
-            target_refs=(PolicyTargetRef("Service", "web", ""),),
+            target_refs=tuple(PolicyTargetRef("Service", SERVICES[p], "") for p in WAYPOINT_PATHS),
             action=AuthorizationAction.DENY,
             rules=(Rule(to=(RuleTo(Operation(methods=("POST",), paths=("/admin",))),)),),
         ),
+        RequestAuthentication(
+            namespace="shop",
+            name="web-jwt",
+            target_refs=(PolicyTargetRef("Service", "web-jwt", ""),),
+            jwt_rules=(JwtRule(issuer=JWT_ISSUER, audiences=(JWT_AUDIENCE,), jwks=jwks),),
+        ),
+        AuthorizationPolicy(
+            namespace="shop",
+            name="web-jwt-required",
+            target_refs=(PolicyTargetRef("Service", "web-jwt", ""),),
+            action=AuthorizationAction.DENY,
+            rules=(Rule(from_=(RuleFrom(Source(not_request_principals=("*",))),)),),
+        ),
+        AuthorizationPolicy(
+            namespace="shop",
+            name="web-ext-authz",
+            target_refs=(PolicyTargetRef("Service", "web-extauthz", ""),),
+            action=AuthorizationAction.CUSTOM,
+            provider=AUTHZ_PROVIDER,
+            rules=(Rule(),),
+        ),
+        MeshConfig("istio-system", "istio", (
+            ExtensionProvider(AUTHZ_PROVIDER, ExtAuthzGrpc(AUTHZ_HOST, AUTHZ_PORT, timeout=5.0), "envoyExtAuthzGrpc"),
+        )),
     ]  # fmt: skip
 
 
@@ -225,7 +364,7 @@ async def _child_discovery(spec: dict[str, Any]) -> int:
 
     stop = runtime.stop_on_signals()
     d = Discovery()
-    d.store.replace_all(mesh_objects(spec["pods"]))
+    d.store.replace_all(mesh_objects(spec["pods"], spec["jwks"]))
     await d.start()
     _ready(spec["ready"], {"address": d.address})
     await stop.wait()
@@ -388,6 +527,40 @@ async def _child_backend(spec: dict[str, Any]) -> int:
     return 0
 
 
+def _child_authorizer(spec: dict[str, Any]) -> int:
+    """A lean external authorizer: a grpcio ``envoy.service.auth.v3.Authorization/Check`` server
+    (the server tests/waypoint/authz_peer.py runs, 8 threads) that allows when the request has
+    ``x-ext-authz: allow`` and answers an empty OK, so that the waypoint's cost is the round trip
+    and not the header edits authz_peer's answer asks for (``--authorizer peer`` runs that one)."""
+    from concurrent import futures
+
+    import grpc
+
+    from mesh.proto import ext_authz_pb2, ext_authz_pb2_grpc
+
+    ok = ext_authz_pb2.CheckResponse(ok_response=ext_authz_pb2.OkHttpResponse())
+    denied = ext_authz_pb2.CheckResponse(
+        status={"code": 7, "message": "not allowed"},
+        denied_response=ext_authz_pb2.DeniedHttpResponse(status={"code": 403}, body="denied"),
+    )
+
+    class Lean(ext_authz_pb2_grpc.AuthorizationServicer):
+        def Check(self, request: Any, context: grpc.ServicerContext) -> Any:
+            allow = request.attributes.request.http.headers.get("x-ext-authz") == "allow"
+            return ok if allow else denied
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=[("grpc.enable_http_proxy", 0)])
+    ext_authz_pb2_grpc.add_AuthorizationServicer_to_server(Lean(), server)
+    server.add_insecure_port(f"0.0.0.0:{AUTHZ_PORT}")
+    server.start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    _ready(spec["ready"], {})
+    stop.wait()
+    server.stop(1).wait()
+    return 0
+
+
 def _percentiles(lat_us: list[float]) -> tuple[float, float]:
     if not lat_us:
         return 0.0, 0.0
@@ -395,12 +568,15 @@ def _percentiles(lat_us: list[float]) -> tuple[float, float]:
     return lat_us[len(lat_us) // 2], lat_us[min(len(lat_us) - 1, int(len(lat_us) * 0.99))]
 
 
-async def _load_h1(host: str, port: int, conns: int, seconds: float) -> dict[str, float]:
+async def _load_h1(
+    host: str, port: int, conns: int, seconds: float, extra: list[tuple[str, str]]
+) -> dict[str, float]:
     lat: list[float] = []
     errors = non2xx = 0
     request = (
         f"POST {URL_PATHS['http1']} HTTP/1.1\r\nhost: {host}:{port}\r\n"
-        "content-type: application/octet-stream\r\ncontent-length: 1024\r\n\r\n"
+        + "".join(f"{k}: {v}\r\n" for k, v in extra)
+        + "content-type: application/octet-stream\r\ncontent-length: 1024\r\n\r\n"
     ).encode() + BODY
     deadline = time.monotonic() + seconds
 
@@ -445,7 +621,9 @@ async def _load_h1(host: str, port: int, conns: int, seconds: float) -> dict[str
     }
 
 
-async def _load_h2(host: str, port: int, conns: int, streams: int, seconds: float) -> dict[str, float]:
+async def _load_h2(
+    host: str, port: int, conns: int, streams: int, seconds: float, extra: list[tuple[str, str]]
+) -> dict[str, float]:
     import h2.config
     import h2.connection
     import h2.events
@@ -458,7 +636,7 @@ async def _load_h2(host: str, port: int, conns: int, streams: int, seconds: floa
         (b":scheme", b"http"),
         (b":authority", f"{host}:{port}".encode()),
         (b":path", URL_PATHS["grpc"].encode()),
-        *((k.encode(), v.encode()) for k, v in GRPC_REQUEST_HEADERS),
+        *((k.encode(), v.encode()) for k, v in (*GRPC_REQUEST_HEADERS, *extra)),
     ]
 
     async def connection() -> None:
@@ -473,12 +651,17 @@ async def _load_h2(host: str, port: int, conns: int, streams: int, seconds: floa
         w.write(c.data_to_send())
         pending: dict[int, asyncio.Future[bool]] = {}
         status: dict[int, bytes] = {}
+        grpc_status: dict[int, bytes] = {}  # in the trailers, or in the headers of a local reply
 
         async def reader() -> None:
             while data := await r.read(65536):
                 for e in c.receive_data(data):
-                    if isinstance(e, h2.events.ResponseReceived):
-                        status[e.stream_id] = dict(e.headers).get(b":status", b"")
+                    if isinstance(e, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                        fields = dict(e.headers)
+                        if b":status" in fields:
+                            status[e.stream_id] = fields[b":status"]
+                        if b"grpc-status" in fields:
+                            grpc_status[e.stream_id] = fields[b"grpc-status"]
                     elif isinstance(e, h2.events.DataReceived):
                         c.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
                     elif isinstance(e, h2.events.StreamEnded | h2.events.StreamReset):
@@ -505,7 +688,9 @@ async def _load_h2(host: str, port: int, conns: int, streams: int, seconds: floa
                     errors += 1
                     return
                 lat.append((time.perf_counter() - t0) * 1e6)
-                if not status.pop(sid, b"").startswith(b"2"):
+                # Not OK: a status other than 2xx, or a gRPC status other than 0 (a local reply,
+                # a JWT or authorizer denial, is ``:status 200`` with ``grpc-status`` 16 or 7).
+                if not status.pop(sid, b"").startswith(b"2") or grpc_status.pop(sid, b"0") != b"0":
                     non2xx += 1
 
         read_task = asyncio.ensure_future(reader())
@@ -535,11 +720,12 @@ async def _load_h2(host: str, port: int, conns: int, streams: int, seconds: floa
 
 
 async def _child_load(spec: dict[str, Any]) -> int:
+    extra = [(k, v) for k, v in spec.get("headers", [])]
     if spec["protocol"] == "http1":
-        out = await _load_h1(spec["host"], spec["port"], spec["connections"], spec["seconds"])
+        out = await _load_h1(spec["host"], spec["port"], spec["connections"], spec["seconds"], extra)
     else:
         out = await _load_h2(
-            spec["host"], spec["port"], spec["connections"], spec["streams"], spec["seconds"]
+            spec["host"], spec["port"], spec["connections"], spec["streams"], spec["seconds"], extra
         )
     print(json.dumps(out))
     return 0
@@ -559,6 +745,8 @@ def child_main(role: str, spec_path: str) -> int:
     from mesh import runtime
 
     spec = json.loads(Path(spec_path).read_text())
+    if role == "authorizer":
+        return _child_authorizer(spec)
     if role in ("ztunnel", "waypoint", "discovery"):
         meshlog.configure("info", json=True)  # as in production: one access-log line per request
     return runtime.run(lambda: CHILDREN[role](spec))
@@ -659,11 +847,15 @@ class RssSampler:
 
 
 class Bench:
-    def __init__(self, s: Settings, tools: Tools, work: Path, procs: dp.Processes) -> None:
+    def __init__(
+        self, s: Settings, tools: Tools, work: Path, procs: dp.Processes, authorizer: str = "lean"
+    ) -> None:
         self.s = s
         self.tools = tools
         self.work = work
         self.procs = procs
+        self.authorizer = authorizer  # "lean" (the child above) or "peer" (tests/waypoint/authz_peer.py)
+        self.jwt, _ = JwtMaterial.mint()
         self.topo: Any = None
         self.pods: dict[str, Any] = {}
         self.pids: dict[str, int] = {}  # role -> pid (ztunnel-1, ztunnel-2, waypoint, haproxy-*)
@@ -695,7 +887,7 @@ class Bench:
             (d / "combined.pem").write_bytes(
                 (d / "cert-chain.pem").read_bytes() + (d / "key.pem").read_bytes()
             )
-        base = {"pods": pods_json(self.topo), "ca_dir": str(ca_dir)}
+        base = {"pods": pods_json(self.topo), "ca_dir": str(ca_dir), "jwks": self.jwt.jwks}
 
         discovery = self.child("discovery", base)
         address = self.wait_ready(discovery)["address"]
@@ -712,8 +904,10 @@ class Bench:
                 self.waypoint_stats = int(info["stats_port"])
         for pod in ("web", "server"):
             self.start_backend(pod)
+        self.start_authorizer()
         if self.tools.haproxy:
             self.start_haproxy_chain()
+        self.check_enforced()
 
     def child(self, role: str, spec: dict[str, Any], prefix: list[str] | None = None) -> tuple[Any, Path]:
         ready = self._next(f"{role}.ready")
@@ -759,6 +953,34 @@ class Bench:
         dp.wait_for(
             lambda: all(dp.listening(p, proc.pid) for p in APP_PORTS.values()), f"nginx in {pod}", [proc]
         )
+
+    def start_authorizer(self) -> None:
+        if self.authorizer == "peer":
+            peer = ROOT / "tests" / "waypoint" / "authz_peer.py"
+            argv = [*self.netns("ext-authz"), PYTHON, str(peer), str(AUTHZ_PORT), str(AUTHZ_PORT + 1)]
+            proc = self.procs.start("authz-peer", argv)
+            log = dp.LOGS[proc.pid]  # its stdout: it prints "ready" once serving
+            dp.wait_for(lambda: b"ready" in log.read_bytes(), "authz_peer.py", [proc], timeout=60)
+        else:
+            started = self.child("authorizer", {}, prefix=self.netns("ext-authz"))
+            self.wait_ready(started)
+            proc = started[0]
+        self.pids["authorizer"] = proc.pid
+
+    def check_enforced(self) -> None:
+        """Before measuring: without its header a request of ``waypoint+jwt`` (no token) or of
+        ``waypoint+ext_authz`` (the authorizer says no) is refused, with it it is not — the
+        policies are in force and the figures are of the work they ask for."""
+        for path in ADDED:
+            for protocol in PROTOCOLS:
+                for headers, refused in (([], True), (request_headers(path, self.jwt.token), False)):
+                    out = self.python_load(path, protocol, 1, 1, 0.3, headers)
+                    n, non2xx = out["requests"], out["non2xx"]
+                    if n <= 0 or out["errors"] or non2xx != (n if refused else 0):
+                        raise dp.BenchError(
+                            f"{path}/{protocol} with headers {[k for k, _ in headers]}: expected every"
+                            f" request {'refused' if refused else 'answered 2xx'}, got {out}"
+                        )
 
     def start_haproxy_chain(self) -> None:
         """client pod: plain in, TLS out → refmid pod: TLS in, route, TLS out → server pod: TLS in,
@@ -822,18 +1044,21 @@ class Bench:
             return "client", SERVER_IP, APP_PORTS[protocol]
         if path == "haproxy":
             return "client", "127.0.0.1", REF_PORTS[protocol][0]
-        return "frontend", WEB_VIP if path == "waypoint" else NOWP_VIP, SVC_PORTS[protocol]
+        return "frontend", VIPS[path], SVC_PORTS[protocol]
 
     def proxies(self, path: str) -> list[str]:
+        """The proxies whose CPU a request of ``path`` costs (on ``waypoint+ext_authz`` ztunnel-2
+        also carries the waypoint's HBONE stream to the authorizer, which is counted apart)."""
+        if path in WAYPOINT_PATHS:
+            return ["ztunnel-1", "waypoint", "ztunnel-2"]
         return {
             "direct": [],
             "mesh": ["ztunnel-1", "ztunnel-2"],
-            "waypoint": ["ztunnel-1", "waypoint", "ztunnel-2"],
             "haproxy": ["haproxy-client", "haproxy-refmid", "haproxy-server"],
         }[path]
 
     def middle(self, path: str) -> str | None:
-        return {"waypoint": "waypoint", "haproxy": "haproxy-refmid"}.get(path)
+        return "waypoint" if path in WAYPOINT_PATHS else {"haproxy": "haproxy-refmid"}.get(path)
 
     def load(
         self, path: str, protocol: str, conns: int, streams: int, seconds: int, latency: bool = False
@@ -855,21 +1080,18 @@ class Bench:
     ) -> dict[str, float]:
         pod, host, port = self.target(path, protocol)
         timeout = seconds + 60
+        extra = request_headers(path, self.jwt.token)
         if self.tools.load == "python":
-            spec = {"protocol": protocol, "host": host, "port": port, "connections": conns,
-                    "streams": streams, "seconds": seconds}  # fmt: skip
-            spec_path = self._next("load.json")
-            spec_path.write_text(json.dumps(spec))
-            out = self.run_out(
-                "load", [*self.netns(pod), PYTHON, SELF, "_child", "load", str(spec_path)], timeout
-            )
-            return dict(json.loads(out))
+            return self.python_load(path, protocol, conns, streams, seconds, extra)
         url = f"http://{host}:{port}{URL_PATHS[protocol]}"
         if protocol == "http1" and not latency:
             script = self.work / "wrk-post.lua"
             if not script.exists():
                 script.write_text(WRK_SCRIPT)
-            argv = ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--timeout", "10s", "-s", str(script), url]
+            argv = ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--timeout", "10s", "-s", str(script)]
+            for k, v in extra:
+                argv += ["-H", f"{k}: {v}"]
+            argv.append(url)
             return parse_wrk(self.run_out("wrk", [*self.netns(pod), *argv], timeout))
         body = self.work / f"{protocol}-request.bin"
         if not body.exists():
@@ -879,7 +1101,7 @@ class Bench:
         headers = (
             GRPC_REQUEST_HEADERS if protocol == "grpc" else (("content-type", "application/octet-stream"),)
         )
-        for k, v in headers:
+        for k, v in (*headers, *extra):
             argv += ["-H", f"{k}: {v}"]
         if protocol == "http1":
             argv.append("--h1")
@@ -887,6 +1109,26 @@ class Bench:
         out = parse_h2load(self.run_out("h2load", [*self.netns(pod), *argv], timeout), log_file)
         log_file.unlink(missing_ok=True)
         return out
+
+    def python_load(
+        self,
+        path: str,
+        protocol: str,
+        conns: int,
+        streams: int,
+        seconds: float,
+        headers: list[tuple[str, str]],
+    ) -> dict[str, float]:
+        """One run of this file's Python load generator (``_child load``) in the client's pod."""
+        pod, host, port = self.target(path, protocol)
+        spec = {"protocol": protocol, "host": host, "port": port, "connections": conns,
+                "streams": streams, "seconds": seconds, "headers": headers}  # fmt: skip
+        spec_path = self._next("load.json")
+        spec_path.write_text(json.dumps(spec))
+        out = self.run_out(
+            "load", [*self.netns(pod), PYTHON, SELF, "_child", "load", str(spec_path)], seconds + 60
+        )
+        return dict(json.loads(out))
 
     def run_out(self, name: str, argv: list[str], timeout: float) -> str:
         proc = self.procs.start(name, argv, stdout=subprocess.PIPE)
@@ -924,12 +1166,13 @@ class Bench:
         out: dict[str, float] = {}
         if s.warmup_seconds:
             self.load(path, protocol, conns, streams, s.warmup_seconds)
+        authz = [self.pids["authorizer"]] if path == "waypoint+ext_authz" else []
         seen0 = self.waypoint_requests()
-        cpu0 = dp.cpu_split(pids)
+        cpu0, authz0 = dp.cpu_split(pids), dp.cpu_split(authz)
         mid0 = dp.cpu_split([self.pids[middle]]) if middle else (0.0, 0.0)
         with RssSampler([self.pids[middle]] if middle else []) as rss:
             tput = self.load(path, protocol, conns, streams, s.duration)
-        cpu1 = dp.cpu_split(pids)
+        cpu1, authz1 = dp.cpu_split(pids), dp.cpu_split(authz)
         mid1 = dp.cpu_split([self.pids[middle]]) if middle else (0.0, 0.0)
         seen = self.waypoint_requests() - seen0
         n = tput["requests"]
@@ -944,33 +1187,47 @@ class Bench:
             out["mid_cpu_user_us_per_req"], out["mid_cpu_sys_us_per_req"] = user, system
             out["mid_cpu_us_per_req"] = user + system
             out["mid_rss_mib"] = rss.peak[self.pids[middle]]
+        if authz:
+            out["authz_cpu_us_per_req"] = sum(dp.per_op_us(authz0, authz1, n))
         # Through the waypoint every request must be counted by it, on every other path none.
-        if (path == "waypoint") != (seen > 0) or (path == "waypoint" and seen < 0.9 * n):
+        through = path in WAYPOINT_PATHS
+        if through != (seen > 0) or (through and seen < 0.9 * n):
             raise dp.BenchError(
                 f"{path}/{protocol}: the waypoint counted {seen:.0f} requests for {n:.0f} sent"
             )
         lat = self.load(path, protocol, 1, 1, s.latency_seconds, latency=True)
         out["p50_us"], out["p99_us"] = lat["p50_us"], lat["p99_us"]
         out["errors"] += lat["errors"] + lat["non2xx"]
-        if profile_dir is not None and path == "waypoint" and self.tools.pyspy:
-            self.profile(protocol, conns, streams, profile_dir)
+        if profile_dir is not None and through and self.tools.pyspy:
+            self.profile(path, protocol, conns, streams, profile_dir)
         self.check_alive()
         return out
 
-    def profile(self, protocol: str, conns: int, streams: int, profile_dir: Path) -> None:
+    def profile(self, path: str, protocol: str, conns: int, streams: int, profile_dir: Path) -> None:
         """py-spy (Python frames, ``--nonblocking``: the waypoint is never paused) on the waypoint
-        during one more throughput run of ``protocol``."""
+        during one more throughput run of ``path`` and ``protocol``; beside it, the run's rate,
+        to turn samples into µs per request."""
         assert self.tools.pyspy
         secs = self.s.profile_seconds
-        outfile = profile_dir / f"waypoint-{protocol}.txt"
-        argv = [self.tools.pyspy, "record", "-p", str(self.pids["waypoint"]), "-d", str(secs), "-r", "200"]
+        outfile = profile_dir / f"{path}-{protocol}.txt"
+        argv = [
+            self.tools.pyspy,
+            "record",
+            "-p",
+            str(self.pids["waypoint"]),
+            "-d",
+            str(secs),
+            "-r",
+            str(SPY_RATE),
+        ]
         argv += ["--nonblocking", "--format", "raw", "-o", str(outfile)]
-        spy = self.procs.start(f"py-spy-{protocol}", argv)
-        self.load("waypoint", protocol, conns, streams, secs + 2)
+        spy = self.procs.start(f"py-spy-{path}-{protocol}", argv)
+        out = self.load(path, protocol, conns, streams, secs + 2)
         spy.wait(timeout=60)
         self.procs.stop(spy)
         if not outfile.exists():
             raise dp.BenchError(f"py-spy wrote nothing:\n{dp.log_tail(spy)}")
+        outfile.with_suffix(".json").write_text(json.dumps({"requests": out["rps"] * secs}))
 
 
 WRK_SCRIPT = """\
@@ -1040,7 +1297,14 @@ def parse_h2load(out: str, log_file: Path) -> dict[str, float]:
 
 # -- profile summary ----------------------------------------------------------------------------------
 
+SPY_RATE = 200  # py-spy samples per second: one busy sample is 5,000 µs of the waypoint's time
+
 BUCKETS = [  # (what the frame's file path contains, bucket) — first match wins
+    ("/waypoint/jwt.py", "JWT (waypoint/jwt.py)"),
+    ("/jwt/", "PyJWT + cryptography"),
+    ("/cryptography/", "PyJWT + cryptography"),
+    ("/waypoint/extauthz.py", "ext_authz client (waypoint/extauthz.py)"),
+    ("/google/protobuf/", "protobuf"),
     ("/waypoint/http1.py", "waypoint HTTP/1.1 engine (waypoint/http1.py)"),
     ("/waypoint/http2.py", "waypoint HTTP/2 engine (waypoint/http2.py)"),
     ("/waypoint/metrics.py", "metrics + access log (waypoint/metrics.py)"),
@@ -1069,8 +1333,13 @@ def _frame_file(frame: str) -> str:
     return "/" + loc.rstrip(")").rsplit(":", 1)[0].lstrip("/") if sep else ""
 
 
-def profile_buckets(path: Path) -> tuple[int, list[tuple[str, int]]]:
-    """Own time per component: each sample's innermost frame, by the file it is in."""
+def _bucket(frame: str) -> str:
+    file = _frame_file(frame)
+    return next((b for needle, b in BUCKETS if needle in file), "other")
+
+
+def _own(path: Path, key: Any) -> tuple[int, dict[str, int]]:
+    """Busy samples, and own samples by ``key(innermost frame)``."""
     own: dict[str, int] = defaultdict(int)
     total = 0
     for line in path.read_text().splitlines():
@@ -1078,10 +1347,78 @@ def profile_buckets(path: Path) -> tuple[int, list[tuple[str, int]]]:
         if not stack or not count_s.isdigit():
             continue
         total += int(count_s)
-        file = _frame_file(stack.split(";")[-1])
-        bucket = next((b for needle, b in BUCKETS if needle in file), "other")
-        own[bucket] += int(count_s)
+        own[key(stack.split(";")[-1])] += int(count_s)
+    return total, own
+
+
+def profile_buckets(path: Path) -> tuple[int, list[tuple[str, int]]]:
+    """Own time per component: each sample's innermost frame, by the file it is in."""
+    total, own = _own(path, _bucket)
     return total, sorted(own.items(), key=lambda kv: -kv[1])
+
+
+def profile_us(profile_dir: Path, path: str, protocol: str, key: Any) -> dict[str, float] | None:
+    """The waypoint's own time in µs per request by ``key``, ``"total"`` included, from the
+    recording of ``path`` (samples times the sampling interval, over the requests while recording)."""
+    raw, side = profile_dir / f"{path}-{protocol}.txt", profile_dir / f"{path}-{protocol}.json"
+    if not raw.exists() or not side.exists():
+        return None
+    requests = max(float(json.loads(side.read_text())["requests"]), 1.0)
+    total, own = _own(raw, key)
+    per = 1e6 / SPY_RATE / requests
+    return {"total": total * per, **{k: n * per for k, n in own.items()}}
+
+
+def added_time_markdown(profile_dir: Path, top: int = 8) -> str:
+    """Where the added paths' extra time goes: the waypoint's own µs per request by component
+    and by function, each added path minus the plain waypoint path."""
+    lines = [
+        "## Where the added time goes (py-spy on the waypoint, own time, µs per request)",
+        "",
+        f"From the same recordings: busy samples {TIMES} {1e6 / SPY_RATE:,.0f} µs ÷ the requests of the"
+        " recording (its throughput run's rate times its length), for the plain waypoint path and each added"
+        " path; Δ = added path minus waypoint. Sampled, and from throughput runs, so ± a few µs; the"
+        " authorizer's own CPU is not in it (see the added-cost table).",
+        "",
+    ]
+    for protocol in PROTOCOLS:
+        base = profile_us(profile_dir, "waypoint", protocol, _bucket)
+        added = {p: profile_us(profile_dir, p, protocol, _bucket) for p in ADDED}
+        present = [p for p in ADDED if added[p] is not None]
+        if base is None or not present:
+            continue
+        lines += [f"### {PY_PROTO_TITLES[protocol]}: by component", ""]
+        lines.append("| component | waypoint | " + " | ".join(f"{p} | Δ" for p in present) + " |")
+        lines.append("|---|---:|" + "---:|---:|" * len(present))
+        comps = sorted(
+            set(base) | {c for p in present for c in added[p] or {}},
+            key=lambda c: (
+                c != "total",
+                -max(abs((added[p] or {}).get(c, 0) - base.get(c, 0)) for p in present),
+            ),
+        )
+        for c in comps:
+            cells = [f"{_f(base.get(c, 0.0), 1)}"]
+            for p in present:
+                v = (added[p] or {}).get(c, 0.0)
+                cells += [_f(v, 1), f"{v - base.get(c, 0.0):+,.1f}"]
+            name = "**all (busy samples)**" if c == "total" else c
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+        fbase = profile_us(profile_dir, "waypoint", protocol, dp._function) or {}
+        for p in present:
+            fadded = profile_us(profile_dir, p, protocol, dp._function) or {}
+            delta = sorted(
+                ((fn, v - fbase.get(fn, 0.0)) for fn, v in fadded.items() if fn != "total"),
+                key=lambda kv: -kv[1],
+            )[:top]
+            lines += [f"### {PY_PROTO_TITLES[protocol]}: {p}, the functions that grew most", ""]
+            lines += ["| # | function | own µs/req | Δ µs/req |", "|---|---|---:|---:|"]
+            for i, (fn, d) in enumerate(delta, 1):
+                fn_md = fn.replace("|", "\\|")
+                lines.append(f"| {i} | `{fn_md}` | {fadded[fn]:,.1f} | {d:+,.1f} |")
+            lines.append("")
+    return "\n".join(lines)
 
 
 def profile_markdown(profile_dir: Path, top: int = 15) -> str:
@@ -1095,7 +1432,7 @@ def profile_markdown(profile_dir: Path, top: int = 15) -> str:
         "",
     ]
     for protocol in PROTOCOLS:
-        path = profile_dir / f"waypoint-{protocol}.txt"
+        path = profile_dir / f"waypoint-{protocol}.txt"  # the plain waypoint path
         if not path.exists():
             continue
         total, buckets = profile_buckets(path)
@@ -1126,6 +1463,104 @@ def _r(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}{TIMES}"
 
 
+def _paired(
+    runs: dict[str, dict[str, list[dict[str, float]]]],
+    path: str,
+    protocol: str,
+    key: str,
+    ratio: bool = False,
+) -> float | None:
+    """Median over the repeats of (``path`` minus ``waypoint``), or the ratio, for ``key``, each pair from
+    the same repeat, so that the machine's drift between repeats cancels."""
+    pairs = [
+        (b[key], r[key])
+        for b, r in zip(runs["waypoint"][protocol], runs[path][protocol], strict=False)
+        if key in b and key in r
+    ]
+    if not pairs:
+        return None
+    return statistics.median(r / b if ratio else r - b for b, r in pairs if not ratio or b > 0)
+
+
+def _signed(v: float | None) -> str:
+    return "—" if v is None else f"{v:+,.0f}"
+
+
+def added_cost_markdown(
+    runs: dict[str, dict[str, list[dict[str, float]]]],
+    paths: list[str],
+    authorizer: str,
+    jwt_micro: dict[str, float] | None,
+) -> list[str]:
+    added = [p for p in ADDED if p in paths and "waypoint" in paths]
+    if not added:
+        return []
+    lines = [
+        "",
+        "## Added cost over the plain waypoint path (same run)",
+        "",
+        "| added to the waypoint | protocol | waypoint p50 µs | added p50 µs | added p99 µs"
+        " | added waypoint CPU µs/req | added proxies' CPU µs/req | authorizer CPU µs/req | req/s ÷ waypoint |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    summary: dict[str, list[str]] = {p: [] for p in added}
+    for p in added:
+        for q in PROTOCOLS:
+            if not runs[p][q] or not runs["waypoint"][q]:
+                continue
+            base_p50 = statistics.median(r["p50_us"] for r in runs["waypoint"][q])
+            d50, d99 = _paired(runs, p, q, "p50_us"), _paired(runs, p, q, "p99_us")
+            dcpu, dall = _paired(runs, p, q, "mid_cpu_us_per_req"), _paired(runs, p, q, "cpu_us_per_req")
+            authz = [r["authz_cpu_us_per_req"] for r in runs[p][q] if "authz_cpu_us_per_req" in r]
+            lines.append(
+                f"| {ADDED_LABELS[p]} | {q} | {_f(base_p50)} | {_signed(d50)} | {_signed(d99)} | {_signed(dcpu)}"
+                f" | {_signed(dall)} | {_f(statistics.median(authz)) if authz else '—'}"
+                f" | {_r(_paired(runs, p, q, 'rps', ratio=True), 1.0)} |"
+            )
+            summary[p].append(
+                f"{'HTTP/1.1' if q == 'http1' else 'gRPC'}: {_signed(d50)} µs p50, {_signed(d99)} µs p99,"
+                f" {_signed(dcpu)} µs of waypoint CPU"
+            )
+    lines += [
+        "",
+        "Each figure is the median over the repeats of (added path minus `waypoint` path) measured in the same"
+        " repeat, on the same waypoint, services on the same backend pods: the `waypoint` path evaluates one"
+        " DENY policy; `waypoint+jwt` adds a RequestAuthentication (inline JWKS, so no network) and a DENY"
+        ' `notRequestPrincipals: ["*"]`, every request carrying `Authorization: Bearer` with one RS256'
+        " token; `waypoint+ext_authz` adds a CUSTOM policy whose `envoyExtAuthzGrpc` provider is an"
+        " authorizer pod in the mesh (node 2; the waypoint reaches it through HBONE and ztunnel-2), every"
+        " request carrying `x-ext-authz: allow`. Latency: the one-connection runs; CPU: the throughput"
+        " runs. Proxies' CPU includes ztunnel-2's share of the authorizer's HBONE stream; the"
+        " authorizer's own CPU is the column after it. A difference smaller than the repeats' spread"
+        " (see Every repeat) is noise: the machine is shared.",
+        "",
+        "Added cost per request:",
+        "",
+    ]
+    for p in added:
+        lines.append(f"- **{ADDED_LABELS[p]}** — " + "; ".join(summary[p]) + ".")
+    if jwt_micro:
+        lines.append(
+            f"- The RS256 signature check is paid once per token, not per request: the waypoint caches"
+            f" validated tokens (waypoint/jwt.py, by token text until `exp`), so the `waypoint+jwt` path,"
+            f" one token per client, measures the cached case. The JWT step alone, in-process"
+            f" (`Authenticator.authenticate`, median of {jwt_micro['tokens']:.0f} tokens):"
+            f" {jwt_micro['new_token_us']:,.0f} µs for a token not seen before (signature checked),"
+            f" {jwt_micro['cached_token_us']:,.1f} µs for a cached one."
+        )
+    lines.append(
+        "- Authorizer: "
+        + (
+            "the lean grpcio Check server in benchmarks/waypoint.py (`_child authorizer`: tests/waypoint/"
+            "authz_peer.py's server, 8 threads, answering an empty OK — no header edits to apply)."
+            if authorizer == "lean"
+            else "tests/waypoint/authz_peer.py (its OK adds four request headers, removes one and adds a"
+            " response header: the waypoint's cost includes applying them)."
+        )
+    )
+    return lines
+
+
 def report(
     medians: dict[str, dict[str, dict[str, float]]],
     runs: dict[str, dict[str, list[dict[str, float]]]],
@@ -1136,6 +1571,8 @@ def report(
     elapsed: float,
     quick: bool,
     load_start: float,
+    authorizer: str = "lean",
+    jwt_micro: dict[str, float] | None = None,
 ) -> str:
     paths = [p for p in PATHS if any(medians[p].values())]
     titles = PROTO_TITLES if tools.load == "real" else PY_PROTO_TITLES
@@ -1213,6 +1650,7 @@ def report(
         " the largest VmRSS seen during the throughput run. Errors: failed or non-2xx requests."
         " The ztunnel processes also run their discovery clients; every load generator, backend and"
         " proxy shares the same cores.",
+        *added_cost_markdown(runs, paths, authorizer, jwt_micro),
         "",
         "## On Istio's basis (≈ 0.25 vCPU and 60 MB per 1,000 requests/s for its waypoint)",
         "",
@@ -1285,6 +1723,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default="auto",
         help="nginx (default) or the Python backend (default with --quick)",
     )
+    p.add_argument(
+        "--authorizer",
+        choices=["lean", "peer"],
+        default="lean",
+        help="the ext_authz server: this file's lean one (default) or tests/waypoint/authz_peer.py",
+    )
     p.add_argument("--profile", action="store_true", help="py-spy the waypoint under load, summarize")
     p.add_argument("--profile-seconds", type=int, default=None, help="py-spy recording length (default 8)")
     p.add_argument("--output", metavar="FILE", help="write the markdown report here (default: stdout)")
@@ -1324,7 +1768,7 @@ def main(argv: list[str]) -> int:
         work = Path(tmp)
         (work / "logs").mkdir()
         procs = dp.Processes(work / "logs")
-        bench = Bench(s, tools, work, procs)
+        bench = Bench(s, tools, work, procs, authorizer=args.authorizer)
         profile_dir = work / "profile" if args.profile else None
         if profile_dir is not None:
             profile_dir.mkdir()
@@ -1343,6 +1787,7 @@ def main(argv: list[str]) -> int:
                         runs[path][protocol].append(
                             bench.measure(path, protocol, profile_dir if i == 0 else None)
                         )
+            jwt_micro = jwt_microbench()
             medians = {
                 p: {
                     q: {k: statistics.median(r[k] for r in rs) for k in rs[0]} if (rs := runs[p][q]) else {}
@@ -1351,10 +1796,11 @@ def main(argv: list[str]) -> int:
                 for p in PATHS
             }
             text = report(
-                medians, runs, s, tools, command, started, time.monotonic() - t0, args.quick, load_start
-            )
+                medians, runs, s, tools, command, started, time.monotonic() - t0, args.quick, load_start,
+                args.authorizer, jwt_micro,
+            )  # fmt: skip
             if profile_dir is not None:
-                text += "\n" + profile_markdown(profile_dir)
+                text += "\n" + profile_markdown(profile_dir) + "\n" + added_time_markdown(profile_dir)
         except dp.BenchError as e:
             print(f"waypoint bench: {e}", file=sys.stderr)
             return 1
@@ -1372,7 +1818,16 @@ def main(argv: list[str]) -> int:
                 print(f"waypoint bench: teardown: {'; '.join(errors)}", file=sys.stderr)
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"settings": asdict(s), "tools": asdict(tools), "runs": runs}, indent=1)
+            json.dumps(
+                {
+                    "settings": asdict(s),
+                    "tools": asdict(tools),
+                    "authorizer": args.authorizer,
+                    "jwt_microbench": jwt_micro,
+                    "runs": runs,
+                },
+                indent=1,
+            )
         )
     if args.output:
         Path(args.output).write_text(text)

@@ -23,12 +23,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 HAPROXY = shutil.which("haproxy", path="/usr/sbin:/usr/bin") is not None
-PATHS = ["direct", "mesh", "waypoint", "haproxy"] if HAPROXY else ["direct", "mesh", "waypoint"]
+WAYPOINT_PATHS = ["waypoint", "waypoint+jwt", "waypoint+ext_authz"]
+PATHS = ["direct", "mesh", *WAYPOINT_PATHS] + (["haproxy"] if HAPROXY else [])
 LABELS = {
     "direct": "direct TCP (pod → pod)",
     "mesh": "two ztunnels, no waypoint",
     "waypoint": "ztunnel → waypoint → ztunnel",
+    "waypoint+jwt": "waypoint + JWT (RS256, cached keys)",
+    "waypoint+ext_authz": "waypoint + ext_authz (gRPC Check)",
     "haproxy": "haproxy chain (mode http, TLS)",
+}
+ADDED_LABELS = {
+    "waypoint+jwt": "JWT validation, one token per client (RS256, inline JWKS)",
+    "waypoint+ext_authz": "ext_authz gRPC round trip (authorizer in the mesh)",
 }
 EVERY = ["rps", "p50_us", "p99_us", "load_p50_us", "load_p99_us", "errors"]
 PROXIED = ["cpu_us_per_req"]
@@ -78,14 +85,17 @@ def test_every_path_and_protocol_produced_every_figure(quick_run: tuple[str, dic
             wanted = (
                 EVERY
                 + (PROXIED if path != "direct" else [])
-                + (MIDDLE if path in ("waypoint", "haproxy") else [])
+                + (MIDDLE if path in (*WAYPOINT_PATHS, "haproxy") else [])
+                + (["authz_cpu_us_per_req"] if path == "waypoint+ext_authz" else [])
             )
             for key in wanted:
                 assert isinstance(figures.get(key), (int, float)), (path, protocol, key, figures)
             assert figures["rps"] > 0 and figures["p50_us"] > 0, (path, protocol)
-            # The harness checks that requests on the waypoint path went through the waypoint.
+            # The harness checks that requests on the waypoint paths went through the waypoint.
             through = figures["waypoint_requests_per_client_request"]
-            assert (through > 0) == (path == "waypoint"), (path, protocol, through)
+            assert (through > 0) == (path in WAYPOINT_PATHS), (path, protocol, through)
+    micro = raw["jwt_microbench"]
+    assert micro["new_token_us"] > 0 and micro["cached_token_us"] > 0, micro
     if not HAPROXY:
         assert runs["haproxy"] == {"http1": [], "grpc": []}
 
@@ -118,6 +128,30 @@ def test_markdown_tables_have_numbers_and_ratios(quick_run: tuple[str, dict[str,
         assert all(NUMBER.match(c) for c in cells[2:]), cells
 
 
+def test_added_cost_of_jwt_and_ext_authz(quick_run: tuple[str, dict[str, Any]]) -> None:
+    """One row per added path and protocol, every figure a number (a signed difference for the
+    added ones), and the statement per path, from the same run."""
+    report, _ = quick_run
+    section = report.split("## Added cost over the plain waypoint path (same run)", 1)[1]
+    section = section.split("## On Istio's basis", 1)[0]
+    signed = re.compile(r"^[+-][\d,]+$")
+    for path, label in ADDED_LABELS.items():
+        rows = [
+            [c.strip() for c in line.strip().strip("|").split("|")]
+            for line in section.splitlines()
+            if line.startswith(f"| {label} |")
+        ]
+        assert [r[1] for r in rows] == ["http1", "grpc"], (path, rows)
+        for cells in rows:
+            assert NUMBER.match(cells[2]), cells  # the waypoint's p50
+            assert all(signed.match(c) for c in cells[3:7]), cells  # added p50, p99, CPU
+            assert NUMBER.match(cells[8]), cells  # req/s ratio
+            assert (cells[7] != "—") == (path == "waypoint+ext_authz"), cells  # authorizer CPU
+        statement = re.search(rf"^- \*\*{re.escape(label)}\*\* — HTTP/1.1: (.+)$", section, re.M)
+        assert statement and "µs p50" in statement[1] and "gRPC:" in statement[1], section
+    assert re.search(r"for a token not seen before \(signature checked\), [\d.,]+ µs for a cached", section)
+
+
 def test_profile_of_the_waypoint(quick_run: tuple[str, dict[str, Any]]) -> None:
     report, _ = quick_run
     profile = report.split("## Profile of the waypoint under load", 1)[1]
@@ -126,3 +160,14 @@ def test_profile_of_the_waypoint(quick_run: tuple[str, dict[str, Any]]) -> None:
         assert re.search(r"^\| .+ \| \d+\.\d \|$", by_component, re.M), title
         top = profile.split(f"### {title}: top functions", 1)[1].split("###", 1)[0]
         assert re.search(r"^\| 1 \| `.+` \| \d+\.\d \| \d+\.\d \|$", top, re.M), title
+    added = profile.split("## Where the added time goes", 1)[1]
+    number, delta = r"[\d,.]+", r"[+-][\d,.]+"
+    for title in ("HTTP/1.1, 1 KiB POST", "gRPC-shaped HTTP/2 unary, 1 KiB"):
+        table = added.split(f"### {title}: by component", 1)[1].split("###", 1)[0]
+        total = (
+            rf"^\| \*\*all \(busy samples\)\*\* \| {number} \| {number} \| {delta} \| {number} \| {delta} \|$"
+        )
+        assert re.search(total, table, re.M), table
+        for path in ADDED_LABELS:
+            grew = added.split(f"### {title}: {path}, the functions that grew most", 1)[1].split("###", 1)[0]
+            assert re.search(rf"^\| 1 \| `.+` \| {number} \| {delta} \|$", grew, re.M), (path, grew)
