@@ -3,7 +3,8 @@
 #   ambient-controlplane   controlplane Deployment   (non-root, uid 1337: the image default)
 #   ztunnel                ztunnel DaemonSet         (uid 0 with NET_ADMIN, SYS_ADMIN, NET_RAW only)
 #   ambient-cni            cni DaemonSet             (uid 0 with NET_ADMIN, SYS_ADMIN only)
-#   ambient-cni-plugin     the CNI plugin the agent installs on the host
+#   ambient-cni-plugin     the Python CNI plugin (local mode); on nodes the agent installs the
+#                          static Go build of it instead: /usr/local/lib/ambient-mesh/ambient-cni-plugin
 #   waypoint               waypoint Deployments made by the waypoint controller (non-root)
 #   ambientctl             the CLI (kubectl run / debugging)
 # These are the console scripts of pyproject.toml, the same ones the tests run.
@@ -18,6 +19,19 @@
 # of ambient-mesh (test extras excluded), as resolved in the development venv.
 
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
+ARG GO_IMAGE=golang:1.22.12-bookworm
+
+# The CNI plugin the kubelet's runtime runs on the node, outside any container: a static binary
+# (CGO_ENABLED=0) with no module dependencies (cni/plugin-go, docs/cni.md). The cni agent copies
+# it into the host's CNI bin dir (`--plugin-binary`, set by the cni chart).
+FROM ${GO_IMAGE} AS plugin
+WORKDIR /src
+COPY cni/plugin-go/ ./
+RUN CGO_ENABLED=0 GOTOOLCHAIN=local GOPROXY=off \
+      go build -trimpath -buildvcs=false -ldflags="-s -w" -o /out/ambient-cni-plugin . \
+ && { ldd /out/ambient-cni-plugin 2>&1 | grep -q "not a dynamic executable" \
+      || { echo "ambient-cni-plugin is not static" >&2; exit 1; }; } \
+ && CNI_COMMAND=VERSION /out/ambient-cni-plugin </dev/null
 
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
@@ -98,6 +112,7 @@ RUN apt-get update \
  && groupadd --gid 1337 mesh \
  && useradd --uid 1337 --gid 1337 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin mesh
 COPY --from=build /opt/ambient-mesh /opt/ambient-mesh
+COPY --from=plugin /out/ambient-cni-plugin /usr/local/lib/ambient-mesh/ambient-cni-plugin
 ENV PATH=/opt/ambient-mesh/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
@@ -105,7 +120,8 @@ ENV PATH=/opt/ambient-mesh/bin:$PATH \
 RUN for c in ambient-controlplane ztunnel ambient-cni ambient-cni-plugin waypoint ambientctl; do \
       command -v "$c" >/dev/null || { echo "missing entrypoint $c" >&2; exit 1; }; \
     done \
- && python -c "import controlplane.main, ztunnel.main, cni.main, cni.plugin_main, waypoint.main, ambientctl.main"
+ && python -c "import controlplane.main, ztunnel.main, cni.main, cni.plugin_main, waypoint.main, ambientctl.main" \
+ && CNI_COMMAND=VERSION /usr/local/lib/ambient-mesh/ambient-cni-plugin </dev/null
 # Non-root by default (controlplane, waypoint); the ztunnel and cni charts set runAsUser 0
 # because the capabilities they need are root's.
 USER 1337:1337

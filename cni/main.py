@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--install-plugin", action="store_true", help="install the CNI plugin on start")
     p.add_argument("--cni-bin-dir", default=install.DEFAULT_CNI_BIN_DIR, metavar="DIR")
     p.add_argument("--cni-conf-dir", default=install.DEFAULT_CNI_CONF_DIR, metavar="DIR")
+    p.add_argument(
+        "--plugin-binary",
+        metavar="PATH",
+        help="the static plugin to install (must exist); default: "
+        f"{install.DEFAULT_PLUGIN_BINARY} if present, else a wrapper running this Python",
+    )
     p.add_argument("--poll-interval", type=float, default=1.0, help="local mode: seconds between file checks")
     p.add_argument("--ready-file", metavar="PATH", help="written once the agent serves both sockets")
     p.add_argument("--log-level", default="info", choices=meshlog.LEVELS)
@@ -124,7 +130,12 @@ async def serve(args: argparse.Namespace) -> int:
         if args.install_plugin:
             try:
                 install.install(
-                    install.InstallConfig(args.cni_bin_dir, args.cni_conf_dir, agent_socket=args.plugin_socket)
+                    install.InstallConfig(
+                        args.cni_bin_dir,
+                        args.cni_conf_dir,
+                        agent_socket=args.plugin_socket,
+                        plugin_binary=args.plugin_binary,
+                    )
                 )
             except (install.InstallError, OSError) as e:
                 raise StartupError(f"--install-plugin: {e}") from None

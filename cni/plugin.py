@@ -15,6 +15,11 @@ Layout, sans-IO first (STYLE.md rule 1):
 * :class:`PluginServer` — the agent's end: an asyncio unix-socket server that decodes requests and
   calls an injected async callback.
 
+On a node the runtime runs ``cni/plugin-go`` instead: a static Go binary that ports :func:`handle`,
+:func:`finish` and :func:`run` line by line (same checks, order, codes and messages) and speaks the
+same agent protocol; this module stays the reference, used in local mode and by the tests, which
+run one table of cases through both executables.
+
 Agent wire format: one JSON object per line each way on a SOCK_STREAM unix socket. Request:
 ``{"version": 1, "command", "pod_namespace", "pod_name", "pod_uid", "container_id", "netns",
 "ifname", "ips"}``; reply: ``{"ok": true}`` or ``{"ok": false, "error": "..."}``.
@@ -64,6 +69,19 @@ class ProtocolError(ValueError):
     """A malformed plugin ↔ agent message."""
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads(data: bytes) -> Any:
+    """Strict JSON (RFC 8259): UTF-8 only, no ``NaN``/``Infinity``, which ``json.loads`` would take.
+
+    The Go plugin's decoder accepts exactly this, so both plugins refuse the same input (code 6).
+    Raises ``ValueError`` (``UnicodeDecodeError`` included) or ``RecursionError``.
+    """
+    return json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+
+
 @dataclass(frozen=True, slots=True)
 class Output:
     """What the plugin prints on stdout and its exit code."""
@@ -103,7 +121,7 @@ class AgentRequest:
 def decode_request(data: bytes) -> AgentRequest:
     """Parse a request line; :class:`ProtocolError` names the bad field."""
     try:
-        obj = json.loads(data)
+        obj = loads(data)
     except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than JSON allows here
         raise ProtocolError(f"request is not JSON: {e}") from e
     if not isinstance(obj, dict):
@@ -141,7 +159,7 @@ class AgentReply:
 
 def decode_reply(data: bytes) -> AgentReply:
     try:
-        obj = json.loads(data)
+        obj = loads(data)
     except (ValueError, RecursionError) as e:
         raise ProtocolError(f"agent reply is not JSON: {e}") from e
     if not isinstance(obj, dict) or not isinstance(obj.get("ok"), bool):
@@ -264,7 +282,7 @@ def handle(env: Mapping[str, str], stdin: bytes) -> AgentCall | Output:
         if command not in COMMANDS:
             raise _CniError(ERR_INVALID_ENV, f"CNI_COMMAND {command!r} is not one of {', '.join(COMMANDS)}")
         try:
-            obj = json.loads(stdin) if stdin.strip() else None
+            obj = loads(stdin) if stdin.strip() else None
         except (ValueError, RecursionError) as e:
             # A document nested deeper than the decoder goes is refused like any other bad JSON.
             raise _CniError(ERR_DECODE, "network configuration on stdin is not JSON", str(e)) from e
@@ -394,7 +412,8 @@ def run(env: Mapping[str, str], stdin: bytes) -> Output:
 
 def main() -> int:
     """Entry point: read stdin and the environment, print the result."""
-    meshlog.configure(os.environ.get("AMBIENT_CNI_LOG_LEVEL", "warning"), json=True)
+    level = os.environ.get("AMBIENT_CNI_LOG_LEVEL", "warning")
+    meshlog.configure(level if level in meshlog.LEVELS else "warning", json=True)  # never crash on it
     try:
         stdin = sys.stdin.buffer.read()
     except OSError as e:

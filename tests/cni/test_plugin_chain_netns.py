@@ -4,7 +4,8 @@ No ``cnitool`` on Debian, so :func:`run_chain` is a minimal runtime: it finds ea
 ``type`` in ``CNI_PATH``, feeds it the network config with ``name``, ``cniVersion`` and the previous
 plugin's result as ``prevResult`` on stdin and the CNI variables in the environment, in order for
 ADD and in reverse for DEL (with the cached final result). The whole chain runs inside a "node"
-netns so the bridge lives (and dies) there; the pod is a second netns.
+netns so the bridge lives (and dies) there; the pod is a second netns. It runs once with the
+Python plugin and once with the static Go binary (``plugin_exe``, tests/cni/conftest.py).
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ import asyncio
 import json
 import os
 import shutil
-import stat
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,8 +26,8 @@ import pytest
 from cni import rules
 from cni.plugin import AgentReply, AgentRequest, PluginServer
 from tests.cni.netnshelp import have_root_tools, run
+from tests.cni.pluginexe import PluginExe
 
-REPO = Path(__file__).resolve().parents[2]
 DEBIAN_CNI = Path("/usr/lib/cni")
 
 pytestmark = [
@@ -68,18 +67,14 @@ class Env:
 
 
 @pytest.fixture
-def chain_env() -> Iterator[Env]:
+def chain_env(plugin_exe: PluginExe) -> Iterator[Env]:
     root = Path(tempfile.mkdtemp(prefix="cnic", dir="/tmp"))
     e = Env(root, node=f"cnit{os.getpid()}cn", pod=f"cnit{os.getpid()}cp")
     try:
         e.cni_path.mkdir()
         for p in ("bridge", "host-local", "loopback"):
             (e.cni_path / p).symlink_to(DEBIAN_CNI / p)
-        wrapper = e.cni_path / "ambient-cni"
-        wrapper.write_text(
-            f"#!/bin/sh\nPYTHONPATH={REPO} exec {sys.executable} -m cni.plugin_main\n", encoding="utf-8"
-        )
-        wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+        plugin_exe.install_as(e.cni_path / "ambient-cni")
         run("ip", "netns", "add", e.node)
         run("ip", "netns", "add", e.pod)
         yield e

@@ -1,0 +1,3 @@
+module ambient-mesh/cni/plugin-go
+
+go 1.19
