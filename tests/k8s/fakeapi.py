@@ -212,6 +212,9 @@ class FakeApiServer:
         self._next_ip = 1
         # token -> the TokenReview ``status.user`` it authenticates as (absent: not authenticated)
         self.token_users: dict[str, dict[str, Any]] = {}
+        # token -> the audiences it was issued for (a projected token's ``audience``): a review
+        # for none of them is refused, as kube-apiserver refuses it (absent: any audience)
+        self.token_audiences: dict[str, list[str]] = {}
         handler = type("_Handler", (_Handler,), {"fake": self})
         self._server = _Server(("127.0.0.1", 0), handler)
         self._thread = threading.Thread(
@@ -1219,12 +1222,17 @@ class _Handler(BaseHTTPRequestHandler):
             return
         spec = body.get("spec") or {}
         user = self.fake.token_users.get(spec.get("token", ""))
-        status: dict[str, Any] = {"authenticated": user is not None}
+        wanted = spec.get("audiences") or []
+        issued = self.fake.token_audiences.get(spec.get("token", ""))
+        granted = wanted if issued is None else [a for a in wanted if a in issued]
+        status: dict[str, Any] = {"authenticated": user is not None and (issued is None or bool(granted))}
         if user is None:
             status["error"] = "invalid bearer token"
+        elif not status["authenticated"]:
+            status["error"] = f"token audiences {issued} is invalid for the target audiences {wanted}"
         else:
             status["user"] = user
-            status["audiences"] = spec.get("audiences") or []
+            status["audiences"] = granted
         self._send_json(201, {**body, "status": status})
 
     def do_PATCH(self) -> None:

@@ -10,6 +10,14 @@ the kubelet: it makes each pod's netns (tests/netns/topology.py), creates the Po
 runs the CNI plugin chain for it. Nothing writes a process's state: pods, labels and policies go
 through the API, and the processes find out as they would on a cluster.
 
+The control plane runs its waypoint controller: a Gateway of class ``istio-waypoint`` created in
+the API becomes a ServiceAccount, Deployment and Service, and the test plays the rest of the
+cluster for that Deployment (ReplicaSet controller, scheduler, kubelet, the Deployment's status):
+it runs the real ``waypoint`` with the pod template's command, args, env and volumes (the token a
+projected one TokenReview binds to that pod with the template's audience, the root from the
+``istio-ca-root-cert`` ConfigMap) in a pod netns, and reports the Deployment ready only once the
+template's readiness probe passes.
+
 Needs root (CI runs it). One mesh per module; each test uses its own ports.
 """
 
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -34,11 +43,15 @@ from typing import Any, TypeVar
 import pytest
 import pytest_asyncio
 
+from mesh.caclient import CaError, GrpcCaClient
+from mesh.identity import Identity
 from mesh.netns import NetnsSocketFactory
 from tests.k8s.fakeapi import FakeApiServer
 from tests.k8s.helpers import authorization_policy, namespace, node, pod
 from tests.netns.mesh import EchoServer
-from tests.netns.topology import Pod, Topology, ns_run
+from tests.netns.topology import WIRE_NET, Pod, Topology, ns_run
+from tests.waypoint.conftest import H1Backend, H1Client
+from waypoint.bytestream import TcpByteStream
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns, pytest.mark.asyncio(loop_scope="module")]
 
@@ -49,6 +62,7 @@ AMBIENT = {"istio.io/dataplane-mode": "ambient"}
 REDIRECTION = "ambient.istio.io/redirection"
 CLIENT_ID = f"spiffe://{TRUST_DOMAIN}/ns/shop/sa/client"
 WEB_ID = f"spiffe://{TRUST_DOMAIN}/ns/shop/sa/web"
+WAYPOINT_IMAGE = "registry.example/ambient-mesh:e2e"
 
 
 def python_main(module: str) -> list[str]:
@@ -169,6 +183,10 @@ class Cluster:
         obj["spec"]["serviceAccountName"] = net.service_account
         obj["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
         self.fake.add(obj)
+        self.cni_add(net, obj["metadata"]["uid"])
+
+    def cni_add(self, net: Pod, uid: str) -> None:
+        """The kubelet's CNI ADD for the pod's sandbox: the plugin chain, ours last."""
         n = self.nodes[net.node - 1]
         conf = {
             "cniVersion": "1.0.0",
@@ -190,7 +208,7 @@ class Cluster:
             "CNI_IFNAME": "eth0",
             "CNI_PATH": "",
             "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={net.namespace};K8S_POD_NAME={net.name};"
-            f"K8S_POD_UID={obj['metadata']['uid']}",
+            f"K8S_POD_UID={uid}",
         }
         r = subprocess.run(
             [sys.executable, "-m", "cni.plugin_main"],
@@ -243,6 +261,18 @@ class Cluster:
         echo.server = await asyncio.start_server(echo.handle, sock=sock)
         self._servers.append(echo.server)
         return echo
+
+    async def connect(
+        self, src: Pod, ip: str, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        sock = await self.factory(src).tcp_socket(socket.AF_INET)
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                await asyncio.get_running_loop().sock_connect(sock, (ip, port))
+                return await asyncio.open_connection(sock=sock)
+        except BaseException:
+            sock.close()
+            raise
 
     async def exchange(self, src: Pod, ip: str, port: int, payload: bytes, timeout: float = 20.0) -> bytes:
         """Connect from ``src``, send ``payload``, half-close, read everything back ("" when the
@@ -350,17 +380,24 @@ async def start(c: Cluster) -> None:
                 "authentication.kubernetes.io/node-name": [name],
             },
         }
+        fake.token_audiences[f"token-ztunnel-{i}"] = ["istio-ca"]  # the chart's projected token
         (d / "istio-token").write_text(f"token-ztunnel-{i}")
 
     state, ready = c.tmp / "controlplane", c.tmp / "controlplane.ready"
+    # With the waypoint controller, as the chart runs it. Waypoint Deployments are told where the
+    # CA is (the chart: controlplane.<ns>.svc:15012; here, where it listens: no cluster DNS), so
+    # the port is chosen before it starts.
+    (port,) = free_ports(1)
     c.controlplane = c.spawn(
         "controlplane",
         [*python_main("controlplane.main"), "--kubernetes", "--kubeconfig", str(c.kubeconfig),
-         "--state-dir", str(state), "--listen", "127.0.0.1:0", "--ready-file", str(ready)],
+         "--state-dir", str(state), "--listen", f"127.0.0.1:{port}", "--ready-file", str(ready),
+         "--waypoint-image", WAYPOINT_IMAGE, "--waypoint-ca-address", f"127.0.0.1:{port}"],
     )  # fmt: skip
     c.cp_address = (
         await c.poll("the control plane ready", lambda: ready.read_text() if ready.exists() else None)
     ).strip()
+    assert c.cp_address == f"127.0.0.1:{port}", c.cp_address
 
     # ztunnel verifies :15012 with the root the control plane published (the chart mounts it).
     def root_published() -> bool:
@@ -563,3 +600,367 @@ async def test_root_certificate_in_every_namespace(cluster: Cluster) -> None:
 
     c.fake.add(namespace("payments"))
     await c.api_wait("istio-ca-root-cert in every namespace", everywhere)
+
+
+# --- a Gateway becomes a running waypoint --------------------------------------------------------
+
+GATEWAY = "waypoint"
+GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
+USE_WAYPOINT = "istio.io/use-waypoint"
+WAYPOINT_ID = f"spiffe://{TRUST_DOMAIN}/ns/shop/sa/{GATEWAY}"
+WEB_SERVICE = "web.shop.svc.cluster.local"
+
+
+def kube(c: Cluster, method: str, path: str, body: Any = None) -> dict[str, Any]:
+    """One API request as a controller or kubectl sends it; anything but a 2xx fails the test."""
+    req = urllib.request.Request(
+        f"{c.fake.url}{path}",
+        data=None if body is None else json.dumps(body).encode(),
+        method=method,
+        headers={"Content-Type": "application/json", "Authorization": "Bearer admin"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            out: dict[str, Any] = json.loads(r.read())
+            return out
+    except urllib.error.HTTPError as e:
+        raise AssertionError(f"{method} {path}: {e.code} {e.read().decode(errors='replace')}") from None
+
+
+def http_get(url: str) -> tuple[int, str] | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, ""
+    except OSError:
+        return None
+
+
+def condition(obj: dict[str, Any] | None, kind: str) -> dict[str, Any] | None:
+    conds = ((obj or {}).get("status") or {}).get("conditions") or []
+    return next((x for x in conds if x.get("type") == kind), None)
+
+
+@dataclass
+class RunningPod:
+    """A pod of a Deployment as the test (scheduler and kubelet) runs it."""
+
+    net: Pod
+    obj: dict[str, Any]
+    proc: Proc
+    admin: int  # host loopback ports: the admin server's, and where the metrics port went
+    metrics: int
+
+    def dump(self) -> dict[str, Any] | None:
+        got = http_get(f"http://127.0.0.1:{self.admin}/config_dump")
+        return json.loads(got[1]) if got is not None and got[0] == 200 else None
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of a Prometheus sample over the series that have ``labels`` (from the pod's
+        metrics port, as Prometheus scrapes it)."""
+        got = http_get(f"http://127.0.0.1:{self.metrics}/stats/prometheus")
+        assert got is not None and got[0] == 200, got
+        from prometheus_client.parser import text_string_to_metric_families
+
+        return sum(
+            s.value
+            for fam in text_string_to_metric_families(got[1])
+            for s in fam.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        )
+
+
+def projected_token(c: Cluster, obj: dict[str, Any], audience: str) -> str:
+    """A service-account token bound to the pod ``obj`` and its node, for ``audience``: what
+    TokenReview says about it, and only for that audience (as kube-apiserver)."""
+    md, spec = obj["metadata"], obj["spec"]
+    token = f"projected-{md['uid']}-{audience}"
+    c.fake.token_users[token] = {
+        "username": f"system:serviceaccount:{md['namespace']}:{spec['serviceAccountName']}",
+        "extra": {
+            "authentication.kubernetes.io/pod-name": [md["name"]],
+            "authentication.kubernetes.io/pod-uid": [md["uid"]],
+            "authentication.kubernetes.io/node-name": [spec["nodeName"]],
+        },
+    }
+    c.fake.token_audiences[token] = [audience]
+    return token
+
+
+def kubelet_volumes(c: Cluster, obj: dict[str, Any]) -> dict[str, Path]:
+    """Volume name -> a host directory holding what the kubelet would mount: a projected
+    service-account token (bound to the pod and its node, so TokenReview says so), a ConfigMap's
+    keys as files, an empty dir. Any other kind of volume fails: the test would not make it."""
+    md, spec = obj["metadata"], obj["spec"]
+    root = c.tmp / "kubelet" / md["name"]
+    out = {}
+    for v in spec.get("volumes") or []:
+        d = out[v["name"]] = root / v["name"]
+        d.mkdir(parents=True)
+        if "projected" in v:
+            for src in v["projected"]["sources"]:
+                sat = src["serviceAccountToken"]
+                (d / sat["path"]).write_text(projected_token(c, obj, sat["audience"]))
+        elif "configMap" in v:
+            cm = c.fake.get("configmaps", f"{md['namespace']}/{v['configMap']['name']}")
+            assert cm is not None, f"volume {v['name']}: ConfigMap {v['configMap']['name']} missing"
+            for key, value in cm["data"].items():
+                (d / key).write_text(value)
+        else:
+            assert "emptyDir" in v, f"volume {v['name']}: a kind the test's kubelet does not make"
+    return out
+
+
+def container_env(container: dict[str, Any], obj: dict[str, Any], mounts: dict[str, Path]) -> dict[str, str]:
+    """The container's environment as the kubelet resolves it (values, and the pod's fields by
+    ``fieldRef``), with paths under a volume mount translated to where the volume is on the host
+    (what the container's mount namespace does)."""
+    fields = {
+        "metadata.name": obj["metadata"]["name"],
+        "metadata.namespace": obj["metadata"]["namespace"],
+        "spec.nodeName": obj["spec"]["nodeName"],
+        "spec.serviceAccountName": obj["spec"]["serviceAccountName"],
+    }
+    env = {}
+    for e in container.get("env") or []:
+        value = e["value"] if "value" in e else fields[e["valueFrom"]["fieldRef"]["fieldPath"]]
+        for mount, host in sorted(mounts.items(), key=lambda m: -len(m[0])):  # the innermost mount
+            if value.startswith(mount.rstrip("/") + "/"):
+                value = str(host) + value[len(mount.rstrip("/")) :]
+                break
+        env[e["name"]] = value
+    return env
+
+
+async def run_deployment_pod(c: Cluster, deployment: dict[str, Any], node: int) -> RunningPod:
+    """What the ReplicaSet controller, the scheduler and the kubelet do for one replica of
+    ``deployment``: the Pod (the template's labels, annotations and spec, bound to ``node``)
+    created through the API, its sandbox (a netns) with the CNI plugin chain run for it, its
+    status, and its one container run as the template says: command, args, env, volumes.
+
+    Where a process on this host cannot be what a container is, the difference is in flags the
+    process has for it: ``--netns`` puts its data path in the pod's netns (HBONE on the pod IP),
+    and the ports it serves from its own netns (status, metrics, admin) are moved to free ones.
+    """
+    md, spec = deployment["metadata"], deployment["spec"]
+    template = spec["template"]
+    ns = md["namespace"]
+    template_hash = hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:10]
+    name = f"{md['name']}-{template_hash}-0"
+    labels = {**template["metadata"]["labels"], "pod-template-hash": template_hash}
+    net = await asyncio.to_thread(
+        c.topo.add_pod, node, name, ns, template["spec"]["serviceAccountName"], labels, False
+    )
+    c.pods[name] = net
+    node_name = c.nodes[node - 1].name
+    pod_path = f"/api/v1/namespaces/{ns}/pods"
+    obj = kube(
+        c, "POST", pod_path,
+        {"apiVersion": "v1", "kind": "Pod",
+         "metadata": {"name": name, "namespace": ns, "labels": labels,
+                      "annotations": template["metadata"].get("annotations") or {}},
+         "spec": {**json.loads(json.dumps(template["spec"])), "nodeName": node_name}},
+    )  # fmt: skip
+    await asyncio.to_thread(c.cni_add, net, obj["metadata"]["uid"])
+
+    def pod_status(ready: bool) -> None:
+        status = {
+            "phase": "Running",
+            "podIP": net.ip,
+            "podIPs": [{"ip": net.ip}],
+            "hostIP": f"{WIRE_NET}.{node}",
+            "conditions": [
+                {"type": "Ready", "status": str(ready)},
+                {"type": "ContainersReady", "status": str(ready)},
+            ],
+        }
+        live = kube(c, "GET", f"{pod_path}/{name}")
+        kube(c, "PUT", f"{pod_path}/{name}/status", {**live, "status": status})
+
+    pod_status(False)
+    (container,) = obj["spec"]["containers"]
+    volumes = kubelet_volumes(c, obj)
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container.get("volumeMounts") or []}
+    env = container_env(container, obj, mounts)
+    command = Path(sys.executable).parent / container["command"][0]  # the image's console script
+    by_name = {p["name"]: p["containerPort"] for p in container["ports"]}
+    admin, status_port, metrics_port = free_ports(3)
+    ports = {by_name["status-port"]: status_port, by_name["metrics"]: metrics_port}
+    proc = c.spawn(
+        name,
+        [str(command), *container["args"], "--netns", net.netns_path, "--admin-port", str(admin),
+         "--readiness-port", str(status_port), "--stats-port", str(metrics_port)],
+        env,
+    )  # fmt: skip
+    running = RunningPod(net, obj, proc, admin, metrics_port)
+    # The kubelet's readiness probe, then the Pod's Ready condition.
+    probe = container["readinessProbe"]["httpGet"]
+    url = f"http://127.0.0.1:{ports[probe['port']]}{probe['path']}"
+    await c.poll(f"the readiness probe of pod {name}", lambda: (http_get(url) or (0, ""))[0] == 200)
+    pod_status(True)
+    return running
+
+
+async def test_a_gateway_becomes_a_running_waypoint(cluster: Cluster) -> None:
+    c = cluster
+    base = "/apis/gateway.networking.k8s.io/v1/namespaces/shop/gateways"
+    kube(
+        c, "POST", base,
+        {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+         "metadata": {"name": GATEWAY, "namespace": "shop", "labels": {"istio.io/waypoint-for": "service"}},
+         "spec": {"gatewayClassName": "istio-waypoint",
+                  "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}},
+    )  # fmt: skip
+    ref = f"shop/{GATEWAY}"
+
+    # The controller's objects, and a Gateway not yet Programmed (no replica ready).
+    def made() -> bool:
+        return all(c.fake.get(kind, ref) for kind in ("serviceaccounts", "deployments", "services"))
+
+    await c.api_wait("the waypoint's ServiceAccount, Deployment and Service", made)
+    await c.api_wait(
+        "the Gateway Programmed=False (Pending)",
+        lambda: (condition(c.fake.get("gateways", ref), "Programmed") or {}).get("reason") == "Pending",
+    )
+    deployment = c.fake.get("deployments", ref)
+    service_obj = c.fake.get("services", ref)
+    assert deployment is not None and service_obj is not None
+    template = deployment["spec"]["template"]
+    (container,) = template["spec"]["containers"]
+    assert container["image"] == WAYPOINT_IMAGE and container["command"] == ["waypoint"], container
+    assert {e["name"]: e.get("value") for e in container["env"]}["CA_ADDRESS"] == c.cp_address
+    assert template["metadata"]["labels"]["istio.io/dataplane-mode"] == "none"
+    assert template["spec"]["serviceAccountName"] == GATEWAY
+    token = next(v for v in template["spec"]["volumes"] if "projected" in v)
+    assert token["projected"]["sources"][0]["serviceAccountToken"]["audience"] == "istio-ca"
+    assert service_obj["spec"]["selector"] == {GATEWAY_NAME_LABEL: GATEWAY}
+
+    # One replica on node 1: the pod, the real waypoint process in its netns.
+    wp = await run_deployment_pod(c, deployment, 1)
+    assert not redirected(wp.net)  # dataplane-mode none: the cni agent left it alone
+    dump = await c.poll("the waypoint's config dump", wp.dump)
+    assert dump["identity"] == WAYPOINT_ID and dump["ready"], dump
+    cp = c.controlplane
+    assert cp is not None
+    issued = [r for r in cp.records() if r.get("event") == "certificate issued"]
+    assert any(r.get("identity") == WAYPOINT_ID for r in issued), issued
+    # Only for the audience the template asks for: the same pod's token for the API server gets
+    # no certificate from the CA.
+    api_token = c.tmp / "kubelet" / "api-token"
+    api_token.write_text(projected_token(c, wp.obj, "https://kubernetes.default.svc.cluster.local"))
+    async with GrpcCaClient(c.cp_address, (c.tmp / "root-cert.pem").read_bytes(), api_token) as ca:
+        with pytest.raises(CaError, match="UNAUTHENTICATED.*audiences"):
+            await ca.fetch_certificate(Identity.parse(WAYPOINT_ID))
+
+    # The kube controller-manager's part: the Deployment's status counts the ready replica.
+    live = kube(c, "GET", f"/apis/apps/v1/namespaces/shop/deployments/{GATEWAY}")
+    kube(
+        c, "PUT", f"/apis/apps/v1/namespaces/shop/deployments/{GATEWAY}/status",
+        {**live, "status": {"observedGeneration": live["metadata"]["generation"], "replicas": 1,
+                            "updatedReplicas": 1, "readyReplicas": 1, "availableReplicas": 1}},
+    )  # fmt: skip
+    await c.api_wait(
+        "the Gateway Programmed=True",
+        lambda: (condition(c.fake.get("gateways", ref), "Programmed") or {}).get("status") == "True",
+    )
+    gw = c.fake.get("gateways", ref)
+    assert gw is not None
+    assert gw["status"]["addresses"] == [{"type": "IPAddress", "value": service_obj["spec"]["clusterIP"]}]
+
+    # A real HTTP server in the web pod, its Service, then the Service labelled to use the waypoint.
+    backend = await H1Backend().start(await c.factory(c.pods["web"]).tcp_listener("0.0.0.0", 8080))
+    svc_path = "/api/v1/namespaces/shop/services"
+    web_svc = kube(
+        c, "POST", svc_path,
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "shop"},
+         "spec": {"selector": {"app": "web"},
+                  "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}},
+    )  # fmt: skip
+    vip = web_svc["spec"]["clusterIP"]
+    policy_path = "/apis/security.istio.io/v1/namespaces/shop/authorizationpolicies"
+    try:
+        labelled = {**web_svc, "metadata": {**web_svc["metadata"], "labels": {USE_WAYPOINT: GATEWAY}}}
+        kube(c, "PUT", f"{svc_path}/web", labelled)
+        kube(
+            c, "POST", policy_path,
+            {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+             "metadata": {"name": "web-no-admin", "namespace": "shop"},
+             "spec": {"targetRefs": [{"kind": "Service", "group": "", "name": "web"}], "action": "DENY",
+                      "rules": [{"to": [{"operation": {"paths": ["/admin"]}}]}]}},
+        )  # fmt: skip
+
+        def client_side() -> dict[str, Any] | None:
+            services = (c.config_dump(c.nodes[0]) or {}).get("services", [])
+            web = next((s for s in services if s.get("name") == "web" and s.get("namespace") == "shop"), None)
+            return (web or {}).get("waypoint")
+
+        def waypoint_side() -> bool:
+            return any(p.get("name") == "web-no-admin" for p in (wp.dump() or {}).get("policies", []))
+
+        # The waypoint as istiod names it: its Service, which the controller made.
+        waypoint = await c.poll("the client's ztunnel sending web's traffic to a waypoint", client_side)
+        assert waypoint == {
+            "hostname": {"namespace": "shop", "hostname": f"{GATEWAY}.shop.svc.cluster.local"},
+            "hbone_mtls_port": 15008,
+        }, waypoint
+        await c.poll("the policy at the waypoint", waypoint_side)
+
+        def requests_total(code: str) -> float:
+            return wp.metric("istio_requests_total", destination_service=WEB_SERVICE, response_code=code)
+
+        before = requests_total("200"), requests_total("403")
+        r, w = await c.connect(c.pods["client"], vip, 80)
+        client = H1Client(TcpByteStream(r, w))
+        try:
+            resp, body = await client.request("GET", "/")
+            assert (resp.status_code, body) == (200, b"GET / 0")
+            resp, body = await client.request("GET", "/admin")
+            assert (resp.status_code, body) == (403, b"RBAC: access denied")
+        finally:
+            await client.close()
+        assert [r.target for r in backend.requests] == ["/"]
+        # The app sees the client's address (the waypoint forwarded it), and the server's ztunnel
+        # got the request from the waypoint, over mutual TLS.
+        assert set(backend.listener.peers) == {c.pods["client"].ip}
+
+        def from_waypoint() -> dict[str, Any] | None:
+            return next(
+                (
+                    r
+                    for r in c.access_log(c.nodes[1])
+                    if r.get("direction") == "inbound" and r.get("src_identity") == WAYPOINT_ID
+                ),
+                None,
+            )
+
+        rec = await c.poll("the server's ztunnel logging the waypoint's connection", from_waypoint)
+        assert (rec["security"], rec["dst_identity"]) == ("mutual_tls", WEB_ID), rec
+        # The waypoint handled both: its metrics and its access log.
+        assert (requests_total("200") - before[0], requests_total("403") - before[1]) == (1, 1)
+        seen = {
+            (r.get("method"), r.get("path"), r.get("status"), r.get("src"), r.get("dst_service"))
+            for r in wp.proc.records()
+            if r.get("event") == "request"
+        }
+        assert seen == {
+            ("GET", "/", 200, CLIENT_ID, WEB_SERVICE),
+            ("GET", "/admin", 403, CLIENT_ID, WEB_SERVICE),
+        }, seen
+    finally:
+        await backend.close()
+        with contextlib.suppress(AssertionError):
+            kube(c, "DELETE", f"{policy_path}/web-no-admin")
+        kube(c, "DELETE", f"{svc_path}/web")
+
+    # Deleting the Gateway takes its objects with it; then the kubelet stops the pod.
+    kube(c, "DELETE", f"{base}/{GATEWAY}")
+    await c.api_wait(
+        "the waypoint's objects deleted",
+        lambda: not any(c.fake.get(kind, ref) for kind in ("serviceaccounts", "deployments", "services")),
+    )
+    # The kubelet: SIGTERM, and the pod's grace period to drain and exit (else SIGKILL).
+    grace = wp.obj["spec"]["terminationGracePeriodSeconds"]
+    wp.proc.popen.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(wp.proc.popen.wait, grace) == 0, wp.proc.tail()
+    kube(c, "DELETE", f"/api/v1/namespaces/shop/pods/{wp.obj['metadata']['name']}")
