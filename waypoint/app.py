@@ -154,6 +154,7 @@ class Waypoint:
         connect_timeout: float = 10.0,
         drain_seconds: float = 5.0,
         process_metrics: bool = False,
+        certificate_timeout: float = 30.0,
     ) -> None:
         self.me = me
         self.trust_domain = trust_domain
@@ -164,6 +165,7 @@ class Waypoint:
         self.path_normalization = path_normalization
         self.connect_timeout = connect_timeout
         self.drain_seconds = drain_seconds
+        self.certificate_timeout = certificate_timeout  # for the first certificate, at start
         self.certs = CertManager(ca)
         self.metrics = Metrics(process=process_metrics)
         self.pool = HbonePool(self._dial)
@@ -223,7 +225,7 @@ class Waypoint:
 
     async def start(self) -> None:
         self.certs.track(self.identity)
-        certs = await self.certs.get(self.identity, timeout=30.0)
+        certs = await self.certs.get(self.identity, timeout=self.certificate_timeout)
         listener = await self.factory.tcp_listener(*self.addresses.hbone)
         self.server = HboneServer(
             self.handle, certs.server_ctx, self.trust_domain, name=f"waypoint-{self.me.key}"

@@ -51,6 +51,7 @@ class Config:
     drain_seconds: float
     log_level: str
     ready_file: str | None
+    start_timeout: float = 30.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
         help="the mesh's pathNormalization (env PATH_NORMALIZATION, default BASE)",
     )
     p.add_argument("--drain-seconds", type=float, default=5.0)
+    p.add_argument(
+        "--start-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to wait for the CA's first certificate before giving up (exit 1; default 30)",
+    )
     p.add_argument("--log-level", default=None, choices=meshlog.LEVELS, help="env LOG_LEVEL, default info")
     p.add_argument("--ready-file", help="write 'started' here once serving")
     return p
@@ -116,6 +123,7 @@ def load(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         drain_seconds=a.drain_seconds,
         log_level=a.log_level or env.get("LOG_LEVEL") or "info",
         ready_file=a.ready_file,
+        start_timeout=a.start_timeout,
     )
 
 
@@ -154,6 +162,7 @@ async def run(cfg: Config, roots: bytes) -> int:
         addresses=cfg.addresses,
         path_normalization=cfg.path_normalization,
         drain_seconds=cfg.drain_seconds,
+        certificate_timeout=cfg.start_timeout,
         process_metrics=True,
     )
     # A reconnect is the control plane's sign of life: failing certificate fetches (the CA is the
@@ -161,7 +170,19 @@ async def run(cfg: Config, roots: bytes) -> int:
     xds.on_connected(wp.certs.retry_failed)
     xds_task = asyncio.create_task(xds.run(), name="xds")
     try:
-        await wp.start()
+        try:
+            await wp.start()
+        except TimeoutError:
+            # No certificate for its own identity: say why in one line and exit (the kubelet, or
+            # the local mesh's supervisor, restarts it with backoff), not a traceback.
+            errors = [c["last_error"] for c in wp.certs.dump() if c.get("last_error")]
+            log.error(
+                "waypoint cannot start: the CA gave no certificate for its identity",
+                identity=wp.identity.uri,
+                last_error=errors[0] if errors else "no answer from the CA",
+            )
+            await wp.shutdown()
+            return 1
         runtime.write_ready_file(cfg.ready_file, "started")
         waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wp.stop.wait())}
         try:
