@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from ambientctl import check, demo, hbone, meshcmd, mtls_report, policy, waypoint, ztunnel_config
+from ambientctl import check, demo, hbone, meshcmd, mtls_report, policy, waf, waypoint, ztunnel_config
 from mesh import log
 
 
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_parser(sub)
     waypoint.add_parser(sub)
     meshcmd.add_parser(sub)
+    waf.add_parser(sub)
     return p
 
 

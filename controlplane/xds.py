@@ -4,7 +4,8 @@ Serves ``istio.workload.Address`` (workloads by uid, services by ``namespace/hos
 ``istio.security.Authorization`` (``namespace/name``) as istiod does, so an Istio ztunnel
 can use it as well as ours (docs/discovery.md); and to waypoints, ``WaypointPolicy``
 (``namespace/name``): each waypoint-bound AuthorizationPolicy as written, served only to the
-streams authenticated as a waypoint it binds to (:func:`controlplane.waypoints.policy_audiences`).
+streams authenticated as a waypoint it binds to (:func:`controlplane.waypoints.policy_audiences`),
+and in the same way ``WafPolicy`` (ours, :mod:`mesh.xds.waf`).
 
 How it works, and why:
 
@@ -55,6 +56,7 @@ from mesh.xds.convert import (
 )
 from mesh.xds.meshconfig import EXTENSION_PROVIDER_TYPE_URL, extension_provider_to_any
 from mesh.xds.state import WaypointAuthentication
+from mesh.xds.waf import WAF_POLICY_TYPE_URL, waf_policy_to_any
 from mesh.xds.waypoint_policy import (
     WAYPOINT_AUTHN_TYPE_URL,
     WAYPOINT_POLICY_TYPE_URL,
@@ -74,8 +76,10 @@ TYPES = (
     WAYPOINT_POLICY_TYPE_URL,
     WAYPOINT_AUTHN_TYPE_URL,
     EXTENSION_PROVIDER_TYPE_URL,
+    WAF_POLICY_TYPE_URL,
 )
-_SCOPED = (WAYPOINT_POLICY_TYPE_URL, WAYPOINT_AUTHN_TYPE_URL)  # served only to the waypoints they bind to
+# served only to the waypoints they bind to
+_SCOPED = (WAYPOINT_POLICY_TYPE_URL, WAYPOINT_AUTHN_TYPE_URL, WAF_POLICY_TYPE_URL)
 
 WILDCARD = "*"
 # Kinds whose changes cannot alter any served resource.
@@ -169,6 +173,7 @@ class ResourceCache:
         self._pending: list[Delta] = []
         self._warned: dict[str, tuple[str, ...]] = {}
         self._waypoint_problems: dict[str, str] = {}
+        self._waf_unbound: frozenset[str] = frozenset()  # WafPolicies that reach no waypoint (logged)
         self._store = store
         self._unsubscribe = store.subscribe(self._on_delta)
         self._selector_policies = SelectorPolicyIndex()
@@ -240,7 +245,7 @@ class ResourceCache:
         by_type = dict(self._resources.by_type)
         by_type[ADDRESS_TYPE_URL] = MappingProxyType(addresses)
         # Which waypoints handle a service can follow its pods (per-account waypoints).
-        audiences = _audiences(snapshot)
+        audiences = self._audiences(snapshot)
 
         def moved(type_url: str) -> frozenset[str]:
             new, old = audiences.get(type_url, {}), self._resources.audiences.get(type_url, {})
@@ -257,6 +262,7 @@ class ResourceCache:
                     WAYPOINT_POLICY_TYPE_URL: moved(WAYPOINT_POLICY_TYPE_URL),
                     WAYPOINT_AUTHN_TYPE_URL: moved(WAYPOINT_AUTHN_TYPE_URL),
                     EXTENSION_PROVIDER_TYPE_URL: frozenset(),
+                    WAF_POLICY_TYPE_URL: moved(WAF_POLICY_TYPE_URL),
                 }
             ),
             audiences=audiences,
@@ -308,6 +314,8 @@ class ResourceCache:
             for p in mc.extension_providers
             if p.ext_authz is not None
         }
+        # WafPolicies (ours): each to the waypoints its targetRefs reach, as written.
+        waf = {p.key: _entry(p.key, waf_policy_to_any(p)) for p in snapshot.waf_policies.values()}
         return Resources(
             snapshot.version,
             MappingProxyType(
@@ -317,10 +325,25 @@ class ResourceCache:
                     WAYPOINT_POLICY_TYPE_URL: MappingProxyType(waypoint_policies),
                     WAYPOINT_AUTHN_TYPE_URL: MappingProxyType(waypoint_authns),
                     EXTENSION_PROVIDER_TYPE_URL: MappingProxyType(providers),
+                    WAF_POLICY_TYPE_URL: MappingProxyType(waf),
                 }
             ),
-            audiences=_audiences(snapshot),
+            audiences=self._audiences(snapshot),
         )
+
+
+    def _audiences(self, snapshot: Snapshot) -> Mapping[str, Mapping[str, frozenset[str]]]:
+        """:func:`_audiences`, saying once when a WafPolicy reaches no waypoint (it inspects
+        nothing: a Gateway that is not a waypoint, a Service without one)."""
+        audiences = _audiences(snapshot)
+        waf = audiences[WAF_POLICY_TYPE_URL]
+        unbound = frozenset(k for k, to in waf.items() if not to)
+        for key in sorted(unbound - self._waf_unbound):
+            p = snapshot.waf_policies[key]
+            targets = ", ".join(f"{t.kind}/{t.name}" for t in p.target_refs)
+            log.warning("WafPolicy applies to no waypoint: it inspects nothing", policy=key, targets=targets)
+        self._waf_unbound = unbound
+        return audiences
 
 
 def _audiences(snapshot: Snapshot) -> Mapping[str, Mapping[str, frozenset[str]]]:
@@ -332,6 +355,9 @@ def _audiences(snapshot: Snapshot) -> Mapping[str, Mapping[str, frozenset[str]]]
         {
             WAYPOINT_POLICY_TYPE_URL: MappingProxyType(dict(policy_audiences(policies, snapshot))),
             WAYPOINT_AUTHN_TYPE_URL: MappingProxyType(dict(policy_audiences(authns, snapshot))),
+            WAF_POLICY_TYPE_URL: MappingProxyType(
+                dict(policy_audiences(snapshot.waf_policies.values(), snapshot))
+            ),
         }
     )
 

@@ -68,6 +68,23 @@ from mesh.model.meshconfig import (
     MeshConfig,
 )
 from mesh.model.policy import ROOT_NAMESPACE
+from mesh.model.waf import (
+    DEFAULT_INBOUND_THRESHOLD,
+    DEFAULT_OUTBOUND_THRESHOLD,
+    DEFAULT_PARANOIA_LEVEL,
+    DEFAULT_REQUEST_BODY_LIMIT,
+    MAX_BODY_LIMIT,
+    MAX_RULE_ID,
+    MAX_THRESHOLD,
+    WAF_API_VERSION,
+    BodyLimitAction,
+    WafConfigError,
+    WafMode,
+    WafPolicy,
+    check_extra_rule,
+    check_media_type,
+    check_tag,
+)
 from sources import validation
 from sources.boundedyaml import YamlRefused, load_one
 from sources.validation import clip, show
@@ -1058,6 +1075,105 @@ def mesh_config_from_configmap(obj: _Fields, options: ConvertOptions) -> MeshCon
     return MeshConfig(meta.namespace, meta.name, providers)
 
 
+# --- extensions.ambient-mesh.io: WafPolicy -----------------------------------------------------
+
+_GATEWAY_GROUP = "gateway.networking.k8s.io"
+MAX_EXTRA_RULES = 64  # the CRD's maxItems
+MAX_EXTRA_RULE_CHARS = 8192
+
+
+def _whole(fields: _Fields, key: str, low: int, high: int, default: int) -> int:
+    value = fields.data.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise fields.error(key, f"must be a whole number {low}-{high}, got {_type_name(value)} {show(value)}")
+    return value
+
+
+def _waf_target_refs(spec: _Fields) -> tuple[PolicyTargetRef, ...]:
+    refs = []
+    for ref in spec.objs("targetRefs"):
+        kind = ref.text("kind", required=True)
+        group = ref.text("group")
+        if (kind, group) not in (("Gateway", _GATEWAY_GROUP), ("Service", "")):
+            raise ConfigError(
+                f"a target is a waypoint Gateway (group {_GATEWAY_GROUP}) or a Service (group \"\"), "
+                f"got kind {show(kind)} group {show(group)}",
+                field=ref.path,
+            )
+        refs.append(PolicyTargetRef(kind=kind, name=ref.text("name", required=True), group=group))
+    if not refs:
+        raise spec.error(
+            "targetRefs", "required: the waypoint Gateway or the Services whose traffic is inspected"
+        )
+    return tuple(refs)
+
+
+def waf_policy_from_k8s(obj: _Fields, options: ConvertOptions) -> WafPolicy:
+    """``WafPolicy``: the OWASP Core Rule Set settings of the waypoints its targets reach."""
+    meta = _meta(obj, "WafPolicy", namespaced=True)
+    spec = obj.required_obj("spec")
+    if not spec.has("mode") or isinstance(spec.data["mode"], bool):
+        hint = " (YAML reads On/Off as booleans)" if spec.has("mode") else ""
+        raise spec.error("mode", f"required: Enforce, DetectOnly or Disabled{hint}")
+    thresholds = spec.obj_or_empty("anomalyThresholds")
+    ids: list[int] = []
+    tags: list[str] = []
+    for ex in spec.objs("ruleExclusions"):
+        if ex.has("id") == ex.has("tag"):
+            raise ConfigError("exactly one of id (a rule id) or tag", field=ex.path)
+        if ex.has("id"):
+            ids.append(_whole(ex, "id", 1, MAX_RULE_ID, 0))
+        else:
+            tag = ex.text("tag")
+            try:
+                check_tag(tag)
+            except WafConfigError:
+                raise ex.error("tag", f"{show(tag)} is not a rule tag (letters, digits, _./:-)") from None
+            tags.append(tag)
+    bodies = spec.obj_or_empty("bodies")
+    types = []
+    for i, mt in enumerate(bodies.str_list("inspectContentTypes")):
+        try:
+            check_media_type(mt.lower(), "")
+        except WafConfigError:
+            raise ConfigError(
+                f"{show(mt)} is not a media type (type/subtype or type/*)",
+                field=f"{bodies.at('inspectContentTypes')}[{i}]",
+            ) from None
+        types.append(mt.lower())
+    rules = spec.str_list("extraRules")
+    if len(rules) > MAX_EXTRA_RULES:
+        raise spec.error("extraRules", f"at most {MAX_EXTRA_RULES} rules, got {len(rules)}")
+    for i, rule in enumerate(rules):
+        where = f"{spec.at('extraRules')}[{i}]"
+        if len(rule) > MAX_EXTRA_RULE_CHARS:
+            raise ConfigError(f"at most {MAX_EXTRA_RULE_CHARS} characters, got {len(rule)}", field=where)
+        try:
+            check_extra_rule(i, rule)
+        except WafConfigError as e:
+            raise ConfigError(str(e).split(": ", 2)[-1], field=where) from None
+    return WafPolicy(
+        namespace=meta.namespace,
+        name=meta.name,
+        target_refs=_waf_target_refs(spec),
+        mode=_enum(spec, "mode", WafMode, WafMode.ENFORCE),
+        paranoia_level=_whole(spec, "paranoiaLevel", 1, 4, DEFAULT_PARANOIA_LEVEL),
+        inbound_anomaly_threshold=_whole(thresholds, "inbound", 1, MAX_THRESHOLD, DEFAULT_INBOUND_THRESHOLD),
+        outbound_anomaly_threshold=_whole(
+            thresholds, "outbound", 1, MAX_THRESHOLD, DEFAULT_OUTBOUND_THRESHOLD
+        ),
+        exclude_rule_ids=tuple(ids),
+        exclude_rule_tags=tuple(tags),
+        extra_rules=rules,
+        request_body_limit=_whole(bodies, "limitBytes", 1, MAX_BODY_LIMIT, DEFAULT_REQUEST_BODY_LIMIT),
+        request_body_limit_action=_enum(bodies, "onLimit", BodyLimitAction, BodyLimitAction.REJECT),
+        inspect_content_types=tuple(types),
+        creation_timestamp=meta.creation_timestamp,
+    )
+
+
 # --- dispatch ------------------------------------------------------------------------------------
 
 Converter = Callable[[_Fields, ConvertOptions], MeshObject]
@@ -1080,6 +1196,7 @@ CONVERTERS: Mapping[tuple[str, str], Converter] = {
     ("gateway.networking.k8s.io/v1", "Gateway"): gateway_from_k8s,
     ("gateway.networking.k8s.io/v1beta1", "Gateway"): gateway_from_k8s,
     **{(f"security.istio.io/{v}", k): f for v in ("v1", "v1beta1") for k, f in _SECURITY.items()},
+    (WAF_API_VERSION, "WafPolicy"): waf_policy_from_k8s,
 }
 
 
@@ -1090,8 +1207,9 @@ _VERSIONS: Mapping[tuple[str, str], tuple[str, ...]] = (
     {("", kind): ("v1",) for kind in ("Node", "Namespace", "ServiceAccount", "Pod", "Service", "ConfigMap")}
     | {("gateway.networking.k8s.io", "Gateway"): ("v1", "v1beta1")}
     | {("security.istio.io", kind): ("v1", "v1beta1") for kind in _SECURITY}
+    | {("extensions.ambient-mesh.io", "WafPolicy"): ("v1alpha1",)}
 )
-_CLOSED_GROUPS = ("security.istio.io",)
+_CLOSED_GROUPS = ("security.istio.io", "extensions.ambient-mesh.io")
 # Kinds refused in any other group: skipping one with a mistyped group ("security.istio.i/v1")
 # would silently remove a security policy. (Gateway and Service are left alone: Istio's own
 # networking.istio.io Gateway and Knative's Service are other objects of those names.)

@@ -102,6 +102,9 @@ class Resource:
     core_method: str = ""  # CoreV1Api / DiscoveryV1Api method; empty for custom resources
     field_selector: str = ""  # watch only these objects of the collection
     namespace: str = ""  # watch only this namespace (a namespaced ``core_method``)
+    # A custom resource whose CRD may not be installed (a chart value turns it off): the API
+    # server's 404 counts as "listed, none" so the source still syncs; it is listed again later.
+    optional: bool = False
 
     @property
     def group(self) -> str:
@@ -153,6 +156,11 @@ MESH_CONFIG_MAPS = Resource(
     namespace=ROOT_NAMESPACE,
 )
 
+# WafPolicy (ours): the base chart installs its CRD unless crds.wafPolicy is false.
+WAF_POLICIES = Resource(
+    "wafpolicies", "extensions.ambient-mesh.io/v1alpha1", "WafPolicy", Kind.WAF_POLICY, optional=True
+)
+
 RESOURCES: tuple[Resource, ...] = (
     NAMESPACES,
     NODES,
@@ -164,6 +172,7 @@ RESOURCES: tuple[Resource, ...] = (
     REQUEST_AUTHENTICATIONS,
     GATEWAYS,
     MESH_CONFIG_MAPS,
+    WAF_POLICIES,
 )
 
 
@@ -568,7 +577,12 @@ class _Watcher:
         while not stopping.is_set():
             try:
                 if need_list:
-                    self._list()
+                    if not self._list():
+                        if not self.listed:
+                            self.listed = True
+                            self.source._watcher_listed()
+                        stopping.wait(self.source._backoff.maximum)
+                        continue
                     need_list = False
                     if not self.listed:
                         self.listed = True
@@ -610,7 +624,8 @@ class _Watcher:
 
     # --- list -----------------------------------------------------------------------------
 
-    def _list(self) -> None:
+    def _list(self) -> bool:
+        """List the collection into the store; False when an optional resource is not served."""
         timing = self.source._timing
         items: list[Any] = []
         cont: str | None = None
@@ -629,6 +644,11 @@ class _Watcher:
                     # The continue token expired mid-list: start the list over.
                     items, cont = [], None
                     continue
+                if e.status == 404 and self.resource.optional and not cont:
+                    if self.listed is False or self.known:
+                        self._log.warning("resource not served (CRD not installed?), none in force")
+                    self._replace([])
+                    return False
                 raise
             try:
                 body = json.loads(resp.data)
@@ -643,10 +663,11 @@ class _Watcher:
                 rv = md.get("resourceVersion")
                 break
             if self.source._stopping.is_set():
-                return
+                return True
         self._replace(items)
         self.resource_version = str(rv) if rv else None
         self._log.info("listed", objects=len(items), resource_version=self.resource_version)
+        return True
 
     def _replace(self, items: list[Any]) -> None:
         """Make ``items`` the whole of this resource's kind in the store."""

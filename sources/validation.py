@@ -182,6 +182,7 @@ NAME_RULES = {
     "AuthorizationPolicy": dns1123_subdomain,
     "PeerAuthentication": dns1123_subdomain,
     "RequestAuthentication": dns1123_subdomain,
+    "WafPolicy": dns1123_subdomain,
 }
 
 
@@ -365,6 +366,17 @@ _GATEWAY_SPEC["listeners"] = ListOf(
 )
 _GATEWAY_STATUS = _names("addresses", "attachedListenerSets", "conditions", "listeners")
 
+# Ours: charts/base/templates/crd-wafpolicy.yaml.
+_WAF_SPEC: dict[str, Shape | None] = {
+    "targetRefs": ListOf(Struct(_names("group", "kind", "name"), "WafPolicy targetRef")),
+    "mode": None,
+    "paranoiaLevel": None,
+    "anomalyThresholds": Struct(_names("inbound", "outbound"), "WafPolicy anomalyThresholds"),
+    "ruleExclusions": ListOf(Struct(_names("id", "tag"), "WafPolicy ruleExclusion")),
+    "bodies": Struct(_names("inspectContentTypes", "limitBytes", "onLimit"), "WafPolicy bodies"),
+    "extraRules": None,
+}
+
 SCHEMAS: Mapping[str, Struct] = {
     "Pod": _object("Pod", spec=POD_SPEC, status=POD_STATUS),
     "Service": _object("Service", spec=SERVICE_SPEC, status=_names("conditions", "loadBalancer")),
@@ -378,6 +390,7 @@ SCHEMAS: Mapping[str, Struct] = {
     "AuthorizationPolicy": _object("AuthorizationPolicy", spec=_AUTHZ_SPEC, status=_ISTIO_STATUS),
     "PeerAuthentication": _object("PeerAuthentication", spec=_PEER_AUTHN_SPEC, status=_ISTIO_STATUS),
     "RequestAuthentication": _object("RequestAuthentication", spec=_REQUEST_AUTHN_SPEC, status=_ISTIO_STATUS),
+    "WafPolicy": _object("WafPolicy", spec=_WAF_SPEC, status=None),
 }
 
 

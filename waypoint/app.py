@@ -24,6 +24,13 @@ Then, as Istio orders them, CUSTOM policies first: a request matching one is che
 external authorizer its ``provider`` names (:mod:`waypoint.extauthz`, reached through its
 Service's endpoints, by HBONE with this waypoint's identity when they are in the mesh); its
 denial is the answer, its header changes apply before DENY and ALLOW policies see the request.
+
+After authorization, the web application firewall (:mod:`waypoint.waf`): the ``WafPolicy`` for
+the destination (Service-targeted first, then this waypoint's Gateway) runs the OWASP Core Rule
+Set on the request's URI and headers, and on its body when the body's type is inspected (read
+up to the policy's limit through the engines' ``ReadBody``). Enforce blocks with 403 and a
+request id (gRPC PERMISSION_DENIED); DetectOnly logs and passes. Every request with a match gets
+one ``waf`` log line (rule ids, messages, anomaly score, source identity, destination service).
 """
 
 from __future__ import annotations
@@ -80,6 +87,7 @@ from waypoint.http2 import Http2UpstreamPool, serve_http2
 from waypoint.jwt import Authenticated, Authenticator, Refused
 from waypoint.metrics import Metrics, Peers
 from waypoint.request import (
+    GRPC_PERMISSION_DENIED,
     GRPC_UNAUTHENTICATED,
     Forward,
     ReadBody,
@@ -89,9 +97,12 @@ from waypoint.request import (
     Verdict,
     deny,
 )
+from waypoint.request import resolve as resolve_verdict
 from waypoint.routing import Me, Target, endpoints, resolve, service_of
 from waypoint.sniff import sniff
 from waypoint.tcp_policy import tcp_view
+from waypoint.waf import WafMode, WafRequest, WafVerdict
+from waypoint.waf.policies import Binding, WafPolicies
 
 log = structlog.get_logger(__name__)
 
@@ -181,6 +192,9 @@ class Waypoint:
         ] = {}
         self.ext_authz = ExtAuthz(self)
         self._hosts: tuple[int, dict[str, list[Service]]] = (-1, {})
+        self.waf = WafPolicies(
+            state, (me.namespace, me.name), on_load=lambda _key, loaded: self.metrics.waf_load(loaded)
+        )
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -219,11 +233,13 @@ class Waypoint:
             "workloads": [to_json(w) for w in sorted(snap.workloads.values(), key=lambda w: w.uid)],
             "services": [to_json(s) for _, s in sorted(snap.services.items())],
             "certificates": self.certs.dump(),
+            "waf": {"policies": self.waf.dump(), "engines": self.waf.engine_count},
         }
 
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self.tasks.spawn(self.waf.run(), name="waf-policies")
         self.certs.track(self.identity)
         certs = await self.certs.get(self.identity, timeout=self.certificate_timeout)
         listener = await self.factory.tcp_listener(*self.addresses.hbone)
@@ -261,6 +277,8 @@ class Waypoint:
             await self.server.stop_accepting()
             await self.server.close(drain_timeout=self.drain_seconds)
         await self.tasks.aclose()
+        with contextlib.suppress(Exception):
+            await self.waf.aclose()
         with contextlib.suppress(Exception):
             await self.h2_pool.aclose()
         with contextlib.suppress(Exception):
@@ -478,6 +496,7 @@ class _Tunnel:
         self.peers = peers
         # per request: the RBAC decision, why it was answered locally, Envoy's response flag if set
         self._decisions: dict[int, tuple[L7Decision | None, str, str]] = {}
+        self._waf: dict[int, str] = {}  # per request: the WAF's verdict, for the access log
 
     def _request(self, head: RequestHead | None, path: str, authn: Authenticated | None = None) -> Request:
         t = self.target
@@ -516,7 +535,7 @@ class _Tunnel:
             http=http,
         )
 
-    def on_request(self, head: RequestHead) -> Verdict | ReadBody | Awaitable[Verdict]:
+    def on_request(self, head: RequestHead) -> Verdict | ReadBody | Awaitable[Verdict | ReadBody]:
         wp = self.wp
         snapshot = wp.state.snapshot()
         norm = normalize_path(head.path, wp.path_normalization)
@@ -547,7 +566,7 @@ class _Tunnel:
                     return ReadBody(
                         with_body.max_request_bytes,
                         with_body.allow_partial_message,
-                        lambda body, complete: self._checked(
+                        lambda body, complete: self._checked_body(
                             snapshot, head, norm, authn, rbac, provider, why, body, complete
                         ),
                     )
@@ -556,7 +575,25 @@ class _Tunnel:
                 self._decisions[id(head)] = (None, why, "RBAC")
                 log.warning("request denied: CUSTOM policy", waypoint=wp.me.key, reason=why)
                 return deny()
-        return self._authorized(snapshot, head, norm, authn, request, rbac, None)
+        authorized = self._authorized(snapshot, head, norm, authn, request, rbac, None)
+        return self._firewall(head, authorized)
+
+    async def _checked_body(
+        self,
+        snapshot: ProxySnapshot,
+        head: RequestHead,
+        norm: NormalizedPath,
+        authn: Authenticated,
+        rbac: tuple[AuthorizationPolicy, ...],
+        provider: ExtensionProvider,
+        policies: str,
+        body: bytes,
+        complete: bool,
+    ) -> Verdict:
+        """:meth:`_checked` once the body is read (the WAF then inspects that body)."""
+        verdict = await self._checked(snapshot, head, norm, authn, rbac, provider, policies, body, complete)
+        assert not isinstance(verdict, ReadBody)  # with a body read, the WAF never asks for it again
+        return verdict
 
     async def _checked(
         self,
@@ -569,9 +606,9 @@ class _Tunnel:
         policies: str,
         body: bytes | None = None,
         complete: bool = True,
-    ) -> Verdict:
+    ) -> Verdict | ReadBody:
         """Ask ``provider`` (a CUSTOM policy matched; with the body read so far when it asks for
-        it), then go on as :meth:`_authorized`."""
+        it), then go on as :meth:`_authorized` and the WAF."""
         facts = self._facts(snapshot, head)
         if body is not None and facts.http is not None:
             facts = dataclasses.replace(
@@ -593,7 +630,100 @@ class _Tunnel:
         request = self._request(
             dataclasses.replace(head, headers=edited) if edited is not None else head, norm.path, authn
         )
-        return self._authorized(snapshot, head, norm, authn, request, rbac, verdict)
+        authorized = self._authorized(snapshot, head, norm, authn, request, rbac, verdict)
+        return await resolve_verdict(
+            self._firewall(head, authorized, (body, complete) if body is not None else None)
+        )
+
+    # -- the web application firewall -------------------------------------------------------------
+
+    def _firewall(
+        self, head: RequestHead, verdict: Verdict, body: tuple[bytes, bool] | None = None
+    ) -> Verdict | ReadBody | Awaitable[Verdict]:
+        """The WAF stage: a request authorization let through is inspected by its WafPolicy (the
+        body too when its type is inspected: read first, unless already read in ``body``)."""
+        if not isinstance(verdict, Forward):
+            return verdict
+        svc = self.peers.dst_service
+        binding = self.wp.waf.for_request((svc.namespace, svc.name) if svc is not None else None)
+        if binding is None or binding.policy.mode is WafMode.DISABLED:
+            return verdict
+        engine = binding.engine
+        if body is None and _may_have_body(head) and engine.wants_body(head.header("content-type")):
+            return ReadBody(
+                engine.body_buffer_limit,
+                True,  # over the limit: the policy's onLimit decides (Reject: 413, or inspect a part)
+                lambda data, complete: self._inspect(head, verdict, binding, data),
+            )
+        return self._inspect(head, verdict, binding, body[0] if body is not None else None)
+
+    async def _inspect(
+        self, head: RequestHead, verdict: Forward, binding: Binding, body: bytes | None
+    ) -> Verdict:
+        wp = self.wp
+        headers = head.headers
+        if head.header("host") is None and head.authority:
+            headers = (("host", head.authority), *headers)
+        rid = head.header("x-request-id") or None
+        request = WafRequest(
+            method=head.method,
+            uri=head.path,
+            headers=headers,
+            body=body or None,
+            http_version=head.http_version,
+            client_addr=self.client.ip,
+            client_port=self.client.port,
+            server_addr=self.target.host,
+            server_port=self.target.port,
+            request_id=rid,
+        )
+        svc = self.peers.dst_service
+        for _ in range(2):
+            try:
+                result = await binding.engine.inspect(request)
+                break
+            except RuntimeError:  # its engine was replaced while this request waited: the new one
+                fresh = wp.waf.for_request((svc.namespace, svc.name) if svc is not None else None)
+                if fresh is None or fresh.policy.mode is WafMode.DISABLED:
+                    return verdict
+                binding = fresh
+        else:
+            raise RuntimeError("no WAF engine for this request")
+        dst = svc.hostname if svc is not None else "unknown"
+        wp.metrics.waf(result.action, result.mode.value, dst, result.rule_ids)
+        if result.findings:
+            self._log_findings(head, binding, result, dst)
+        self._waf[id(head)] = f"{result.action} {','.join(map(str, result.rule_ids)) or '-'}"
+        if not result.blocked:
+            return verdict
+        decision = self._decisions.get(id(head), (None, "", ""))[0]
+        self._decisions[id(head)] = (decision, f"WAF: blocked by {binding.policy.key}", "")
+        message = f"Request blocked by the web application firewall (request id {result.request_id})"
+        return Respond(
+            result.status if 400 <= result.status <= 599 else 403,
+            f"{message}\n".encode(),
+            (("content-type", "text/plain"), ("x-request-id", result.request_id)),
+            grpc_status=GRPC_PERMISSION_DENIED,
+            grpc_message=message,
+        )
+
+    def _log_findings(self, head: RequestHead, binding: Binding, result: WafVerdict, dst: str) -> None:
+        log.warning(
+            "waf",
+            action=result.action,
+            mode=result.mode.value,
+            policy=binding.policy.key,
+            request_id=result.request_id,
+            rule_ids=list(result.rule_ids),
+            messages=[f.message for f in result.findings][:20],
+            anomaly_score=result.anomaly_score,
+            status=result.status if result.blocked else None,
+            src=self.client.identity.uri,
+            src_ip=self.client.ip,
+            dst_service=dst,
+            method=head.method,
+            path=head.path[:512],
+        )
 
     def _authorized(
         self,
@@ -649,6 +779,7 @@ class _Tunnel:
 
     def on_done(self, rec: RequestRecord) -> None:
         decision, why, flag = self._decisions.pop(id(rec.head), (None, "", ""))
+        waf = self._waf.pop(id(rec.head), None)
         if rec.local and flag:
             flags = flag
         elif rec.local and decision is not None and not decision.allow:
@@ -674,6 +805,8 @@ class _Tunnel:
             extra["upstream_failure"] = rec.upstream_failure
         for audit in decision.audit if decision is not None else ():
             extra.setdefault("audit", str(audit))
+        if waf is not None:
+            extra["waf"] = waf
         peers = self.peers
         if isinstance(rec.upstream_key, Upstream) and rec.upstream_key.workload is not None:
             peers = dataclasses.replace(peers, dst_workload=rec.upstream_key.workload)
@@ -752,6 +885,14 @@ async def _pump_both(a: ByteStream, b: ByteStream) -> None:
             t.cancel()
         a.close()
         b.close()
+
+
+def _may_have_body(head: RequestHead) -> bool:
+    """Whether a request may carry a body (HTTP/1.1 says so in its head; HTTP/2 is asked)."""
+    if head.http_version == "2":
+        return True
+    length = head.header("content-length")
+    return head.header("transfer-encoding") is not None or (length is not None and length.strip() != "0")
 
 
 def _same_family(w: Workload, like: str) -> str:

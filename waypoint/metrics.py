@@ -6,6 +6,12 @@ histograms, labelled as Istio's waypoint labels them (``reporter="waypoint"``, s
 destination workload, principal and service). TCP traffic relayed without HTTP parsing counts in
 ``istio_tcp_connections_opened_total`` / ``closed_total`` with the same labels. Each waypoint
 has its own registry (tests run several in one process).
+
+The WAF adds ``istio_waf_requests_total{action, mode, destination_service}`` (every request a
+WafPolicy inspected: allow, detect or block), ``istio_waf_rule_matches_total{rule_id}`` (the
+first :data:`MAX_RULE_ID_LABELS` distinct rule ids keep their own series, later ones count as
+``other``: extra rules may use any id) and ``istio_waf_rule_set_loads_total{result}``. Labels are
+bounded: no paths, no source identities (those are in the log line, one per matched request).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ REQUEST_LABELS = (*_PEER_LABELS, "request_protocol", "response_code", "grpc_resp
 TCP_LABELS = (*_PEER_LABELS, "response_flags")
 _MS_BUCKETS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000)
 _BYTE_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000, 100000000)
+MAX_RULE_ID_LABELS = 1000  # the CRS has about 900 rules
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +90,35 @@ class Metrics:
         self.tcp_closed = Counter(
             "istio_tcp_connections_closed_total", "TCP connections relayed without HTTP", TCP_LABELS, registry=r
         )
+        self.waf_requests = Counter(
+            "istio_waf_requests_total",
+            "Requests inspected by the waypoint's WAF",
+            ("action", "mode", "destination_service"),
+            registry=r,
+        )
+        self.waf_rule_matches = Counter(
+            "istio_waf_rule_matches_total", "WAF rule matches", ("rule_id",), registry=r
+        )
+        self.waf_loads = Counter(
+            "istio_waf_rule_set_loads_total",
+            "WAF rule sets loaded (ok) or refused (error)",
+            ("result",),
+            registry=r,
+        )
+        self._rule_ids: set[int] = set()
         if process:
             ProcessCollector(registry=r)
+
+    def waf(self, action: str, mode: str, destination_service: str, rule_ids: tuple[int, ...]) -> None:
+        """Count one inspected request and its matched rules."""
+        self.waf_requests.labels(action=action, mode=mode, destination_service=destination_service).inc()
+        for rid in rule_ids:
+            if rid not in self._rule_ids and len(self._rule_ids) < MAX_RULE_ID_LABELS:
+                self._rule_ids.add(rid)
+            self.waf_rule_matches.labels(rule_id=str(rid) if rid in self._rule_ids else "other").inc()
+
+    def waf_load(self, loaded: bool) -> None:
+        self.waf_loads.labels(result="ok" if loaded else "error").inc()
 
     def request(self, peers: Peers, rec: RequestRecord, flags: str, extra: dict[str, object]) -> None:
         """Count one finished request and write its access-log line."""

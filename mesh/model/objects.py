@@ -53,6 +53,7 @@ class Kind(enum.StrEnum):
     AUTHORIZATION_POLICY = "AuthorizationPolicy"
     REQUEST_AUTHENTICATION = "RequestAuthentication"
     MESH_CONFIG = "ConfigMap"  # only the mesh ConfigMap (mesh.model.meshconfig)
+    WAF_POLICY = "WafPolicy"  # extensions.ambient-mesh.io (mesh.model.waf)
 
 
 class TunnelProtocol(enum.StrEnum):

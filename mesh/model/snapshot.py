@@ -23,6 +23,7 @@ from mesh.model.objects import (
     Workload,
 )
 from mesh.model.policy import AuthorizationPolicy, PeerAuthentication, RequestAuthentication
+from mesh.model.waf import WafPolicy
 
 MeshObject: TypeAlias = (
     Node
@@ -35,6 +36,7 @@ MeshObject: TypeAlias = (
     | AuthorizationPolicy
     | RequestAuthentication
     | MeshConfig
+    | WafPolicy
 )
 
 _T = TypeVar("_T")
@@ -184,6 +186,10 @@ class Snapshot:
     def mesh_configs(self) -> Mapping[str, MeshConfig]:
         """The mesh ConfigMap (at most one: ``<root namespace>/istio``)."""
         return cast(Mapping[str, MeshConfig], self._objects[Kind.MESH_CONFIG])
+
+    @property
+    def waf_policies(self) -> Mapping[str, WafPolicy]:
+        return cast(Mapping[str, WafPolicy], self._objects[Kind.WAF_POLICY])
 
     def extension_provider(self, name: str) -> ExtensionProvider | None:
         """MeshConfig ``extensionProviders`` entry ``name`` (what a CUSTOM policy names)."""

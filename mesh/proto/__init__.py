@@ -16,4 +16,6 @@ are stale. Never edit them by hand.
   waypoint asks an external authorizer (``http_status_pb2``: ``envoy.type.v3`` HttpStatus)
 - ``meshconfig_pb2``: ``istio.mesh.v1alpha1`` MeshConfig.ExtensionProvider (ext_authz providers,
   control plane -> waypoints)
+- ``waf_pb2``: ``ambient.waypoint.v1alpha1`` WafPolicy (ours: the WAF settings, control plane ->
+  the waypoints a policy binds to)
 """

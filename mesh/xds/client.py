@@ -36,6 +36,7 @@ from mesh.xds.convert import (
 )
 from mesh.xds.meshconfig import EXTENSION_PROVIDER_TYPE_URL, extension_provider_from_any
 from mesh.xds.state import ProxyState
+from mesh.xds.waf import WAF_POLICY_TYPE_URL, waf_policy_from_any
 from mesh.xds.waypoint_policy import (
     WAYPOINT_AUTHN_TYPE_URL,
     WAYPOINT_POLICY_TYPE_URL,
@@ -43,13 +44,14 @@ from mesh.xds.waypoint_policy import (
     waypoint_policy_from_any,
 )
 
-# What a waypoint subscribes to: addresses to route by, the policies and authentications bound to
-# it, and the external authorizers CUSTOM policies name.
+# What a waypoint subscribes to: addresses to route by, the policies, authentications and WAF
+# policies bound to it, and the external authorizers CUSTOM policies name.
 WAYPOINT_TYPE_URLS = (
     ADDRESS_TYPE_URL,
     WAYPOINT_POLICY_TYPE_URL,
     WAYPOINT_AUTHN_TYPE_URL,
     EXTENSION_PROVIDER_TYPE_URL,
+    WAF_POLICY_TYPE_URL,
 )
 
 log = structlog.get_logger(__name__)
@@ -319,6 +321,11 @@ class XdsClient:
             self.state.apply(
                 extension_providers=[extension_provider_from_any(r.resource, r.name) for r in resp.resources],
                 removed_extension_providers=resp.removed_resources,
+            )
+        elif type_url == WAF_POLICY_TYPE_URL:
+            self.state.apply(
+                waf_policies=[waf_policy_from_any(r.resource, r.name) for r in resp.resources],
+                removed_waf_policies=resp.removed_resources,
             )
         else:
             self.state.apply(

@@ -30,6 +30,7 @@ from mesh.model.frozen import FrozenMap, freeze_fields, tuple_fields
 from mesh.model.meshconfig import ExtensionProvider
 from mesh.model.objects import DEFAULT_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN, TunnelProtocol, WorkloadStatus
 from mesh.model.policy import AuthorizationPolicy, RequestAuthentication
+from mesh.model.waf import WafPolicy
 from mesh.subscribers import Subscribers
 from mesh.xds.authorization import Authorization, Scope
 
@@ -56,6 +57,7 @@ class WaypointAuthentication:
 
 _NO_AUTHNS: Mapping[str, WaypointAuthentication] = MappingProxyType({})
 _NO_PROVIDERS: Mapping[str, ExtensionProvider] = MappingProxyType({})
+_NO_WAF: Mapping[str, WafPolicy] = MappingProxyType({})
 
 HBONE_PORT = 15008
 
@@ -211,6 +213,7 @@ class ProxySnapshot:
         "_ix",
         "_services",
         "_version",
+        "_waf_policies",
         "_waypoint_authentications",
         "_waypoint_policies",
         "_workloads",
@@ -226,9 +229,11 @@ class ProxySnapshot:
         waypoint_policies: Mapping[str, AuthorizationPolicy] = _NO_POLICIES,
         waypoint_authentications: Mapping[str, WaypointAuthentication] = _NO_AUTHNS,
         extension_providers: Mapping[str, ExtensionProvider] = _NO_PROVIDERS,
+        waf_policies: Mapping[str, WafPolicy] = _NO_WAF,
     ) -> None:
         self._version = version
         self._extension_providers = extension_providers
+        self._waf_policies = waf_policies
         self._waypoint_authentications = waypoint_authentications
         self._workloads = workloads
         self._services = services
@@ -264,6 +269,11 @@ class ProxySnapshot:
     def extension_providers(self) -> Mapping[str, ExtensionProvider]:
         """MeshConfig ``extensionProviders`` by name: the external authorizers (waypoints only)."""
         return self._extension_providers
+
+    @property
+    def waf_policies(self) -> Mapping[str, WafPolicy]:
+        """``namespace/name`` -> the WafPolicies bound to this waypoint (waypoints only)."""
+        return self._waf_policies
 
     @property
     def authorizations(self) -> Mapping[str, Authorization]:
@@ -373,6 +383,8 @@ class ProxyState:
         removed_waypoint_authentications: Iterable[str] = (),
         extension_providers: Iterable[ExtensionProvider] = (),
         removed_extension_providers: Iterable[str] = (),
+        waf_policies: Iterable[WafPolicy] = (),
+        removed_waf_policies: Iterable[str] = (),
     ) -> bool:
         """Apply one batch atomically; returns whether anything changed.
 
@@ -459,10 +471,12 @@ class ProxyState:
                 old.waypoint_authentications, waypoint_authentications, removed_waypoint_authentications
             )
             providers = _merged(old.extension_providers, extension_providers, removed_extension_providers)
+            waf = _merged(old.waf_policies, waf_policies, removed_waf_policies)
             wp_changed = (
                 wp_policies is not old.waypoint_policies
                 or wp_authns is not old.waypoint_authentications
                 or providers is not old.extension_providers
+                or waf is not old.waf_policies
             )
             if not (changed or auth_changed or wp_changed):
                 return False
@@ -489,6 +503,7 @@ class ProxyState:
                 wp_policies,
                 wp_authns,
                 providers,
+                waf,
             )
             version, subscribers = self._snapshot.version, self._subscribers.snapshot
         for callback in subscribers:
@@ -499,7 +514,7 @@ class ProxyState:
         return True
 
 
-_V = TypeVar("_V", AuthorizationPolicy, WaypointAuthentication, ExtensionProvider)
+_V = TypeVar("_V", AuthorizationPolicy, WaypointAuthentication, ExtensionProvider, WafPolicy)
 
 
 def _merged(current: Mapping[str, _V], upserts: Iterable[_V], removed: Iterable[str]) -> Mapping[str, _V]:

@@ -140,6 +140,8 @@ BAD = [
     ("WafPolicy", {"targetRefs": [{"kind": "Service", "name": "web"}], "mode": "Enforce", "ruleExclusions": [{}]}, "is not valid under any of the given schemas"),
     ("WafPolicy", {"targetRefs": [{"kind": "Service", "name": "web"}], "mode": "Enforce", "bodies": {"inspectContentTypes": ["json"]}}, "does not match"),
     ("WafPolicy", {"targetRefs": [{"kind": "Service", "name": "web"}], "mode": "Enforce", "bodies": {"onLimit": "Drop"}}, "is not one of"),
+    ("WafPolicy", {"targetRefs": [{"kind": "Service", "name": "web"}], "mode": "Enforce", "bodies": {"limitBytes": 0}}, "is less than the minimum"),
+    ("WafPolicy", {"targetRefs": [{"kind": "Service", "name": "web"}], "mode": "Enforce", "ruleExclusions": [{"tag": "a b"}]}, "does not match"),
 ]
 
 

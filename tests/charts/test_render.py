@@ -312,6 +312,8 @@ CONTROLPLANE_RULES = {
     ("security.istio.io", "authorizationpolicies/status", "patch"),
     ("gateway.networking.k8s.io", "gateways", "list"),
     ("gateway.networking.k8s.io", "gateways", "watch"),
+    ("extensions.ambient-mesh.io", "wafpolicies", "list"),
+    ("extensions.ambient-mesh.io", "wafpolicies", "watch"),
     ("authentication.k8s.io", "tokenreviews", "create"),
 }
 WAYPOINT_RULES = {

@@ -140,6 +140,11 @@ VALID = [
         "spec: {jwtRules: [{issuer: i, jwksUri: 'https://x/jwks', fromHeaders: [{name: a, prefix: b}]}]}",
         "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: w, namespace: shop}\n"
         "spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}",
+        "apiVersion: extensions.ambient-mesh.io/v1alpha1\nkind: WafPolicy\nmetadata: {name: waf, namespace: shop}\n"
+        "spec: {targetRefs: [{kind: Service, name: web}], mode: Enforce, paranoiaLevel: 2,"
+        " anomalyThresholds: {inbound: 7}, ruleExclusions: [{id: 942100}, {tag: attack-xss}],"
+        " bodies: {limitBytes: 1024, onLimit: Reject, inspectContentTypes: [application/json]},"
+        " extraRules: ['SecRule ARGS:debug \"@streq 1\" \"id:1000001,phase:1,deny\"']}",
     )
 ]
 STRICT = ConvertOptions(reject_unknown_fields=True)

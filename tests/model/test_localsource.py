@@ -19,6 +19,7 @@ from mesh.model import (
     TunnelProtocol,
     WaypointRef,
 )
+from mesh.model.waf import WafMode
 from sources.convert import ConfigError, ConvertOptions
 from sources.local import LoadResult, LocalSource, parse_manifest
 
@@ -140,6 +141,13 @@ data:
     - name: opa
       envoyExtAuthzGrpc: {service: opa.authz.svc.cluster.local, port: 9191}
 ---
+apiVersion: extensions.ambient-mesh.io/v1alpha1
+kind: WafPolicy
+metadata: {name: waf, namespace: shop}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  mode: DetectOnly
+---
 apiVersion: security.istio.io/v1
 kind: RequestAuthentication
 metadata: {name: jwt, namespace: shop}
@@ -197,7 +205,9 @@ def test_every_kind(tmp_path: Path) -> None:
         Kind.AUTHORIZATION_POLICY: 1,
         Kind.REQUEST_AUTHENTICATION: 1,
         Kind.MESH_CONFIG: 1,
+        Kind.WAF_POLICY: 1,
     }
+    assert snap.waf_policies["shop/waf"].mode is WafMode.DETECT_ONLY
     opa = snap.extension_provider("opa")
     assert opa is not None and opa.kind == "envoyExtAuthzGrpc"
     web1 = snap.workload_by_name("shop", "web-1")

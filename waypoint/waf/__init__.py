@@ -2,7 +2,8 @@
 
 ``capi`` binds the C library (cffi, ABI mode), ``config`` holds the ``WafConfig`` model and the
 SecLang it compiles to, ``findings`` parses ModSecurity's log messages, ``engine`` runs
-transactions on a bounded thread pool and swaps rule sets atomically.
+transactions on a bounded thread pool and swaps rule sets atomically, ``policies`` keeps one
+engine per distinct ``WafPolicy`` config of the waypoint and picks the one for a request.
 
 The waypoint calls ``await engine.inspect(WafRequest(...))`` after authorization (or
 ``await engine.begin(...)`` and then ``exchange.inspect_response(...)`` when responses are

@@ -19,12 +19,36 @@ turns it into one SecLang document, in the order the Core Rule Set expects:
 
 from __future__ import annotations
 
-import enum
 import glob
 import os
 import re
 from dataclasses import dataclass
 from typing import Final
+
+from mesh.model.waf import (
+    EXTRA_RULE_DIRECTIVES,
+    BodyLimitAction,
+    WafConfigError,
+    WafMode,
+    check_extra_rule,
+    check_media_type,
+    check_rule_id,
+    check_tag,
+)
+
+__all__ = [
+    "CRS_RULES_DIR",
+    "DEFAULT_UNINSPECTED_BODY_TYPES",
+    "EXTRA_RULE_DIRECTIVES",
+    "BodyLimitAction",
+    "WafConfig",
+    "WafConfigError",
+    "WafMode",
+    "check_extra_rule",
+    "crs_rule_files",
+    "media_type",
+    "rules_text",
+]
 
 CRS_RULES_DIR: Final = "/usr/share/modsecurity-crs/rules"
 CRS_SETUP_VERSION: Final = 334  # modsecurity-crs 3.3.4 (Debian 12)
@@ -62,29 +86,6 @@ CRS_ALLOWED_CONTENT_TYPES: Final = (
 )
 
 _MEDIA_TYPE: Final = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*$")
-_TAG: Final = re.compile(r"^[A-Za-z0-9_./:-]+$")
-
-
-class WafMode(enum.Enum):
-    """``Enforce`` blocks, ``DetectOnly`` evaluates and logs, ``Disabled`` evaluates nothing.
-
-    Not On/Off: YAML 1.1 reads those as booleans.
-    """
-
-    ENFORCE = "Enforce"
-    DETECT_ONLY = "DetectOnly"
-    DISABLED = "Disabled"
-
-
-class BodyLimitAction(enum.Enum):
-    """What happens to a request body larger than ``request_body_limit``."""
-
-    REJECT = "Reject"  # block with 413 (Enforce) / log (DetectOnly)
-    PROCESS_PARTIAL = "ProcessPartial"  # inspect the first ``request_body_limit`` bytes only
-
-
-class WafConfigError(ValueError):
-    """A field of ``WafConfig`` is invalid; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,8 @@ class WafConfig:
     inspect_response: bool = False
     response_body_limit: int = 512 * 1024
     uninspected_body_types: tuple[str, ...] = DEFAULT_UNINSPECTED_BODY_TYPES
+    # When not empty, only bodies of these media types (``type/*`` allowed) are inspected.
+    inspected_body_types: tuple[str, ...] = ()
     crs_rules_dir: str = CRS_RULES_DIR
 
     def __post_init__(self) -> None:
@@ -122,11 +125,11 @@ class WafConfig:
             if not (isinstance(value, int) and 1 <= value <= 1 << 30):
                 raise WafConfigError(f"{name}: must be an integer in 1..{1 << 30}, got {value!r}")
         for rid in self.exclude_rule_ids:
-            if not (isinstance(rid, int) and 1 <= rid <= 9_999_999):
-                raise WafConfigError(f"exclude_rule_ids: not a rule id: {rid!r}")
+            check_rule_id(rid)
         for tag in self.exclude_rule_tags:
-            if not (isinstance(tag, str) and _TAG.match(tag)):
-                raise WafConfigError(f"exclude_rule_tags: not a tag (letters, digits, _./:-): {tag!r}")
+            check_tag(tag)
+        for mt in self.inspected_body_types:
+            check_media_type(mt, "inspected_body_types")
         for i, rule in enumerate(self.extra_rules):
             check_extra_rule(i, rule)
         for mt in self.uninspected_body_types:
@@ -139,58 +142,10 @@ class WafConfig:
 
     def body_inspected(self, content_type: str | None) -> bool:
         """Whether a body of this Content-Type is fed to the body rules."""
-        return media_type(content_type) not in self.uninspected_body_types
-
-
-# What a policy's extra rules may say. A WafPolicy is written by a service's owners, not by the
-# mesh operator: its rules must not make the waypoint read or write files, run programs or Lua
-# scripts, fetch rules, query DNS (Debian builds libmodsecurity 3 with Lua, curl and GeoIP), set
-# the process environment, or write the persistent collections several threads share (their
-# in-memory store is not safe for concurrent writers: upstream issue #3054).
-EXTRA_RULE_DIRECTIVES: Final = frozenset(
-    {
-        "SecRule",
-        "SecAction",
-        "SecMarker",
-        "SecRuleRemoveById",
-        "SecRuleRemoveByTag",
-        "SecRuleRemoveByMsg",
-        "SecRuleUpdateTargetById",
-        "SecRuleUpdateTargetByTag",
-        "SecRuleUpdateTargetByMsg",
-        "SecRuleUpdateActionById",
-    }
-)
-_FORBIDDEN_IN_RULES: Final = re.compile(
-    r"@(?:inspectFile|pmFromFile|pmf|ipMatchFromFile|ipMatchF|fuzzyHash|rbl|geoLookup)\b"
-    r"|\b(?:exec|setenv|initcol|setsid|setuid|setrsc|expirevar|deprecatevar)\s*:"
-    r"|\bsetvar\s*:\s*'?\s*!?(?:ip|global|session|user|resource)\."
-    r"|\bctl\s*:\s*(?:auditEngine|auditLogParts)\b",
-    re.IGNORECASE,
-)
-
-
-def check_extra_rule(index: int, rule: object) -> None:
-    """Refuse what an extra rule may not do (see ``EXTRA_RULE_DIRECTIVES``); ModSecurity parses the rest."""
-    if not isinstance(rule, str) or not rule.strip():
-        raise WafConfigError(f"extra_rules: item {index} must be a non-empty string")
-    logical = re.sub(r"\\\r?\n", " ", rule)  # SecLang line continuations
-    for raw in logical.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        directive = line.split(None, 1)[0]
-        if directive not in EXTRA_RULE_DIRECTIVES:
-            raise WafConfigError(
-                f"extra_rules: item {index}: directive {directive!r} is not allowed "
-                f"(allowed: {', '.join(sorted(EXTRA_RULE_DIRECTIVES))})"
-            )
-    forbidden = _FORBIDDEN_IN_RULES.search(logical)
-    if forbidden:
-        raise WafConfigError(
-            f"extra_rules: item {index}: {forbidden.group(0)!r} is not allowed "
-            "(no files, programs, scripts, DNS, environment or shared collections from a policy)"
-        )
+        mt = media_type(content_type)
+        if self.inspected_body_types:
+            return mt in self.inspected_body_types or f"{mt.split('/', 1)[0]}/*" in self.inspected_body_types
+        return mt not in self.uninspected_body_types
 
 
 def media_type(content_type: str | None) -> str:
@@ -237,6 +192,7 @@ def _engine_section(config: WafConfig) -> list[str]:
 def _setup_section(config: WafConfig) -> list[str]:
     allowed = list(CRS_ALLOWED_CONTENT_TYPES)
     allowed += [t for t in config.uninspected_body_types if t not in allowed]
+    allowed += [t for t in config.inspected_body_types if t not in allowed and not t.endswith("/*")]
     allowed_text = " ".join(f"|{t}|" for t in allowed)
     return [
         "# -- CRS setup (crs-setup.conf)",
