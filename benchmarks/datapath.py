@@ -9,9 +9,13 @@ The order of the configurations alternates between repeats; the table shows the 
 
 Configuration 5 ("netns") builds the local mesh of ``ambientctl demo`` (ambientctl/localmesh) and
 measures between two of its pods on different nodes: first plain TCP between the two pod netns
-before the CNI plugin enrolled them (``netns-direct``, its own baseline), then the same workload
-through ztunnel → HBONE → ztunnel after enrollment (``ztunnel``). Needs root.
-See docs/benchmarks.md.
+before the CNI plugin enrolled them (``netns-direct``, its own baseline) and a stunnel pair on the
+identical path (``netns-stunnel``: client side in the source pod's netns, server side in the
+destination pod's, TLS 1.3 with certificates for the two pods' identities from the mesh's CA),
+then the same workload through ztunnel → HBONE → ztunnel after enrollment (``ztunnel``). These
+three also get new connections with a full TLS handshake each (and, for the ztunnels, with a
+new but resumed TLS connection each, see COLD_ENV) and 1,000 kept-alive connections doing round
+trips at once. Needs root. See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -48,7 +52,9 @@ TIMES = "\N{MULTIPLICATION SIGN}"
 
 CONFIGS = ["direct", "stunnel", "haproxy", "ours", "netns"]  # what runs, in rotated order
 LOOPBACK = ["direct", "stunnel", "haproxy", "ours"]  # results on loopback
-NETNS = ["netns-direct", "ztunnel"]  # results of "netns": the same two pods before/after enrollment
+# Results of "netns": the same two pods before enrollment (direct TCP, then a stunnel pair between
+# their netns), then after it (two ztunnels).
+NETNS = ["netns-direct", "netns-stunnel", "ztunnel"]
 RESULTS = LOOPBACK + NETNS
 LABELS = {
     "direct": "direct TCP",
@@ -56,6 +62,7 @@ LABELS = {
     "haproxy": "haproxy pair",
     "ours": "ours (hbone forward → serve)",
     "netns-direct": "direct TCP, pod netns node-a → node-b",
+    "netns-stunnel": "stunnel pair, pod netns node-a → node-b",
     "ztunnel": "two ztunnels (netns nodes)",
 }
 ZTUNNEL_VS_NETNS = "two ztunnels ÷ direct TCP between the same pod netns"
@@ -63,6 +70,11 @@ ZTUNNEL_VS_NETNS = "two ztunnels ÷ direct TCP between the same pod netns"
 SRC_POD, DST_POD = "shop/frontend", "shop/web"  # node-a 10.0.1.2 → node-b 10.0.2.2
 DST_IP = "10.0.2.2"
 NETNS_IPERF_PORT, NETNS_ECHO_PORT = 5201, 7007
+NETNS_TLS_PORT, NETNS_STUNNEL_PORT = 15443, 15444  # stunnel server (dst pod), client (src pod, loopback)
+# Set while the local mesh is built: benchmarks/hbone_cold/sitecustomize.py makes the ztunnels'
+# HBONE connections cold (no pool reuse, no TLS resumption) while the file it names exists.
+COLD_ENV = "BENCH_HBONE_COLD_FILE"
+COLD_SITE_DIR = Path(__file__).resolve().parent / "hbone_cold"
 FIGURES: list[tuple[str, str]] = [  # key, column title
     ("tput1_gbps", "1-stream Gbit/s"),
     ("tput4_gbps", "4-stream Gbit/s"),
@@ -81,6 +93,19 @@ DETAILS: list[tuple[str, str]] = [
     ("rss_idle_server_mib", "RSS idle MiB, server-side process"),
     ("rss_idle_client_mib", "RSS idle MiB, client-side process"),
     ("conn_errors", "failed new connections"),
+    ("conn_per_s_resumed", "new conn/s, a TLS connection each, session resumed"),
+    ("cpu_user_us_per_conn_resumed", "pair CPU per resumed new connection, user µs"),
+    ("cpu_sys_us_per_conn_resumed", "pair CPU per resumed new connection, system µs"),
+    ("conn_errors_resumed", "failed resumed new connections"),
+    ("conn_per_s_cold", "new conn/s, cold (every connection a full TLS handshake)"),
+    ("cpu_user_us_per_conn_cold", "pair CPU per cold new connection, user µs"),
+    ("cpu_sys_us_per_conn_cold", "pair CPU per cold new connection, system µs"),
+    ("conn_errors_cold", "failed cold new connections"),
+    ("many_p50_us", "N kept-alive connections doing round trips: p50 µs"),
+    ("many_p99_us", "N kept-alive connections doing round trips: p99 µs"),
+    ("many_rt_per_s", "N kept-alive connections doing round trips: round trips/s"),
+    ("many_cpu_us_per_rt", "N kept-alive connections: pair CPU per round trip, user+system µs"),
+    ("many_dropped", "N kept-alive connections: failed to open or dropped"),
 ]
 PROFILE_MODES = [("python", "--nonblocking"), ("native", "--native")]
 # What --profile records: the processes of a configuration, [server side, client side], with titles.
@@ -91,6 +116,7 @@ PROFILE_TITLES = {
     "ztunnel-node-a": "ztunnel node-a (client side)",
     "ztunnel-node-b": "ztunnel node-b (server side)",
 }
+OP_PROFILES = [("rt", "round trips"), ("conn", "new connections"), ("cold", "cold new connections")]
 PAIR_ONLY = {"cpu_s_per_gb", "rss_idle_mib", "rss_1000_mib"}
 CPU_PER_OP = ["cpu_user_us_per_rt", "cpu_sys_us_per_rt", "cpu_user_us_per_conn", "cpu_sys_us_per_conn"]
 
@@ -106,6 +132,8 @@ class Settings:
     hold_count: int = 1000
     settle: float = 1.0
     profile_seconds: int = 10
+    many_count: int = 1000  # configuration 5: kept-alive connections doing round trips at once
+    many_seconds: float = 5.0
 
     @classmethod
     def quick(cls) -> Settings:
@@ -119,6 +147,8 @@ class Settings:
             hold_count=100,
             settle=0.2,
             profile_seconds=2,
+            many_count=100,
+            many_seconds=1.0,
         )
 
 
@@ -283,6 +313,22 @@ def make_creds(base: Path) -> Creds:
     return Creds(cdir, sdir, str(server))
 
 
+def mesh_creds(cp_dir: Path, base: Path) -> Creds:
+    """Certificates for the two pods' identities from the local mesh's own CA (the control
+    plane's ``ca`` state directory), for the stunnel pair between their netns."""
+    from ambientctl.localmesh import spec
+    from mesh.identity import Identity
+    from mesh.pki import CertificateAuthority, write_credential
+
+    ca = CertificateAuthority.load_cacerts(cp_dir / "ca", spec.TRUST_DOMAIN)
+    ids = {}
+    for key, side in ((SRC_POD, "client"), (DST_POD, "server")):
+        pod = spec.pod(key)
+        ids[side] = Identity(spec.TRUST_DOMAIN, pod.namespace, pod.service_account)
+        write_credential(base / side, ca.issue(ids[side]))
+    return Creds(base / "client", base / "server", str(ids["server"]))
+
+
 # -- pairs ----------------------------------------------------------------------------------------
 
 
@@ -309,6 +355,7 @@ class Site:
     connect: str = HOST
     iperf_port: int = 0  # 0: a free loopback port each time
     echo_port: int = 0
+    peer: str = ""  # a pair between two netns: the address its client side connects to
 
     @property
     def netns(self) -> bool:
@@ -328,6 +375,8 @@ class Bench:
         self.stunnel = shutil.which("stunnel4") or shutil.which("stunnel") or "stunnel4"
         self.haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
         self.n = 0
+        self.netns_creds = creds  # replaced by the mesh's certificates of the two pods (configuration 5)
+        self.cold_file = work / "hbone-cold"
 
     def _next(self, stem: str) -> Path:
         self.n += 1
@@ -335,9 +384,11 @@ class Bench:
 
     # Each start_* returns a pair whose listen port carries plain TCP to 127.0.0.1:target.
 
-    def start_pair(self, config: str, target: int) -> Pair:
+    def start_pair(self, config: str, target: int, site: Site = LOOPBACK_SITE) -> Pair:
         if config == "direct":
             return Pair(target)
+        if config == "netns-stunnel":
+            return self.start_stunnel(target, site)
         start = {"stunnel": self.start_stunnel, "haproxy": self.start_haproxy, "ours": self.start_ours}[
             config
         ]
@@ -352,27 +403,50 @@ class Bench:
                 raise BenchError(f"pair process {p.args!r} died with {p.returncode}:\n{log_tail(p)}")
             self.procs.stop(p)
 
-    def start_stunnel(self, target: int) -> Pair:
-        tls_port, listen_port = free_port(), free_port()
-        c, s = self.creds.client_dir, self.creds.server_dir
+    def start_stunnel(self, target: int, site: Site = LOOPBACK_SITE, resume: bool = True) -> Pair:
+        """On loopback; or, for a netns ``site``, the server side in the destination pod's netns
+        (TLS on every address, plain TCP to the target on its loopback) and the client side in the
+        source pod's (plain TCP on its loopback, TLS to ``site.peer``), with the mesh's
+        certificates of the two pods (``self.netns_creds``). stunnel resumes TLS sessions by
+        default (its client offers the last session's ticket); ``resume=False`` turns that off
+        (``sessionResume = no``): every connection a full handshake. In a netns the second pair
+        uses the next ports, so that it can run beside the first."""
+        if site.netns:
+            tls_port, listen_port = NETNS_TLS_PORT, NETNS_STUNNEL_PORT
+            if not resume:
+                tls_port, listen_port = tls_port + 2, listen_port + 2
+            c, s = self.netns_creds.client_dir, self.netns_creds.server_dir
+            accept_tls, connect_tls = f"0.0.0.0:{tls_port}", f"{site.peer}:{tls_port}"
+        else:
+            tls_port, listen_port = free_port(), free_port()
+            c, s = self.creds.client_dir, self.creds.server_dir
+            accept_tls = connect_tls = f"{HOST}:{tls_port}"
         common = "foreground = yes\nsyslog = no\npid =\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n"
         tls = "sslVersion = TLSv1.3\nverifyChain = yes\nCAfile = {root}\ncert = {cert}\nkey = {key}\n"
+        if not resume:
+            tls += "sessionResume = no\n"
         server_conf = self._next("stunnel-server.conf")
         server_conf.write_text(
             common
-            + f"[server]\naccept = {HOST}:{tls_port}\nconnect = {HOST}:{target}\n"
+            + f"[server]\naccept = {accept_tls}\nconnect = {HOST}:{target}\n"
             + tls.format(root=s / "root-cert.pem", cert=s / "cert-chain.pem", key=s / "key.pem")
         )
         client_conf = self._next("stunnel-client.conf")
         client_conf.write_text(
             common
-            + f"[client]\nclient = yes\naccept = {HOST}:{listen_port}\nconnect = {HOST}:{tls_port}\n"
+            + f"[client]\nclient = yes\naccept = {HOST}:{listen_port}\nconnect = {connect_tls}\n"
             + tls.format(root=c / "root-cert.pem", cert=c / "cert-chain.pem", key=c / "key.pem")
         )
-        server = self.procs.start("stunnel-server", [self.stunnel, str(server_conf)])
-        client = self.procs.start("stunnel-client", [self.stunnel, str(client_conf)])
+        server = self.procs.start("stunnel-server", [*site.server_prefix, self.stunnel, str(server_conf)])
+        client = self.procs.start("stunnel-client", [*site.client_prefix, self.stunnel, str(client_conf)])
         pair = Pair(listen_port, [server, client])
-        wait_for(lambda: listening(tls_port) and listening(listen_port), "stunnel pair", pair.procs)
+        # ip netns exec execs stunnel: same pid, whose /proc/<pid>/net is the pod's.
+        pids = (server.pid, client.pid) if site.netns else (None, None)
+        wait_for(
+            lambda: listening(tls_port, pids[0]) and listening(listen_port, pids[1]),
+            "stunnel pair",
+            pair.procs,
+        )
         return pair
 
     def start_haproxy(self, target: int) -> Pair:
@@ -516,7 +590,7 @@ class Bench:
         def start(target: int) -> Pair:
             if fixed_pids is not None:
                 return Pair(target, fixed_pids=fixed_pids)
-            return self.start_pair(config, target)
+            return self.start_pair(config, target, site)
 
         if fixed_pids:
             # Long-running processes: "idle" is before any of this measurement's traffic.
@@ -603,11 +677,103 @@ class Bench:
                     cpu1 = cpu_split(pair.pids)
                     out["cpu_user_us_per_conn"], out["cpu_sys_us_per_conn"] = per_op_us(cpu0, cpu1, conns)
                 if pair.pids:
+                    # Before the runs below: what they allocate may stay in the allocator's free
+                    # lists, hiding the growth from held connections.
                     out["rss_1000_mib"] = self.hold_delta(pair, site)
+                if config == "ztunnel":
+                    out.update(self.cold_connrate(pair, site, "resume", "resumed"))
+                    out.update(self.cold_connrate(pair, site, "full", "cold"))
+                elif config == "netns-stunnel":
+                    full = self.start_stunnel(echo_port, site, resume=False)
+                    try:
+                        out.update(self.cold_connrate(full, site, None, "cold"))
+                    finally:
+                        self.stop_pair(full)
+                if site.netns:
+                    out.update(self.many_round_trips(pair, site))
+                if profile_dir is not None and fixed_pids:
+                    self.profile_ops(pair, site, profile_dir)
             finally:
                 self.stop_pair(pair)
         finally:
             self.procs.stop(backend)
+        return out
+
+    def connrate_argv(self, pair: Pair, site: Site, seconds: float) -> list[str]:
+        argv = [*site.client_prefix, PYTHON, str(WORKLOAD), "connrate", "--host", site.connect]
+        argv += ["--port", str(pair.listen_port), "--duration", str(seconds)]
+        return [*argv, "--parallel", str(self.s.connrate_parallel)]
+
+    def cold_connrate(self, pair: Pair, site: Site, mode: str | None, suffix: str) -> dict[str, float]:
+        """New connections/s when every connection is a new TLS connection. For the ztunnels
+        (``mode``, see COLD_ENV): a new HBONE connection per connection (no pool reuse), TLS
+        resumed (``resume``) or a full TLS 1.3 handshake (``full``); ``None``: ``pair`` is already
+        set up so (a stunnel pair with ``sessionResume = no``). Figures named ``…_<suffix>``."""
+        out: dict[str, float] = {}
+        if mode is not None:
+            self.cold_file.write_text(mode)
+        try:
+            cpu0 = cpu_split(pair.pids)
+            argv = self.connrate_argv(pair, site, self.s.connrate_seconds)
+            rate = self.run_json("connrate-cold", argv, timeout=self.s.connrate_seconds + 60)
+            cpu1 = cpu_split(pair.pids)
+        finally:
+            self.cold_file.unlink(missing_ok=True)
+        out[f"conn_per_s_{suffix}"], out[f"conn_errors_{suffix}"] = rate["conn_per_s"], rate["errors"]
+        conns = rate["connections"] + rate["errors"]
+        user, system = per_op_us(cpu0, cpu1, conns)
+        out[f"cpu_user_us_per_conn_{suffix}"], out[f"cpu_sys_us_per_conn_{suffix}"] = user, system
+        time.sleep(self.s.settle)  # let the last cold connections close before what comes next
+        return out
+
+    def start_rounds(
+        self, pair: Pair, site: Site, count: int, seconds: float
+    ) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+        """A ``rounds`` client with its ``count`` connections open, waiting for SIGUSR1 to start."""
+        ready = self._next("rounds.ready")
+        argv = [*site.client_prefix, PYTHON, str(WORKLOAD), "rounds", "--host", site.connect]
+        argv += ["--port", str(pair.listen_port), "--count", str(count), "--duration", str(seconds)]
+        proc = self.procs.start("rounds", [*argv, "--ready-file", str(ready)], stdout=subprocess.PIPE)
+        try:
+            wait_for(ready.exists, "rounds client", [proc], timeout=180)
+        except BenchError:
+            self.procs.stop(proc)
+            raise
+        opened: dict[str, Any] = json.loads(ready.read_text())
+        return proc, opened
+
+    def finish_rounds(self, proc: subprocess.Popen[bytes], seconds: float) -> dict[str, Any]:
+        try:
+            out, _ = proc.communicate(timeout=seconds + 120)
+        except subprocess.TimeoutExpired:
+            self.procs.stop(proc)
+            raise BenchError("rounds client timed out") from None
+        self.procs.stop(proc)
+        if proc.returncode != 0:
+            raise BenchError(f"rounds client failed with {proc.returncode}:\n{log_tail(proc)}")
+        result: dict[str, Any] = json.loads(out)
+        return result
+
+    def many_round_trips(self, pair: Pair, site: Site) -> dict[str, float]:
+        """``many_count`` kept-alive connections doing 1 KiB round trips at once: latency, rate,
+        the pair's CPU per round trip (the connections are opened before the CPU is read), and
+        how many connections failed to open or broke (must be none)."""
+        s = self.s
+        time.sleep(s.settle)
+        proc, opened = self.start_rounds(pair, site, s.many_count, s.many_seconds)
+        cpu0 = cpu_split(pair.pids) if pair.pids else (0.0, 0.0)
+        proc.send_signal(signal.SIGUSR1)
+        result = self.finish_rounds(proc, s.many_seconds)
+        out = {
+            "many_p50_us": result["p50_us"],
+            "many_p99_us": result["p99_us"],
+            "many_rt_per_s": result["rt_per_s"],
+            "many_dropped": float(s.many_count - opened["open"] + result["errors"]),
+        }
+        if pair.pids:
+            user, system = per_op_us(cpu0, cpu_split(pair.pids), result["round_trips"])
+            out["many_cpu_us_per_rt"] = user + system
+        time.sleep(s.settle)  # let the connections close before what comes next
         return out
 
     def hold_delta(self, pair: Pair, site: Site = LOOPBACK_SITE) -> float:
@@ -632,13 +798,18 @@ class Bench:
 
     # -- configuration 5: two ztunnels between two netns nodes -----------------------------------
 
-    def measure_netns(self, profile_dir: Path | None = None) -> dict[str, dict[str, float]]:
+    def measure_netns(
+        self, profile_dir: Path | None = None, reverse: bool = False
+    ) -> dict[str, dict[str, float]]:
         """The local mesh of ``ambientctl demo`` (ambientctl/localmesh): control plane, nodes
         node-a and node-b as network namespaces joined by a veth wire, a cni agent and a ztunnel
         per node, pods as network namespaces. First the pods are only sandboxes (no CNI plugin run
         yet): ``netns-direct`` is plain TCP from shop/frontend (node-a) to shop/web (node-b) across
-        the wire. Then the CNI plugin chain enrolls them and the *same* workload between the *same*
-        two netns runs through ztunnel node-a → HBONE → ztunnel node-b: ``ztunnel``.
+        the wire; and ``netns-stunnel``, a stunnel pair between the same two netns (client side in
+        shop/frontend's, server side in shop/web's, TLS 1.3 with certificates for the two pods'
+        identities issued by the mesh's CA) — these two in ``reverse`` order every other repeat.
+        Then the CNI plugin chain enrolls them and the *same* workload between the *same* two netns
+        runs through ztunnel node-a → HBONE → ztunnel node-b: ``ztunnel``.
 
         Everything the mesh made (processes, netns with their links and nft rules) is removed
         before returning, also on failure and Ctrl-C (ambientctl.localmesh.state.teardown).
@@ -658,9 +829,23 @@ class Bench:
                 f.write(msg + "\n")
 
         out: dict[str, dict[str, float]] = {}
+        saved_env = {k: os.environ.get(k) for k in (COLD_ENV, "PYTHONPATH")}
         try:
             mesh = LocalMesh(state, say)
-            mesh.build(enroll=False)
+            # The mesh's processes inherit this environment: see COLD_ENV.
+            os.environ[COLD_ENV] = str(self.cold_file)
+            os.environ["PYTHONPATH"] = os.pathsep.join(
+                filter(None, [str(COLD_SITE_DIR), saved_env["PYTHONPATH"]])
+            )
+            try:
+                mesh.build(enroll=False)
+            finally:
+                for k, v in saved_env.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+            self.netns_creds = mesh_creds(mesh.cp_dir, self.work / f"mesh-creds-{self._next('c').name}")
             # Many short connections from one address to one port: let the source reuse
             # TIME_WAIT ports (the kernel does so by default on loopback only). Per netns.
             argv = ["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"]
@@ -673,7 +858,20 @@ class Bench:
                 iperf_port=NETNS_IPERF_PORT,
                 echo_port=NETNS_ECHO_PORT,
             )
-            out["netns-direct"] = self.measure("netns-direct", None, site, fixed_pids=[])
+            stunnel_site = Site(
+                server_prefix=site.server_prefix,
+                client_prefix=site.client_prefix,
+                bind=site.bind,
+                connect=HOST,  # the stunnel client listens on the source pod's loopback
+                iperf_port=site.iperf_port,
+                echo_port=site.echo_port,
+                peer=DST_IP,
+            )
+            for name in ["netns-direct", "netns-stunnel"][:: -1 if reverse else 1]:
+                if name == "netns-direct":
+                    out[name] = self.measure(name, None, site, fixed_pids=[])
+                else:
+                    out[name] = self.measure(name, None, stunnel_site)
             mesh.enroll_pods()
             # [server side, client side], as for the pairs.
             pids = [mesh.procs.pid(f"ztunnel-{spec.pod(k).node}") for k in (DST_POD, SRC_POD)]
@@ -726,6 +924,48 @@ class Bench:
             for name, outfile, proc in spies:
                 if not outfile.exists():
                     raise BenchError(f"py-spy {name} ({mode}) wrote nothing:\n{log_tail(proc)}")
+
+    def profile_ops(self, pair: Pair, site: Site, profile_dir: Path) -> None:
+        """py-spy on both ztunnels per operation: during 1 KiB round trips on one kept-alive
+        connection (``rt``), then during the connection-rate workload, warm pool (``conn``) and
+        cold: every connection a full TLS handshake (``cold``, see COLD_ENV)."""
+        secs = self.s.profile_seconds
+        for mode, flag in PROFILE_MODES:
+            spies = self._spies(pair, profile_dir, f"rt-{mode}", flag)
+            proc, _ = self.start_rounds(pair, site, 1, secs + 2)
+            proc.send_signal(signal.SIGUSR1)
+            self.finish_rounds(proc, secs + 2)
+            self._wait_spies(spies)
+            spies = self._spies(pair, profile_dir, f"conn-{mode}", flag)
+            self.run_json("connrate", self.connrate_argv(pair, site, secs + 2), timeout=secs + 60)
+            self._wait_spies(spies)
+            self.cold_file.write_text("full")
+            try:
+                spies = self._spies(pair, profile_dir, f"cold-{mode}", flag)
+                self.run_json("connrate", self.connrate_argv(pair, site, secs + 2), timeout=secs + 60)
+                self._wait_spies(spies)
+            finally:
+                self.cold_file.unlink(missing_ok=True)
+
+    def _spies(
+        self, pair: Pair, profile_dir: Path, what: str, flag: str
+    ) -> list[tuple[str, Path, subprocess.Popen[bytes]]]:
+        pyspy = shutil.which("py-spy") or str(Path(PYTHON).parent / "py-spy")
+        spies = []
+        for name, pid in zip(PROFILED["ztunnel"], pair.pids, strict=True):
+            outfile = profile_dir / f"{name}-{what}.txt"
+            argv = [pyspy, "record", "-p", str(pid), "-d", str(self.s.profile_seconds), "-r", "200", flag]
+            argv += ["--format", "raw", "-o", str(outfile)]
+            spies.append((name, outfile, self.procs.start(f"py-spy-{name}-{what}", argv)))
+        return spies
+
+    def _wait_spies(self, spies: list[tuple[str, Path, subprocess.Popen[bytes]]]) -> None:
+        for _, _, proc in spies:
+            proc.wait(timeout=30)
+            self.procs.stop(proc)
+        for name, outfile, proc in spies:
+            if not outfile.exists():
+                raise BenchError(f"py-spy {name} wrote nothing:\n{log_tail(proc)}")
 
 
 # -- profile summary ------------------------------------------------------------------------------
@@ -783,14 +1023,31 @@ def profile_markdown(profile_dirs: list[Path], top: int = 15) -> str:
         for mode, _ in PROFILE_MODES:
             for name in ("forward", "serve", "ztunnel-node-a", "ztunnel-node-b"):
                 lines += _profile_table(profile_dir / f"{name}-{mode}.txt", name, mode, top)
+    ops = [
+        "## Profiles of the two ztunnels per operation (py-spy, own time)",
+        "",
+        "Configuration 5 after enrollment: while one client does 1 KiB round trips on one kept-alive"
+        " connection (`round trips`), and while the connection-rate workload runs with the HBONE"
+        " pool warm (`new connections`) and with every connection a full TLS handshake (`cold new"
+        " connections`).",
+        "",
+    ]
+    for profile_dir in profile_dirs:
+        for what, title in OP_PROFILES:
+            for mode, _ in PROFILE_MODES:
+                for name in ("ztunnel-node-a", "ztunnel-node-b"):
+                    path = profile_dir / f"{name}-{what}-{mode}.txt"
+                    ops += _profile_table(path, name, mode, top, f", {title}")
+    if len(ops) > 6:
+        lines += ops
     return "\n".join(lines)
 
 
-def _profile_table(path: Path, name: str, mode: str, top: int) -> list[str]:
+def _profile_table(path: Path, name: str, mode: str, top: int, what: str = "") -> list[str]:
     if not path.exists():
         return []
     total, ranked = summarize_profile(path, top)
-    lines = [f"### {PROFILE_TITLES[name]}, {mode} frames ({total} busy samples)", ""]
+    lines = [f"### {PROFILE_TITLES[name]}{what}, {mode} frames ({total} busy samples)", ""]
     lines += ["| # | function | own % | incl. % |", "|---|---|---:|---:|"]
     for i, (fn, n, inc) in enumerate(ranked, 1):
         fn_md = fn.replace("|", "\\|")
@@ -922,7 +1179,10 @@ def report(
         sep,
         *(row(c, lambda k, c=c: ratio(medians[c].get(k), medians["stunnel"].get(k))) for c in LOOPBACK[1:]),
         "",
-        "(The ztunnel row is not divided by stunnel: it crosses network namespaces, the pairs loopback.)",
+        "(These pairs run on loopback; the two ztunnels are divided by a stunnel pair between the same"
+        " two pod netns below.)",
+        "",
+        *netns_section(medians, settings),
         "",
         "## CPU per operation (median, the pair's processes summed)",
         "",
@@ -960,6 +1220,124 @@ def report(
                 lines.append(f"| {LABELS[c]} | {title} | {', '.join(fmt(k, v) for v in values)} |")
     lines.append("")
     return "\n".join(lines)
+
+
+NETNS_COLUMNS: list[tuple[str, str]] = [  # key, column title of the configuration 5 comparison
+    ("tput1_gbps", "1-stream Gbit/s"),
+    ("tput4_gbps", "4-stream Gbit/s"),
+    ("cpu_s_per_gb", "CPU-s/GB"),
+    ("added_p50_us", "added p50 µs"),
+    ("added_p99_us", "added p99 µs"),
+    ("conn_per_s", "new conn/s warm"),
+    ("conn_per_s_resumed", "new conn/s resumed"),
+    ("conn_per_s_cold", "new conn/s cold"),
+    ("cpu_us_per_conn", "CPU µs/conn warm"),
+    ("cpu_us_per_conn_resumed", "CPU µs/conn resumed"),
+    ("cpu_us_per_conn_cold", "CPU µs/conn cold"),
+    ("cpu_us_per_rt", "CPU µs/round trip"),
+    ("many_p99_us", "N conns: p99 µs"),
+    ("many_cpu_us_per_rt", "N conns: CPU µs/round trip"),
+    ("many_rt_per_s", "N conns: round trips/s"),
+    ("many_dropped", "N conns: dropped"),
+    ("rss_idle_mib", "RSS idle MiB/process"),
+    ("rss_1000_mib", "RSS +N conns MiB (pair)"),
+]
+
+
+def netns_figures(m: dict[str, dict[str, float]], config: str) -> dict[str, float]:
+    """The configuration 5 comparison's figures for ``config``: latency as added to the same pods'
+    direct TCP, CPU per operation as user+system. A stunnel pair has no pool: its warm figures are
+    its default, which resumes the TLS session on every connection, i.e. also its resumed ones."""
+    f = dict(m.get(config, {}))
+    base = m.get("netns-direct", {})
+    for k in ("p50_us", "p99_us"):
+        if k in f and k in base:
+            f[f"added_{k}"] = f[k] - base[k]
+    for what in ("rt", "conn", "conn_resumed", "conn_cold"):
+        user, system = f.get(f"cpu_user_us_per_{what}"), f.get(f"cpu_sys_us_per_{what}")
+        if user is not None and system is not None:
+            f[f"cpu_us_per_{what}"] = user + system
+    if config == "netns-stunnel":
+        for k in ("conn_per_s", "cpu_us_per_conn"):
+            if k in f:
+                f[f"{k}_resumed"] = f[k]
+    return f
+
+
+def netns_fmt(key: str, v: float | None) -> str:
+    if v is None:
+        return "—"
+    if key == "cpu_s_per_gb" or key.startswith("tput") or key.startswith("rss"):
+        return fmt(key, v)
+    return f"{v:.0f}"
+
+
+def netns_section(m: dict[str, dict[str, float]], settings: Settings) -> list[str]:
+    if not all(m.get(c) for c in ("netns-direct", "netns-stunnel", "ztunnel")):
+        return []
+    n = settings.many_count
+    heads = [t.replace("N conns", f"{n} conns") for _, t in NETNS_COLUMNS]
+    header = "| configuration | " + " | ".join(heads) + " |"
+    sep = "|---|" + "---:|" * len(NETNS_COLUMNS)
+    figs = {c: netns_figures(m, c) for c in NETNS}
+    lines = [
+        "## Configuration 5: two ztunnels ÷ a stunnel pair between the same two pods",
+        "",
+        f"The same workload from {SRC_POD} (node-a) to {DST_POD} (node-b): direct TCP and a stunnel"
+        " pair before enrollment (client side in the source pod's netns, server side in the"
+        " destination pod's, TLS 1.3 with certificates for the two pods' identities from the mesh's"
+        " CA), the two ztunnels after. Added latency is over the direct TCP row. CPU is the two"
+        " processes' user+system time per operation. New connections: `warm` is each one's"
+        " default — the ztunnels' HBONE pool reused (one stream per connection on a pooled mTLS"
+        " connection), stunnel's client resuming the last TLS session (a ticket: no certificates,"
+        " no signatures; stunnel has no pool); `resumed`: every connection its own TLS connection"
+        " with the session resumed (for the ztunnels a new HBONE connection each; for stunnel the"
+        " same run as warm); `cold`: every connection a full TLS 1.3 handshake (ztunnels: no pool,"
+        f" no resumption; stunnel: a second pair with `sessionResume = no`). `{n} conns`:"
+        f" {n} kept-alive connections opened first, then all doing 1 KiB round trips at once for"
+        f" {settings.many_seconds:g} s; dropped = failed to open or broken.",
+        "",
+        header,
+        sep,
+    ]
+    for c in NETNS:
+        lines.append(
+            f"| {LABELS[c]} | " + " | ".join(netns_fmt(k, figs[c].get(k)) for k, _ in NETNS_COLUMNS) + " |"
+        )
+    z, st = figs["ztunnel"], figs["netns-stunnel"]
+    lines.append(
+        "| two ztunnels ÷ stunnel pair | "
+        + " | ".join("—" if k == "many_dropped" else ratio(z.get(k), st.get(k)) for k, _ in NETNS_COLUMNS)
+        + " |"
+    )
+    lines += ["", "### Targets from issue 23 (two ztunnels against that stunnel pair)", ""]
+    rows = ["| target | measured | met |", "|---|---|---|"]
+
+    def add(
+        name: str, key: str, ok: Callable[[float], bool], unit: str = TIMES, absolute: bool = False
+    ) -> None:
+        if key not in z or (not absolute and not st.get(key)):
+            return
+        v = z[key] if absolute else z[key] / st[key]
+        rows.append(f"| {name} | {v:.2f}{unit} | {'yes' if ok(v) else 'no'} |")
+
+    add(f"single-stream throughput ≥ 1.0{TIMES}", "tput1_gbps", lambda v: v >= 1.0)
+    add(f"4-stream throughput ≥ 1.0{TIMES}", "tput4_gbps", lambda v: v >= 1.0)
+    add(f"CPU-s/GB ≤ 1.0{TIMES}", "cpu_s_per_gb", lambda v: v <= 1.0)
+    add(f"added p50 ≤ 1.5{TIMES}", "added_p50_us", lambda v: v <= 1.5)
+    add(f"added p99 ≤ 1.5{TIMES}", "added_p99_us", lambda v: v <= 1.5)
+    add(f"new conn/s ≥ 1.5{TIMES}, HBONE pool warm", "conn_per_s", lambda v: v >= 1.5)
+    add(f"new conn/s ≥ 1.5{TIMES}, resumed (a TLS connection each)", "conn_per_s_resumed", lambda v: v >= 1.5)
+    add(f"new conn/s ≥ 1.5{TIMES}, cold (full handshake each)", "conn_per_s_cold", lambda v: v >= 1.5)
+    add("RSS idle ≤ 40 MiB per ztunnel", "rss_idle_mib", lambda v: v <= 40, " MiB", absolute=True)
+    if "rss_1000_mib" in z:
+        per_1000 = z["rss_1000_mib"] * 1000 / settings.hold_count
+        rows.append(
+            f"| RSS ≤ +12 MiB per 1,000 held connections (both ztunnels) | {per_1000:.2f} MiB"
+            f" | {'yes' if per_1000 <= 12 else 'no'} |"
+        )
+    add(f"{n} conns doing round trips: nothing dropped", "many_dropped", lambda v: v == 0, "", absolute=True)
+    return lines + rows
 
 
 def targets(m: dict[str, dict[str, float]], settings: Settings) -> list[str]:
@@ -1080,7 +1458,7 @@ def main(argv: list[str]) -> int:
                         file=sys.stderr,
                     )
                     if config == "netns":
-                        for name, figures in bench.measure_netns(pdir).items():
+                        for name, figures in bench.measure_netns(pdir, reverse=bool(i % 2)).items():
                             runs[name].append(figures)
                     else:
                         runs[config].append(bench.measure(config, pdir))

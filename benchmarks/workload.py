@@ -1,8 +1,8 @@
 """Workload processes for the data-path benchmark, each run as its own Python process.
 
 ``python benchmarks/workload.py echo --port-file F`` is the backend (echoes everything, keeps
-connections open as long as the client does); ``latency``, ``connrate`` and ``hold`` are the
-clients. All of them use 127.0.0.1 unless ``--host`` says otherwise (the netns configuration runs
+connections open as long as the client does); ``latency``, ``connrate``, ``hold`` and ``rounds``
+are the clients. All of them use 127.0.0.1 unless ``--host`` says otherwise (the netns configuration runs
 them inside pod network namespaces, the backend listening on the pod's address). Clients print one JSON object on stdout. Kept free of project imports so that the
 measuring processes stay small and identical for every configuration.
 """
@@ -169,6 +169,71 @@ async def hold(host: str, port: int, count: int, ready_file: str) -> dict[str, f
     return result
 
 
+async def rounds(host: str, port: int, count: int, duration: float, ready_file: str) -> dict[str, float]:
+    """``count`` kept-alive connections, each doing 1 KiB round trips one after another for
+    ``duration`` seconds. Opens them all first (each proven by a 1-byte echo), writes
+    ``ready_file`` and waits for SIGUSR1, so that the caller can read the CPU counters of what it
+    measures between the opening and the round trips. Latencies in microseconds."""
+    sem = asyncio.Semaphore(50)
+    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    open_errors = 0
+
+    async def open_one() -> None:
+        nonlocal open_errors
+        async with sem:
+            try:
+                reader, writer = await asyncio.open_connection(host, port)
+                sock = writer.get_extra_info("socket")
+                if sock is not None:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                writer.write(b"!")
+                await asyncio.wait_for(reader.readexactly(1), 30)
+                conns.append((reader, writer))
+            except (OSError, asyncio.IncompleteReadError, TimeoutError):
+                open_errors += 1
+
+    await asyncio.gather(*(open_one() for _ in range(count)))
+    loop = asyncio.get_running_loop()
+    go = asyncio.Event()
+    loop.add_signal_handler(signal.SIGUSR1, go.set)
+    write_atomic(ready_file, json.dumps({"open": len(conns), "errors": open_errors}))
+    await go.wait()
+    samples: list[float] = []
+    errors = 0
+    deadline = time.monotonic() + duration
+
+    async def run_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal errors
+        try:
+            while time.monotonic() < deadline:
+                t0 = time.perf_counter_ns()
+                writer.write(PAYLOAD)
+                await reader.readexactly(len(PAYLOAD))
+                samples.append((time.perf_counter_ns() - t0) / 1000.0)
+        except (OSError, asyncio.IncompleteReadError):
+            errors += 1
+
+    start = time.monotonic()
+    await asyncio.gather(*(run_one(r, w) for r, w in conns))
+    elapsed = time.monotonic() - start
+    for _, w in conns:
+        w.close()
+    samples.sort()
+
+    def pct(p: float) -> float:
+        return samples[min(len(samples) - 1, round(p / 100 * (len(samples) - 1)))] if samples else 0.0
+
+    return {
+        "open": len(conns),
+        "open_errors": open_errors,
+        "errors": errors,
+        "round_trips": len(samples),
+        "rt_per_s": len(samples) / elapsed,
+        "p50_us": pct(50),
+        "p99_us": pct(99),
+    }
+
+
 def main(argv: list[str]) -> int:
     raise_nofile()
     p = argparse.ArgumentParser(prog="workload")
@@ -189,7 +254,12 @@ def main(argv: list[str]) -> int:
     ho.add_argument("--port", type=int, required=True)
     ho.add_argument("--count", type=int, default=1000)
     ho.add_argument("--ready-file", required=True)
-    for client in (la, cr, ho):
+    ro = sub.add_parser("rounds")
+    ro.add_argument("--port", type=int, required=True)
+    ro.add_argument("--count", type=int, default=1000)
+    ro.add_argument("--duration", type=float, default=5.0)
+    ro.add_argument("--ready-file", required=True)
+    for client in (la, cr, ho, ro):
         client.add_argument("--host", default="127.0.0.1", help="address to connect to")
     args = p.parse_args(argv)
     host = args.host
@@ -201,6 +271,8 @@ def main(argv: list[str]) -> int:
         result = latency(host, args.port, args.count, args.warmup)
     elif args.cmd == "connrate":
         result = run(connrate(host, args.port, args.duration, args.parallel))
+    elif args.cmd == "rounds":
+        result = run(rounds(host, args.port, args.count, args.duration, args.ready_file))
     else:
         result = run(hold(host, args.port, args.count, args.ready_file))
     print(json.dumps(result))
