@@ -620,7 +620,7 @@ class _Tunnel:
             log.info("request denied by an external authorizer", waypoint=self.wp.me.key, policy=policies,
                      client=self.client.identity.uri, reason=verdict.reason)  # fmt: skip
             return Respond(verdict.status, verdict.body, verdict.headers)
-        if verdict.reason.endswith("failOpen allows"):
+        if verdict.failed_open:
             log.warning(
                 "external authorizer failed, allowed (failOpen)",
                 waypoint=self.wp.me.key,

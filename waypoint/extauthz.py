@@ -102,6 +102,7 @@ class Allowed:
     response_set: Headers = ()
     response_append: Headers = ()
     reason: str = "allowed"
+    failed_open: bool = False  # no answer from the authorizer, allowed by failOpen
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +142,7 @@ def on_error(provider: ExtensionProvider, why: str) -> Verdict:
     a = provider.ext_authz
     assert a is not None
     if a.fail_open:
-        return Allowed(reason=f"ext_authz {provider.name} failed ({why}); failOpen allows")
+        return Allowed(reason=f"ext_authz {provider.name} failed ({why}); failOpen allows", failed_open=True)
     return Denied(a.status_on_error, reason=f"ext_authz {provider.name} failed: {why}")
 
 
