@@ -495,9 +495,14 @@ async def test_traffic_between_enrolled_pods_is_mutual_tls(cluster: Cluster) -> 
     assert cp is not None
     issued = [r for r in cp.records() if r.get("event") == "certificate issued"]
     assert {(r.get("identity"), r.get("node")) for r in issued} >= {(CLIENT_ID, "node-1"), (WEB_ID, "node-2")}
-    # The source ztunnel logged the same connection as outbound, over HBONE.
-    out = [r for r in c.access_log(c.nodes[0]) if r.get("direction") == "outbound"]
-    assert any(r["dst_identity"] == WEB_ID and r["security"] == "mutual_tls" for r in out), out
+    # The source ztunnel logged the same connection as outbound, over HBONE (its line is written
+    # when its side of the connection ends, which may come after the destination's: wait for it).
+    def outbound() -> dict[str, Any] | None:
+        out = [r for r in c.access_log(c.nodes[0]) if r.get("direction") == "outbound"]
+        return next((r for r in out if r.get("dst_identity") == WEB_ID), None)
+
+    sent = await c.poll("the source ztunnel's outbound access-log record", outbound)
+    assert sent["security"] == "mutual_tls", sent
 
 
 async def test_authorization_policy_created_in_the_api_denies(cluster: Cluster) -> None:
