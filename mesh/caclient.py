@@ -11,12 +11,13 @@ import asyncio
 import datetime as dt
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-import grpc
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf import struct_pb2
+from grpclib.const import Cardinality, Status
+from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from mesh.identity import Identity
 from mesh.pki import (
@@ -27,8 +28,8 @@ from mesh.pki import (
     generate_key,
     make_csr,
 )
-from mesh.proto import ca_pb2, ca_pb2_grpc
-from mesh.xds.channel import CONTROL_PLANE_CHANNEL_OPTIONS
+from mesh.proto import ca_pb2
+from mesh.xds.channel import ControlPlaneChannel, connect_once, describe, make_channel
 
 
 class CaError(Exception):
@@ -49,6 +50,7 @@ DEFAULT_SERVER_NAME = "controlplane.istio-system.svc"
 DEFAULT_CLUSTER_ID = "Kubernetes"
 IMPERSONATED_IDENTITY = "ImpersonatedIdentity"
 DEFAULT_TIMEOUT = 10.0
+CREATE_CERTIFICATE = "/istio.v1.auth.IstioCertificateService/CreateCertificate"
 
 # Status codes that may succeed on a later attempt; everything else needs a human (or a new
 # token, or a new pod) before asking again makes sense.
@@ -59,13 +61,13 @@ class GrpcCaClient:
     """Istio's ``CreateCertificate`` over TLS, authenticated with a node token file.
 
     The token is re-read on every call because its owner (kubelet, or the local control plane)
-    rotates it in place. The channel is made on first use, inside the running event loop,
-    which grpc.aio channels are bound to; :meth:`close` releases it.
+    rotates it in place. The channel (grpclib, :mod:`mesh.xds.channel`) is made on first use,
+    inside the running event loop it binds to, and reconnects on the next call after a loss;
+    :meth:`close` releases it.
 
     While the CA is unreachable a call fails at once (UNAVAILABLE, with the reason: refused,
-    or TLS); the channel keeps probing at most every second (:mod:`mesh.xds.channel`), so the
-    first retry after the control plane's return finds it connected. The certificate manager
-    retries at once when discovery reconnects (:meth:`mesh.certs.CertManager.retry_failed`).
+    reset, TLS), and the next call tries to connect again; the certificate manager retries at
+    once when discovery reconnects (:meth:`mesh.certs.CertManager.retry_failed`).
     """
 
     def __init__(
@@ -86,19 +88,12 @@ class GrpcCaClient:
         self.tls_server_name = tls_server_name
         self._ttl = ttl
         self._timeout = timeout
-        self._channel: Any = None
-        self._stub: Any = None
+        self._channel: ControlPlaneChannel | None = None
 
-    def _ensure_stub(self) -> Any:
-        if self._stub is None:
-            creds = grpc.ssl_channel_credentials(root_certificates=self._roots)
-            self._channel = grpc.aio.secure_channel(
-                self.address,
-                creds,
-                options=[("grpc.ssl_target_name_override", self.tls_server_name), *CONTROL_PLANE_CHANNEL_OPTIONS],
-            )
-            self._stub = ca_pb2_grpc.IstioCertificateServiceStub(self._channel)
-        return self._stub
+    def _ensure_channel(self) -> ControlPlaneChannel:
+        if self._channel is None:
+            self._channel = make_channel(self.address, self._roots, self.tls_server_name)
+        return self._channel
 
     async def _token(self) -> str:
         try:
@@ -122,19 +117,25 @@ class GrpcCaClient:
             validity_duration=int(self._ttl.total_seconds()),
             metadata=metadata,
         )
-        stub = self._ensure_stub()
+        channel = self._ensure_channel()
         try:
-            response: ca_pb2.IstioCertificateResponse = await stub.CreateCertificate(
-                request,
-                metadata=(("authorization", f"Bearer {token}"), ("clusterid", self.cluster_id)),
-                timeout=self._timeout,
-            )
-        except grpc.aio.AioRpcError as e:
-            code = e.code()
-            name = getattr(code, "name", str(code))
+            await connect_once(channel)
+        except (OSError, TimeoutError) as e:
+            raise CaError(f"CA at {self.address} unreachable for {identity}: UNAVAILABLE: {describe(e)}") from None
+        try:
+            response = await self._create_certificate(channel, request, token)
+        except GRPCError as e:
+            name = e.status.name
             raise CaError(
-                f"CA at {self.address} refused {identity}: {name}: {e.details()}",
-                retryable=name in _RETRYABLE,
+                f"CA at {self.address} refused {identity}: {name}: {e.message}", retryable=name in _RETRYABLE
+            ) from None
+        except TimeoutError:
+            raise CaError(
+                f"CA at {self.address} did not answer for {identity} within {self._timeout:g} s: DEADLINE_EXCEEDED"
+            ) from None
+        except (StreamTerminatedError, OSError) as e:
+            raise CaError(
+                f"CA at {self.address} lost the connection for {identity}: UNAVAILABLE: {describe(e)}"
             ) from None
         try:
             cred = credential_from_chain(key_pem, list(response.cert_chain))
@@ -147,10 +148,27 @@ class GrpcCaClient:
             raise CaError(f"CA at {self.address} issued a certificate for another key", retryable=False)
         return cred
 
+    async def _create_certificate(
+        self, channel: ControlPlaneChannel, request: ca_pb2.IstioCertificateRequest, token: str
+    ) -> ca_pb2.IstioCertificateResponse:
+        async with channel.request(
+            CREATE_CERTIFICATE,
+            Cardinality.UNARY_UNARY,
+            ca_pb2.IstioCertificateRequest,
+            ca_pb2.IstioCertificateResponse,
+            timeout=self._timeout,
+            metadata=(("authorization", f"Bearer {token}"), ("clusterid", self.cluster_id)),
+        ) as call:
+            await call.send_message(request, end=True)
+            response = await call.recv_message()
+        if response is None:
+            raise GRPCError(Status.INTERNAL, "the CA answered no message")
+        return response
+
     async def close(self) -> None:
-        channel, self._channel, self._stub = self._channel, None, None
+        channel, self._channel = self._channel, None
         if channel is not None:
-            await channel.close()
+            await channel.aclose()
 
     async def __aenter__(self) -> GrpcCaClient:
         return self

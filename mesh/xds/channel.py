@@ -1,25 +1,178 @@
-"""gRPC channel options for a node's connections to its control plane (discovery and CA).
+"""A node's gRPC connections to its control plane (discovery and CA), on ``grpclib``.
 
-gRPC's own reconnect backoff (1 s, x1.6, up to 120 s) and its process-wide subchannel pool (a
-new channel inherits the backoff of an earlier one to the same address) left a node waiting
-about 20 s, and up to two minutes, after its control plane came back. A node keeps probing at
-most every second instead: while the control plane is down that is one TCP connect (refused at
-once on a local control plane) per channel per second, and the moment it listens again the
-channel is READY within a second. Each channel keeps its own subchannel, so one client's
-backoff never delays another's first attempt. (``grpc.min_reconnect_backoff_ms`` is left alone:
-gRPC reads it as the shortest time a connect attempt is given, which a remote control plane
-needs.) See ../shared/design/PROTOCOLS.md.
+Why grpclib: a node proxy makes two kinds of call, the long-lived discovery stream and unary
+``CreateCertificate``. grpcio costs each ztunnel and waypoint 9 MiB of RSS and threads of its
+own (``benchmarks/ztunnel_memory.py``); grpclib is pure asyncio on the ``h2`` we already ship
+(1 MiB), and calls run on the proxy's own event loop. The control plane's servers stay on
+grpcio; both speak plain gRPC over HTTP/2, so either side can be swapped for Istio's.
+
+Reconnecting. grpcio's backoff (1 s, x1.6, up to 120 s, shared by channels to the same address)
+once left a node waiting about 20 s after its control plane came back. Here nothing is
+inherited: :func:`connect` tries at most every :data:`RECONNECT_INTERVAL` (1 s) while the
+control plane is unreachable (refused, reset, TLS failure, timeout: one TCP connect per second,
+refused at once on a local control plane), so a control plane that listens again is used
+within a second. Each connect attempt is given :data:`CONNECT_TIMEOUT` (a remote control plane
+may take a while to answer a SYN). See ../shared/design/PROTOCOLS.md.
+
+Addresses are gRPC targets as users write them: ``host:port``, ``[v6]:port``, ``dns:///host:port``
+or ``unix:/path`` (``unix:///path``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import contextlib
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
 
-RECONNECT_INITIAL_MS = 100
-RECONNECT_MAX_MS = 1000
+import structlog
+from grpclib.client import Channel, Handler
+from grpclib.config import Configuration
+from grpclib.protocol import H2Protocol
 
-CONTROL_PLANE_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
-    ("grpc.initial_reconnect_backoff_ms", RECONNECT_INITIAL_MS),
-    ("grpc.max_reconnect_backoff_ms", RECONNECT_MAX_MS),
-    ("grpc.use_local_subchannel_pool", 1),
-)
+RECONNECT_INTERVAL = 1.0  # seconds between connect attempts while the control plane is unreachable
+CONNECT_TIMEOUT = 10.0  # seconds one attempt (TCP and TLS) may take
+CLOSE_TIMEOUT = 1.0  # seconds an aborted connection may take to report its end
+QUIET_CONNECT = 2.0  # seconds of failed attempts before "waiting for the control plane" is logged
+
+
+class _Protocol(H2Protocol):
+    """grpclib's protocol, saying when its connection has ended (:meth:`ControlPlaneChannel.aclose`)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.ended = asyncio.Event()
+        self.transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        try:
+            super().connection_lost(exc)
+        finally:
+            self.ended.set()
+
+
+class ControlPlaneChannel(Channel):
+    """A grpclib channel that :meth:`aclose` closes for good before it returns. (grpclib's
+    :meth:`Channel.close` starts a TLS shutdown that waits for the server's close_notify, which
+    grpcio servers do not send: the connection would outlive the channel, and the loop.)"""
+
+    def _protocol_factory(self) -> H2Protocol:
+        return _Protocol(Handler(), self._config, self._h2_config)
+
+    async def aclose(self) -> None:
+        protocol = self._protocol
+        self.close()  # ends the calls still open
+        if isinstance(protocol, _Protocol) and protocol.transport is not None:
+            # uvloop's transports do not subclass asyncio.Transport, but have abort().
+            cast(asyncio.Transport, protocol.transport).abort()  # nothing is left to send
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await protocol.ended.wait()
+
+
+ChannelFactory = Callable[[], ControlPlaneChannel]
+
+
+class TargetError(ValueError):
+    """A control-plane address that is not a gRPC target this client can dial."""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None  # a unix socket
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        return f"[{self.host}]:{self.port}" if self.host and ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_target(address: str) -> Target:
+    """``host:port``, ``[v6]:port``, ``dns:///host:port``, ``unix:/path`` -> :class:`Target`."""
+    if address.startswith("unix:"):
+        path = address[len("unix:") :]
+        if path.startswith("//"):
+            path = path[2:]
+        if not path.startswith("/"):
+            raise TargetError(f"control-plane address {address!r}: a unix socket needs an absolute path")
+        return Target(path=path)
+    rest = address[len("dns:///") :] if address.startswith("dns:///") else address
+    if rest.startswith("["):
+        host, sep, port = rest[1:].partition("]:")
+    else:
+        host, sep, port = rest.rpartition(":")
+    if not sep or not host or (":" in host and not rest.startswith("[")):
+        raise TargetError(f"control-plane address {address!r} is not host:port")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise TargetError(f"control-plane address {address!r}: bad port {port!r}")
+    return Target(host=host, port=int(port))
+
+
+def tls_context(root_cert_pem: bytes | str) -> ssl.SSLContext:
+    """Verifies the control plane against the mesh root only; TLS 1.2+, HTTP/2."""
+    roots = root_cert_pem.decode() if isinstance(root_cert_pem, bytes) else root_cert_pem
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=roots)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["h2"])
+    return ctx
+
+
+def make_channel(
+    address: str, root_cert_pem: bytes | str | None = None, server_name: str | None = None
+) -> ControlPlaneChannel:
+    """A channel to ``address``: TLS verified against ``root_cert_pem`` with the certificate's
+    name checked as ``server_name`` (default: the host), or plaintext without roots (tests and
+    loopback only). Call it inside the running event loop, which the channel binds to; it
+    connects on first use."""
+    target = parse_target(address)
+    ctx = tls_context(root_cert_pem) if root_cert_pem is not None else None
+    config = Configuration(ssl_target_name_override=server_name or target.host) if ctx else None
+    if target.path is not None:
+        return ControlPlaneChannel(path=target.path, ssl=ctx, config=config)
+    return ControlPlaneChannel(target.host, target.port, ssl=ctx, config=config)
+
+
+def describe(error: BaseException) -> str:
+    """Why a connect failed, in a few words (for logs and CaError)."""
+    if isinstance(error, TimeoutError):
+        return f"no answer within {CONNECT_TIMEOUT:g} s"
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"TLS: {error.verify_message}"
+    if isinstance(error, ssl.SSLError):
+        return f"TLS: {error.reason or error}"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror.lower()
+    return str(error) or type(error).__name__
+
+
+async def connect_once(channel: Channel) -> None:
+    """One connect attempt (no-op when connected); raises ``OSError`` or ``TimeoutError``."""
+    async with asyncio.timeout(CONNECT_TIMEOUT):
+        await channel.__connect__()
+
+
+async def connect(channel: Channel, log: structlog.typing.FilteringBoundLogger) -> None:
+    """Connect, trying at most every :data:`RECONNECT_INTERVAL` until it succeeds (or the task is
+    cancelled); says once, after :data:`QUIET_CONNECT`, that it is waiting and why."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    said = ""
+    while True:
+        attempt = loop.time()
+        try:
+            await connect_once(channel)
+            return
+        except (OSError, TimeoutError) as e:
+            reason = describe(e)
+            if reason != said and loop.time() - started >= QUIET_CONNECT:
+                log.info("waiting for the control plane", reason=reason)
+                said = reason
+        await asyncio.sleep(max(0.0, RECONNECT_INTERVAL - (loop.time() - attempt)))

@@ -1,11 +1,12 @@
 """The node side of discovery: keep a :class:`~mesh.xds.state.ProxyState` in sync with the server.
 
 A node proxy must keep working while the control plane restarts or is unreachable, so the
-client never clears what it has. While the control plane is unreachable a session waits for
-its channel to be READY, which gRPC probes at most every second (:mod:`mesh.xds.channel`), so
-a control plane that comes back is used within about a second however long it was away; the
-jittered exponential backoff between sessions is only for a server that is reachable but ends
-or refuses streams, and it starts over once a stream delivered a response (a sign of life).
+client never clears what it has. While the control plane is unreachable a session tries to
+connect at most every second (:func:`mesh.xds.channel.connect`), so a control plane that comes
+back is used within about a second however long it was away; the jittered exponential backoff
+between sessions is only for a server that is reachable but ends or refuses streams, and it
+starts over once a stream delivered a response (a sign of life). gRPC runs on grpclib, on the
+proxy's own event loop (:mod:`mesh.xds.channel` says why).
 On each connect the client tells the server, per type, which resource versions it holds; the server then sends only the
 difference (changed resources and removals). Each response is applied as one atomic store
 write or refused whole (NACK with the reason), so readers never see half of a response.
@@ -19,13 +20,13 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import grpc
 import structlog
+from grpclib.const import Cardinality
+from grpclib.exceptions import GRPCError, StreamTerminatedError
 
-from mesh.proto import core_pb2, discovery_pb2, discovery_pb2_grpc, status_pb2
-from mesh.xds.channel import CONTROL_PLANE_CHANNEL_OPTIONS
+from mesh.proto import core_pb2, discovery_pb2, status_pb2
+from mesh.xds.channel import ChannelFactory, connect, make_channel
 from mesh.xds.convert import (
     ADDRESS_TYPE_URL,
     AUTHORIZATION_TYPE_URL,
@@ -56,11 +57,8 @@ WAYPOINT_TYPE_URLS = (
 
 log = structlog.get_logger(__name__)
 
-ChannelFactory = Callable[[], grpc.aio.Channel]
-# Resources of 10,000 pods exceed gRPC's 4 MiB default in one response.
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+DELTA_ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
 _INVALID_ARGUMENT = 3  # google.rpc.Code
-_QUIET_CONNECT = 2.0  # seconds a connect may take before "waiting for the control plane" is logged
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,30 +87,12 @@ def secure_channel_factory(
     address: str, root_cert_pem: bytes, server_name: str | None = None
 ) -> ChannelFactory:
     """Channels that verify the control plane's certificate against the mesh root."""
-
-    def make() -> grpc.aio.Channel:
-        options: list[tuple[str, Any]] = [
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            *CONTROL_PLANE_CHANNEL_OPTIONS,
-        ]
-        if server_name:
-            options.append(("grpc.ssl_target_name_override", server_name))
-        creds = grpc.ssl_channel_credentials(root_certificates=root_cert_pem)
-        return grpc.aio.secure_channel(address, creds, options=options)
-
-    return make
+    return lambda: make_channel(address, root_cert_pem, server_name)
 
 
 def insecure_channel_factory(address: str) -> ChannelFactory:
     """Plaintext channels: tests and loopback only."""
-
-    def make() -> grpc.aio.Channel:
-        return grpc.aio.insecure_channel(
-            address,
-            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), *CONTROL_PLANE_CHANNEL_OPTIONS],
-        )
-
-    return make
+    return lambda: make_channel(address)
 
 
 class XdsClient:
@@ -197,8 +177,10 @@ class XdsClient:
                     if current is not None and current.cancelling():
                         raise
                     break  # stop() cancelled the session
-                except grpc.aio.AioRpcError as e:
-                    self._log.warning("xds stream failed", code=e.code().name, details=e.details())
+                except GRPCError as e:
+                    self._log.warning("xds stream failed", code=e.status.name, details=e.message)
+                except (StreamTerminatedError, OSError) as e:
+                    self._log.warning("xds stream failed", code="UNAVAILABLE", details=str(e) or type(e).__name__)
                 except Exception:
                     self._log.exception("xds session failed")
                 finally:
@@ -235,39 +217,39 @@ class XdsClient:
     async def _session(self) -> None:
         channel = self._channel_factory()
         try:
-            try:
-                async with asyncio.timeout(_QUIET_CONNECT):
-                    await channel.channel_ready()
-            except TimeoutError:
-                # Unreachable for now: gRPC probes (at most every second) until it answers.
-                self._log.info("xds waiting for the control plane")
-                await channel.channel_ready()
-            stub = discovery_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
-            call = stub.DeltaAggregatedResources(metadata=self._metadata())
-            node = core_pb2.Node(id=self._node_id)
-            if self._node_name:
-                node.metadata.update({"NODE_NAME": self._node_name})
-            for type_url in self._types:
-                await call.write(
-                    discovery_pb2.DeltaDiscoveryRequest(
-                        node=node,
-                        type_url=type_url,
-                        initial_resource_versions=self._versions[type_url],
+            await connect(channel, self._log)
+            async with channel.request(
+                DELTA_ADS,
+                Cardinality.STREAM_STREAM,
+                discovery_pb2.DeltaDiscoveryRequest,
+                discovery_pb2.DeltaDiscoveryResponse,
+                metadata=self._metadata(),
+            ) as call:
+                await call.send_request()
+                node = core_pb2.Node(id=self._node_id)
+                if self._node_name:
+                    node.metadata.update({"NODE_NAME": self._node_name})
+                for type_url in self._types:
+                    await call.send_message(
+                        discovery_pb2.DeltaDiscoveryRequest(
+                            node=node,
+                            type_url=type_url,
+                            initial_resource_versions=self._versions[type_url],
+                        )
                     )
-                )
-            self._log.info("xds connected", known={t: len(v) for t, v in self._versions.items()})
-            while True:
-                resp = await call.read()
-                if resp is grpc.aio.EOF:
-                    return
-                assert isinstance(resp, discovery_pb2.DeltaDiscoveryResponse)
-                if not self._progress:
-                    self._progress = self.connected = True
-                    for cb in list(self._connected_callbacks):
-                        cb()
-                await call.write(self._handle(resp))
+                self._log.info("xds connected", known={t: len(v) for t, v in self._versions.items()})
+                while True:
+                    resp = await call.recv_message()
+                    if resp is None:
+                        await call.end()
+                        return
+                    if not self._progress:
+                        self._progress = self.connected = True
+                        for cb in list(self._connected_callbacks):
+                            cb()
+                    await call.send_message(self._handle(resp))
         finally:
-            await channel.close()
+            await channel.aclose()
 
     def _handle(self, resp: discovery_pb2.DeltaDiscoveryResponse) -> discovery_pb2.DeltaDiscoveryRequest:
         """Apply one response; the ACK or NACK to send back."""
