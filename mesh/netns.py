@@ -5,6 +5,13 @@ belongs to the namespace of the thread that created it and keeps it for its whol
 ``socket()`` itself has to run in the pod netns. :class:`NetnsSocketFactory` does that on one
 dedicated helper thread that called ``setns(2)`` once and never leaves; the event loop thread
 never changes namespace. :class:`HostSocketFactory` makes plain sockets (tests on loopback).
+
+A trip to the helper thread costs a thread wake-up and two hand-overs of the GIL, which
+profiles put at ≈ 20 % of ztunnel's CPU per new connection (docs/benchmarks.md, run E). So
+unconnected sockets are made ahead, in batches of :data:`SPARE_SOCKETS` per kind (family,
+mark, transparent): one trip per batch, and a connection takes a ready socket on the loop
+thread. A spare socket is only an fd (no port, no address until it connects); at most
+``SPARE_SOCKETS - 1`` wait per kind a pod uses, and they are closed with the factory.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ MARK_SKIP = 0x539  # ztunnel's own upstream sockets: never redirected
 MARK_TPROXY = 0x111  # transparent sockets carrying a client's source IP to the app
 
 CLONE_NEWNET = 0x40000000
+
+SPARE_SOCKETS = 4  # sockets made per trip to a netns helper thread (one used, the rest kept)
 
 _T = TypeVar("_T")
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -74,6 +83,18 @@ def _make_socket(family: socket.AddressFamily, mark: int | None, transparent: bo
         sock.close()
         raise
     return sock
+
+
+def _make_batch(
+    n: int, family: socket.AddressFamily, mark: int | None, transparent: bool
+) -> list[socket.socket]:
+    """``n`` sockets of one kind, or an error with none left open (at least one is made)."""
+    socks = [_make_socket(family, mark, transparent)]
+    try:
+        socks.extend(_make_socket(family, mark, transparent) for _ in range(n - 1))
+    except OSError:
+        pass  # short of fds: the first one is enough for now
+    return socks
 
 
 def original_dst(sock: socket.socket) -> tuple[str, int]:
@@ -123,16 +144,21 @@ class HostSocketFactory:
 class NetnsSocketFactory:
     """Sockets created inside the network namespace ``netns_fd`` refers to.
 
-    The factory keeps its own duplicate of the fd (the caller may close theirs) and one helper
-    thread that entered the namespace in its initializer.
+    The factory keeps its own duplicate of the fd (the caller may close theirs), one helper
+    thread that entered the namespace in its initializer, and up to ``spare - 1`` sockets of each
+    kind made ahead (the module docstring says why). Call it from one event loop thread.
     """
 
-    def __init__(self, netns_fd: int, name: str = "netns") -> None:
+    def __init__(self, netns_fd: int, name: str = "netns", *, spare: int = SPARE_SOCKETS) -> None:
+        if spare < 1:
+            raise ValueError("spare must be at least 1")
         self._fd = os.dup(netns_fd)
         self._executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"netns-{name}", initializer=self._enter
         )
         self._closed = False
+        self._batch = spare
+        self._spare: dict[tuple[socket.AddressFamily, int | None, bool], list[socket.socket]] = {}
 
     def _enter(self) -> None:
         setns(self._fd)
@@ -158,11 +184,37 @@ class NetnsSocketFactory:
     async def tcp_socket(
         self, family: socket.AddressFamily, *, mark: int | None = None, transparent: bool = False
     ) -> socket.socket:
-        return await self._run(lambda: _make_socket(family, mark, transparent))
+        key = (family, mark, transparent)
+        ready = self._spare.get(key)
+        if ready:
+            return ready.pop()
+        batch = await self._run(lambda: _make_batch(self._batch, family, mark, transparent))
+        sock, rest = batch[0], batch[1:]
+        kept = self._spare.setdefault(key, [])
+        if self._closed:  # closed while the batch was being made
+            for made in batch:
+                made.close()
+            raise OSError("socket factory is closed")
+        room = max(0, self._batch - 1 - len(kept))  # two batches made at once: keep one's worth
+        kept.extend(rest[:room])
+        for extra in rest[room:]:
+            extra.close()
+        return sock
+
+    def spare_count(self) -> int:
+        """Sockets made ahead and not yet handed out (tests, debugging)."""
+        return sum(len(v) for v in self._spare.values())
+
+    def _close_spares(self) -> None:
+        spares, self._spare = self._spare, {}
+        for socks in spares.values():
+            for sock in socks:
+                sock.close()
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self._close_spares()
         self._executor.shutdown(wait=True)
         os.close(self._fd)
