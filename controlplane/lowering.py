@@ -538,6 +538,15 @@ class LoweredPolicies:
         return workload_state(workload, snapshot, self.selector_policies, self.peer_authentications)
 
 
+def selector_policy(
+    policy: AuthorizationPolicy, authorization: Authorization | None
+) -> SelectorPolicy | None:
+    """How workloads list ``policy``, lowered to ``authorization`` (None: none of them do)."""
+    if authorization is None or authorization.scope is not Scope.WORKLOAD_SELECTOR or policy.selector is None:
+        return None
+    return SelectorPolicy(authorization.key, authorization.namespace, policy.selector)
+
+
 def lower_policies(snapshot: Snapshot) -> LoweredPolicies:
     """Lower every AuthorizationPolicy and PeerAuthentication of ``snapshot`` (the discovery
     server and ``ambientctl policy check`` both use this, so they cannot disagree)."""
@@ -552,8 +561,9 @@ def lower_policies(snapshot: Snapshot) -> LoweredPolicies:
         if a is None:
             continue
         authorizations.append(a)
-        if a.scope is Scope.WORKLOAD_SELECTOR and policy.selector is not None:
-            selector_policies.append(SelectorPolicy(a.key, a.namespace, policy.selector))
+        listed = selector_policy(policy, a)
+        if listed is not None:
+            selector_policies.append(listed)
     peer_auth = PeerAuthenticationIndex(snapshot.peer_authentications.values())
     if peer_auth.warnings:
         warnings["PeerAuthentication"] = peer_auth.warnings

@@ -12,12 +12,17 @@ How it works, and why:
 * One :class:`ResourceCache` per server turns store snapshots into ready-to-send resources,
   each with a version that is a hash of its serialized bytes. A version is therefore the same
   across control-plane restarts for the same content, which is what lets a reconnecting
-  client that sends ``initial_resource_versions`` get only what really changed. A pod change
-  re-renders only that pod; any other change (services, namespaces, gateways, policies) can
-  alter many workloads (their services map, waypoint, policy list), so it re-renders all.
+  client that sends ``initial_resource_versions`` get only what really changed. A change
+  re-renders only what it can alter, so a one-object change costs about one object: a pod its
+  own entry; an AuthorizationPolicy its authorization and the workloads whose policy list it
+  enters or leaves; a Service its entry and the workloads it selected or selects; a namespace
+  or PeerAuthentication the workloads of that namespace. Only a Gateway change (it can rebind
+  anything) or a change to a large part of the mesh re-renders everything. Each result names
+  the resources that differ from the previous one (``Resources.changed``).
 * Each stream remembers, per type, the version it last sent of each resource and pushes the
-  difference with the cache whenever the store changes. The stream never replays the store's
-  deltas itself: diffing against the latest state coalesces bursts and cannot miss anything.
+  difference with the cache whenever the store changes, looking only at the names changed
+  since the state it last caught up with. The stream never replays the store's deltas itself:
+  diffing against the latest state coalesces bursts and cannot miss anything.
 * ACK/NACK: a NACK is logged loudly and the stream keeps serving; what was sent stays recorded
   as sent, so the refused version is not sent again (only a newer one will be).
 """
@@ -31,7 +36,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import structlog
@@ -39,14 +44,24 @@ import structlog
 from controlplane.jwks import JwksCache
 from controlplane.lowering import (
     PeerAuthenticationIndex,
+    SelectorPolicy,
     SelectorPolicyIndex,
-    lower_policies,
+    lower_authorization_policy,
+    selector_policy,
     service_state,
     workload_state,
 )
 from controlplane.waypoints import WaypointBinding, policy_audiences, workload_binding
 from mesh.log import ThrottledLog
-from mesh.model import Delta, Kind, Snapshot, Store
+from mesh.model import (
+    DEFAULT_CLUSTER_DOMAIN,
+    ROOT_NAMESPACE,
+    Delta,
+    Kind,
+    Snapshot,
+    Store,
+    Workload,
+)
 from mesh.proto import discovery_pb2, discovery_pb2_grpc
 from mesh.xds.convert import (
     ADDRESS_TYPE_URL,
@@ -124,14 +139,16 @@ def _entry(name: str, packed: Any) -> Entry:
 class Resources:
     """Everything served, at one store version: type URL -> resource name -> entry.
 
-    ``changed`` lists, per type, the names that may differ from the resources of
-    ``parent_version`` (None after a full re-render), so a stream that diffed against the
-    parent only looks at those instead of at every resource.
+    ``generation`` numbers the Resources a cache publishes (new keys make a new one at the
+    same store version). ``changed`` lists, per type, the names whose entry or audience differs
+    from those of generation ``parent_generation`` (None: not known), so a stream that diffed
+    against the parent only looks at those instead of at every resource.
     """
 
     version: int
     by_type: Mapping[str, Mapping[str, Entry]]
-    parent_version: int | None = None
+    generation: int = 0
+    parent_generation: int | None = None
     changed: Mapping[str, frozenset[str]] | None = None
     # Per waypoint type: resource name -> the waypoint accounts ("ns/name", a waypoint runs as
     # the service account named after its Gateway) that may receive it; no other stream sees it.
@@ -159,11 +176,98 @@ def _workload_entry(
     return _entry(uid, address_to_any(w)), binding
 
 
+_K = TypeVar("_K")
+
+
+def _discard(index: dict[_K, set[str]], key: _K, uid: str) -> None:
+    uids = index.get(key)
+    if uids is not None:
+        uids.discard(uid)
+        if not uids:
+            del index[key]
+
+
+class _WorkloadIndex:
+    """Workload uids by namespace and by label, over the snapshot last rendered: which
+    workloads a selector or a namespace change can reach, without looking at all 10,000."""
+
+    def __init__(self, workloads: Iterable[Workload] = ()) -> None:
+        self.by_namespace: dict[str, set[str]] = {}
+        self.by_label: dict[tuple[str, str], set[str]] = {}
+        for w in workloads:
+            self.add(w)
+
+    def add(self, w: Workload) -> None:
+        self.by_namespace.setdefault(w.namespace, set()).add(w.uid)
+        for item in w.labels.items():
+            self.by_label.setdefault(item, set()).add(w.uid)
+
+    def remove(self, w: Workload) -> None:
+        _discard(self.by_namespace, w.namespace, w.uid)
+        for item in w.labels.items():
+            _discard(self.by_label, item, w.uid)
+
+    def in_namespace(self, namespace: str, workloads: Mapping[str, Workload]) -> Iterable[str]:
+        """The uids a namespace-wide policy of ``namespace`` reaches (the root's: all)."""
+        return workloads.keys() if namespace == ROOT_NAMESPACE else self.by_namespace.get(namespace, ())
+
+    def selected(self, policy: SelectorPolicy, workloads: Mapping[str, Workload]) -> set[str]:
+        first = next(iter(policy.selector.match_labels.items()), None)
+        candidates = (
+            self.in_namespace(policy.namespace, workloads) if first is None else self.by_label.get(first, ())
+        )
+        return {uid for uid in candidates if policy.selects(workloads[uid])}
+
+
+# Changes of these kinds re-render everything: a Gateway can rebind any workload or service.
+_FULL_KINDS = frozenset({Kind.GATEWAY})
+_INCREMENTAL_KINDS = frozenset(
+    {
+        Kind.WORKLOAD,
+        Kind.SERVICE,
+        Kind.NAMESPACE,
+        Kind.AUTHORIZATION_POLICY,
+        Kind.PEER_AUTHENTICATION,
+        Kind.REQUEST_AUTHENTICATION,
+        Kind.MESH_CONFIG,
+        Kind.WAF_POLICY,
+    }
+)
+# Above one touched object in this many workloads (a resync), render everything instead.
+_INCREMENTAL_FRACTION = 4
+_HISTORY = 64  # generations whose changed names are kept
+
+
+def _moved(
+    new: Mapping[str, Mapping[str, frozenset[str]]],
+    old: Mapping[str, Mapping[str, frozenset[str]]],
+    type_url: str,
+) -> set[str]:
+    """Names whose audience differs: visible to other streams than before."""
+    n, o = new.get(type_url, {}), old.get(type_url, {})
+    return {k for k in n.keys() | o.keys() if n.get(k) != o.get(k)}
+
+
+def _differing(new: Mapping[str, Entry], old: Mapping[str, Entry], names: Iterable[str]) -> set[str]:
+    out: set[str] = set()
+    for name in names:
+        a, b = new.get(name), old.get(name)
+        if (a.version if a is not None else None) != (b.version if b is not None else None):
+            out.add(name)
+    return out
+
+
 class ResourceCache:
     """Renders the store's state as xDS resources once, for every stream.
 
     Store writes may come from any thread; the callback only queues the delta, and rendering
-    happens lazily on the event loop when a stream asks for :meth:`current`.
+    happens lazily on the event loop when a stream asks for :meth:`current`. A change re-renders
+    only what it can alter (:meth:`_update`): a pod its entry, a policy the workloads whose
+    policy list it enters or leaves, a service its entry and the workloads it selects; only a
+    Gateway change, or a change touching a large part of the mesh, re-renders everything.
+    Either way the result is identical to a full render of the same snapshot
+    (tests/controlplane/test_xds_incremental.py checks it), and ``changed`` lists exactly the
+    names whose entry (or audience) differs from the previous version's.
     """
 
     def __init__(self, store: Store, jwks: JwksCache | None = None) -> None:
@@ -176,9 +280,21 @@ class ResourceCache:
         self._waf_unbound: frozenset[str] = frozenset()  # WafPolicies that reach no waypoint (logged)
         self._store = store
         self._unsubscribe = store.subscribe(self._on_delta)
+        # What the incremental updates start from; set by every full render.
         self._selector_policies = SelectorPolicyIndex()
         self._peer_auth = PeerAuthenticationIndex(())
-        self._resources = self._render(store.snapshot())
+        self._selectors: dict[str, SelectorPolicy] = {}  # AuthorizationPolicy key -> its selector policy
+        self._policy_authz: dict[str, Entry] = {}  # Authorization entries lowered from AuthorizationPolicies
+        self._peer_authz: dict[str, Entry] = {}  # ... from PeerAuthentications (they win on a name clash)
+        self._service_names: dict[str, str] = {}  # Service key -> its resource name
+        self._workload_index = _WorkloadIndex()
+        # generation -> (its parent's, its changed names): for streams a few generations behind
+        self._history: dict[int, tuple[int | None, Mapping[str, frozenset[str]] | None]] = {}
+        self._generation = 0
+        self.full_renders = 0  # for tests and the benchmark: how often everything was re-rendered
+        snapshot = store.snapshot()
+        self._snapshot = snapshot
+        self._resources = self._render(snapshot, None)
 
     def close(self) -> None:
         self._unsubscribe()
@@ -191,21 +307,63 @@ class ResourceCache:
         with self._lock:
             pending, self._pending = self._pending, []
         pending = [d for d in pending if d.version > self._resources.version]
+        keys_changed = False
         if self._jwks is not None and self._jwks.version != self._jwks_version:
-            # New keys: re-render (rare: once per fetch that changed a document).
             self._jwks_version = self._jwks.version
-            latest = pending[-1].snapshot if pending else self._store.snapshot()
-            self._resources = self._render(latest)
+            keys_changed = True  # new keys: the RequestAuthentication resources carry them
+        if not pending and not keys_changed:
             return self._resources
-        if not pending:
-            return self._resources
-        kinds = frozenset().union(*(d.kinds for d in pending)) - _IRRELEVANT_KINDS
-        latest = pending[-1].snapshot
-        if kinds <= {Kind.WORKLOAD}:
-            self._resources = self._update_workloads(latest, pending)
-        else:
-            self._resources = self._render(latest)
-        return self._resources
+        latest = pending[-1].snapshot if pending else self._snapshot
+        touched: dict[Kind, set[str]] = {}
+        for d in pending:
+            for kind in d.kinds - _IRRELEVANT_KINDS:
+                touched.setdefault(kind, set()).update(d.upserted_keys(kind), d.removed_keys(kind))
+        contiguous = not pending or pending[0].previous.version == self._snapshot.version
+        resources = self._update(latest, touched, keys_changed) if contiguous else None
+        if resources is None:
+            resources = self._render(latest, self._resources)
+        self._snapshot = latest
+        self._resources = resources
+        return resources
+
+    def changed_since(
+        self, resources: Resources, type_url: str, generation: int | None
+    ) -> Iterable[str] | None:
+        """The names of ``type_url`` that may differ between ``generation`` and ``resources``
+        (a stream that diffed ``generation`` need look only at those), None when not known."""
+        if generation is None:
+            return None
+        names: set[str] = set()
+        at = resources.generation
+        while at != generation:
+            link = self._history.get(at)
+            if link is None or link[0] is None or link[1] is None or link[0] >= at:
+                return None
+            names.update(link[1][type_url])
+            at = link[0]
+        return names
+
+    def _publish(
+        self,
+        snapshot: Snapshot,
+        by_type: Mapping[str, Mapping[str, Entry]],
+        changed: Mapping[str, frozenset[str]] | None,
+        audiences: Mapping[str, Mapping[str, frozenset[str]]],
+        previous: Resources | None,
+    ) -> Resources:
+        self._generation += 1
+        resources = Resources(
+            snapshot.version,
+            MappingProxyType(dict(by_type)),
+            generation=self._generation,
+            parent_generation=previous.generation if previous is not None else None,
+            changed=MappingProxyType(dict(changed)) if changed is not None else None,
+            audiences=audiences,
+        )
+        self._history[resources.generation] = (resources.parent_generation, resources.changed)
+        while len(self._history) > _HISTORY:
+            del self._history[next(iter(self._history))]
+        return resources
 
     def _log_waypoint_problems(
         self, snapshot: Snapshot, bindings: Mapping[str, WaypointBinding | None], *, everything: bool
@@ -225,77 +383,172 @@ class ResourceCache:
                 log.warning("waypoint binding not used", workload=f"{w.namespace}/{w.name}", reason=problem)
         self._waypoint_problems = problems
 
-    def _update_workloads(self, snapshot: Snapshot, deltas: Sequence[Delta]) -> Resources:
-        current = self._resources.by_type[ADDRESS_TYPE_URL]
-        # MappingProxyType.copy() copies the dict underneath in C; dict(view) walks it in Python.
-        addresses = current.copy() if isinstance(current, MappingProxyType) else dict(current)
-        touched = set().union(
-            *(d.upserted_keys(Kind.WORKLOAD) | d.removed_keys(Kind.WORKLOAD) for d in deltas)
-        )
-        bindings: dict[str, WaypointBinding | None] = {}
-        for uid in touched:
-            if uid in snapshot.workloads:
-                addresses[uid], bindings[uid] = _workload_entry(
-                    uid, snapshot, self._selector_policies, self._peer_auth
-                )
+    def _warn(self, key: str, warnings: tuple[str, ...]) -> None:
+        """Log a policy's warnings when they are new for it; remember them."""
+        if not warnings:
+            self._warned.pop(key, None)
+            return
+        if self._warned.get(key) != warnings:
+            for warning in warnings:
+                log.warning("policy not fully enforceable by ztunnel", policy=key, detail=warning)
+        self._warned[key] = warnings
+
+    def _update(
+        self, snapshot: Snapshot, touched: Mapping[Kind, set[str]], keys_changed: bool
+    ) -> Resources | None:
+        """The resources of ``snapshot``, which differs from the one last rendered in the
+        ``touched`` keys (and in the JWKS documents if ``keys_changed``), re-rendering only what
+        those can alter; None when a full render is due instead."""
+        old = self._snapshot
+        if touched.keys() - _INCREMENTAL_KINDS:
+            return None
+        if sum(map(len, touched.values())) * _INCREMENTAL_FRACTION > max(len(snapshot.workloads), 64):
+            return None
+        index = self._workload_index
+        uids: set[str] = set()  # workloads to re-render
+        services: set[str] = set()  # Service keys to re-render
+
+        for uid in touched.get(Kind.WORKLOAD, ()):
+            before, after = old.workloads.get(uid), snapshot.workloads.get(uid)
+            if before is not None:
+                index.remove(before)
+            if after is not None:
+                index.add(after)
+            uids.add(uid)
+
+        for key in touched.get(Kind.SERVICE, ()):
+            before_svc, after_svc = old.services.get(key), snapshot.services.get(key)
+            if key in old.gateways or key in snapshot.gateways or any(
+                s is not None and s.cluster_domain != DEFAULT_CLUSTER_DOMAIN for s in (before_svc, after_svc)
+            ):
+                return None  # possibly a waypoint's address, which other resources carry
+            services.add(key)
+            uids.update(w.uid for w in old.endpoints(key))
+            uids.update(w.uid for w in snapshot.endpoints(key))
+
+        for ns in touched.get(Kind.NAMESPACE, ()):
+            # Its waypoint label and strict mode: the bindings of its workloads and services.
+            uids.update(index.by_namespace.get(ns, ()))
+            services.update(k for k, s in snapshot.services.items() if s.namespace == ns)
+
+        authz_names: set[str] = set()
+        selectors_changed = False
+        for key in touched.get(Kind.AUTHORIZATION_POLICY, ()):
+            policy = snapshot.authorization_policies.get(key)
+            lowered = lower_authorization_policy(policy) if policy is not None else None
+            self._warn(key, lowered.warnings if lowered is not None else ())
+            a = lowered.authorization if lowered is not None else None
+            authz_names.add(key)
+            if a is not None:
+                self._policy_authz[key] = _entry(key, authorization_to_any(a))
             else:
-                addresses.pop(uid, None)
-                bindings[uid] = None
-        self._log_waypoint_problems(snapshot, bindings, everything=False)
-        by_type = dict(self._resources.by_type)
-        by_type[ADDRESS_TYPE_URL] = MappingProxyType(addresses)
+                self._policy_authz.pop(key, None)
+            listed_before = self._selectors.pop(key, None)
+            listed = selector_policy(policy, a) if policy is not None else None
+            if listed is not None:
+                self._selectors[key] = listed
+            if listed_before != listed:
+                # The workloads it selected or selects now: their policy list changes.
+                selectors_changed = True
+                for sel in (listed_before, listed):
+                    if sel is not None:
+                        uids.update(index.selected(sel, snapshot.workloads))
+        if selectors_changed:
+            self._selector_policies = SelectorPolicyIndex(self._selectors.values())
+
+        if Kind.PEER_AUTHENTICATION in touched:
+            peer_auth = PeerAuthenticationIndex(snapshot.peer_authentications.values())
+            self._warn("PeerAuthentication", peer_auth.warnings)
+            self._peer_auth = peer_auth
+            peer_authz = {a.key: _entry(a.key, authorization_to_any(a)) for a in peer_auth.authorizations()}
+            authz_names.update(self._peer_authz.keys() | peer_authz.keys())
+            self._peer_authz = peer_authz
+            for key in touched[Kind.PEER_AUTHENTICATION]:
+                for pa in (old.peer_authentications.get(key), snapshot.peer_authentications.get(key)):
+                    if pa is not None:
+                        uids.update(index.in_namespace(pa.namespace, snapshot.workloads))
+        return self._updated(snapshot, touched, keys_changed, uids, services, authz_names)
+
+    def _updated(
+        self,
+        snapshot: Snapshot,
+        touched: Mapping[Kind, set[str]],
+        keys_changed: bool,
+        uids: set[str],
+        services: set[str],
+        authz_names: set[str],
+    ) -> Resources:
+        """:meth:`_update`, second half: render what it found affected, and diff."""
+        previous = self._resources
+        by_type = dict(previous.by_type)
+        changed: dict[str, frozenset[str]] = dict.fromkeys(TYPES, frozenset())
+
+        if uids or services:
+            current = previous.by_type[ADDRESS_TYPE_URL]
+            addresses = current.copy() if isinstance(current, MappingProxyType) else dict(current)
+            names = set(uids)
+            bindings: dict[str, WaypointBinding | None] = {}
+            for uid in uids:
+                if uid in snapshot.workloads:
+                    addresses[uid], bindings[uid] = _workload_entry(
+                        uid, snapshot, self._selector_policies, self._peer_auth
+                    )
+                else:
+                    addresses.pop(uid, None)
+                    bindings[uid] = None
+            self._log_waypoint_problems(snapshot, bindings, everything=False)
+            for key in services:
+                before_name = self._service_names.pop(key, None)
+                if before_name is not None:
+                    addresses.pop(before_name, None)
+                    names.add(before_name)
+                service = snapshot.services.get(key)
+                if service is not None:
+                    svc = service_state(service, snapshot)
+                    addresses[svc.key] = _entry(svc.key, address_to_any(svc))
+                    self._service_names[key] = svc.key
+                    names.add(svc.key)
+            changed[ADDRESS_TYPE_URL] = frozenset(_differing(addresses, current, names))
+            by_type[ADDRESS_TYPE_URL] = MappingProxyType(addresses)
+
+        if authz_names:
+            current = previous.by_type[AUTHORIZATION_TYPE_URL]
+            authorizations = current.copy() if isinstance(current, MappingProxyType) else dict(current)
+            for name in authz_names:
+                entry = self._peer_authz.get(name) or self._policy_authz.get(name)
+                if entry is not None:
+                    authorizations[name] = entry
+                else:
+                    authorizations.pop(name, None)
+            changed[AUTHORIZATION_TYPE_URL] = frozenset(_differing(authorizations, current, authz_names))
+            by_type[AUTHORIZATION_TYPE_URL] = MappingProxyType(authorizations)
+
+        # The waypoint types are few resources each: rendered whole when their inputs change.
+        waypoint_maps: dict[str, Mapping[str, Entry]] = {}
+        if Kind.AUTHORIZATION_POLICY in touched:
+            waypoint_maps[WAYPOINT_POLICY_TYPE_URL] = _waypoint_policies(snapshot)
+        if Kind.REQUEST_AUTHENTICATION in touched or keys_changed:
+            waypoint_maps[WAYPOINT_AUTHN_TYPE_URL] = self._waypoint_authns(snapshot)
+        if Kind.MESH_CONFIG in touched:
+            waypoint_maps[EXTENSION_PROVIDER_TYPE_URL] = _providers(snapshot)
+        if Kind.WAF_POLICY in touched:
+            waypoint_maps[WAF_POLICY_TYPE_URL] = _waf_policies(snapshot)
+        for type_url, entries in waypoint_maps.items():
+            current = previous.by_type[type_url]
+            changed[type_url] = frozenset(_differing(entries, current, entries.keys() | current.keys()))
+            by_type[type_url] = MappingProxyType(dict(entries))
+
         # Which waypoints handle a service can follow its pods (per-account waypoints).
         audiences = self._audiences(snapshot)
+        for type_url in _SCOPED:
+            moved = _moved(audiences, previous.audiences, type_url)
+            if moved:
+                changed[type_url] = changed[type_url] | moved
+        return self._publish(snapshot, by_type, changed, audiences, previous)
 
-        def moved(type_url: str) -> frozenset[str]:
-            new, old = audiences.get(type_url, {}), self._resources.audiences.get(type_url, {})
-            return frozenset(k for k in new.keys() | old.keys() if new.get(k) != old.get(k))
-
-        return Resources(
-            snapshot.version,
-            MappingProxyType(by_type),
-            parent_version=self._resources.version,
-            changed=MappingProxyType(
-                {
-                    ADDRESS_TYPE_URL: frozenset(touched),
-                    AUTHORIZATION_TYPE_URL: frozenset(),
-                    WAYPOINT_POLICY_TYPE_URL: moved(WAYPOINT_POLICY_TYPE_URL),
-                    WAYPOINT_AUTHN_TYPE_URL: moved(WAYPOINT_AUTHN_TYPE_URL),
-                    EXTENSION_PROVIDER_TYPE_URL: frozenset(),
-                    WAF_POLICY_TYPE_URL: moved(WAF_POLICY_TYPE_URL),
-                }
-            ),
-            audiences=audiences,
-        )
-
-    def _render(self, snapshot: Snapshot) -> Resources:
-        lowered = lower_policies(snapshot)
-        for key, warnings in lowered.warnings.items():
-            if self._warned.get(key) != warnings:
-                for warning in warnings:
-                    log.warning("policy not fully enforceable by ztunnel", policy=key, detail=warning)
-        self._warned = dict(lowered.warnings)
-        self._selector_policies = lowered.selector_policies
-        self._peer_auth = lowered.peer_authentications
-        authorizations = {a.key: _entry(a.key, authorization_to_any(a)) for a in lowered.authorizations}
-
-        addresses: dict[str, Entry] = {}
-        bindings: dict[str, WaypointBinding | None] = {}
-        for uid in snapshot.workloads:
-            addresses[uid], bindings[uid] = _workload_entry(
-                uid, snapshot, self._selector_policies, self._peer_auth
-            )
-        self._log_waypoint_problems(snapshot, bindings, everything=True)
-        for service in snapshot.services.values():
-            svc = service_state(service, snapshot)
-            addresses[svc.key] = _entry(svc.key, address_to_any(svc))
-        waypoint_policies = {
-            p.key: _entry(p.key, waypoint_policy_to_any(p))
-            for p in snapshot.authorization_policies.values()
-            if p.target_refs
-        }
+    def _waypoint_authns(self, snapshot: Snapshot) -> dict[str, Entry]:
         docs = self._jwks.documents() if self._jwks is not None else {}
-        waypoint_authns = {
+        return {
             ra.key: _entry(
                 ra.key,
                 waypoint_authn_to_any(
@@ -307,30 +560,66 @@ class ResourceCache:
             for ra in snapshot.request_authentications.values()
             if ra.target_refs
         }
-        # MeshConfig extensionProviders: the external authorizers CUSTOM policies name (waypoints).
-        providers = {
-            p.name: _entry(p.name, extension_provider_to_any(p))
-            for mc in snapshot.mesh_configs.values()
-            for p in mc.extension_providers
-            if p.ext_authz is not None
-        }
-        # WafPolicies (ours): each to the waypoints its targetRefs reach, as written.
-        waf = {p.key: _entry(p.key, waf_policy_to_any(p)) for p in snapshot.waf_policies.values()}
-        return Resources(
-            snapshot.version,
-            MappingProxyType(
-                {
-                    ADDRESS_TYPE_URL: MappingProxyType(addresses),
-                    AUTHORIZATION_TYPE_URL: MappingProxyType(authorizations),
-                    WAYPOINT_POLICY_TYPE_URL: MappingProxyType(waypoint_policies),
-                    WAYPOINT_AUTHN_TYPE_URL: MappingProxyType(waypoint_authns),
-                    EXTENSION_PROVIDER_TYPE_URL: MappingProxyType(providers),
-                    WAF_POLICY_TYPE_URL: MappingProxyType(waf),
-                }
-            ),
-            audiences=self._audiences(snapshot),
-        )
 
+    def _render(self, snapshot: Snapshot, previous: Resources | None) -> Resources:
+        """Everything, from scratch (``changed``: what differs from ``previous``); also sets
+        what the incremental updates start from.
+
+        Policies are lowered one by one with the functions :func:`lower_policies` uses, so
+        each AuthorizationPolicy's entry is kept apart from the PeerAuthentication ones."""
+        self.full_renders += 1
+        self._warned = {}
+        self._selectors = {}
+        self._policy_authz = {}
+        for key, policy in sorted(snapshot.authorization_policies.items()):
+            lowered = lower_authorization_policy(policy)
+            self._warn(key, lowered.warnings)
+            a = lowered.authorization
+            if a is None:
+                continue
+            self._policy_authz[key] = _entry(key, authorization_to_any(a))
+            listed = selector_policy(policy, a)
+            if listed is not None:
+                self._selectors[key] = listed
+        self._selector_policies = SelectorPolicyIndex(self._selectors.values())
+        self._peer_auth = PeerAuthenticationIndex(snapshot.peer_authentications.values())
+        self._warn("PeerAuthentication", self._peer_auth.warnings)
+        self._peer_authz = {
+            a.key: _entry(a.key, authorization_to_any(a)) for a in self._peer_auth.authorizations()
+        }
+        authorizations = {**self._policy_authz, **self._peer_authz}
+
+        addresses: dict[str, Entry] = {}
+        bindings: dict[str, WaypointBinding | None] = {}
+        for uid in snapshot.workloads:
+            addresses[uid], bindings[uid] = _workload_entry(
+                uid, snapshot, self._selector_policies, self._peer_auth
+            )
+        self._log_waypoint_problems(snapshot, bindings, everything=True)
+        self._workload_index = _WorkloadIndex(snapshot.workloads.values())
+        self._service_names = {}
+        for key, service in snapshot.services.items():
+            svc = service_state(service, snapshot)
+            addresses[svc.key] = _entry(svc.key, address_to_any(svc))
+            self._service_names[key] = svc.key
+        by_type: dict[str, Mapping[str, Entry]] = {
+            ADDRESS_TYPE_URL: MappingProxyType(addresses),
+            AUTHORIZATION_TYPE_URL: MappingProxyType(authorizations),
+            WAYPOINT_POLICY_TYPE_URL: MappingProxyType(_waypoint_policies(snapshot)),
+            WAYPOINT_AUTHN_TYPE_URL: MappingProxyType(self._waypoint_authns(snapshot)),
+            EXTENSION_PROVIDER_TYPE_URL: MappingProxyType(_providers(snapshot)),
+            WAF_POLICY_TYPE_URL: MappingProxyType(_waf_policies(snapshot)),
+        }
+        audiences = self._audiences(snapshot)
+        changed: dict[str, frozenset[str]] | None = None
+        if previous is not None:
+            # Diffed once here rather than by every stream.
+            changed = {}
+            for t in TYPES:
+                new, old = by_type[t], previous.by_type[t]
+                moved = _moved(audiences, previous.audiences, t) if t in _SCOPED else set()
+                changed[t] = frozenset(_differing(new, old, new.keys() | old.keys()) | moved)
+        return self._publish(snapshot, by_type, changed, audiences, previous)
 
     def _audiences(self, snapshot: Snapshot) -> Mapping[str, Mapping[str, frozenset[str]]]:
         """:func:`_audiences`, saying once when a WafPolicy reaches no waypoint (it inspects
@@ -344,6 +633,30 @@ class ResourceCache:
             log.warning("WafPolicy applies to no waypoint: it inspects nothing", policy=key, targets=targets)
         self._waf_unbound = unbound
         return audiences
+
+
+def _waypoint_policies(snapshot: Snapshot) -> dict[str, Entry]:
+    """Each waypoint-bound AuthorizationPolicy, as written."""
+    return {
+        p.key: _entry(p.key, waypoint_policy_to_any(p))
+        for p in snapshot.authorization_policies.values()
+        if p.target_refs
+    }
+
+
+def _providers(snapshot: Snapshot) -> dict[str, Entry]:
+    """MeshConfig extensionProviders: the external authorizers CUSTOM policies name (waypoints)."""
+    return {
+        p.name: _entry(p.name, extension_provider_to_any(p))
+        for mc in snapshot.mesh_configs.values()
+        for p in mc.extension_providers
+        if p.ext_authz is not None
+    }
+
+
+def _waf_policies(snapshot: Snapshot) -> dict[str, Entry]:
+    """WafPolicies (ours): each to the waypoints its targetRefs reach, as written."""
+    return {p.key: _entry(p.key, waf_policy_to_any(p)) for p in snapshot.waf_policies.values()}
 
 
 def _audiences(snapshot: Snapshot) -> Mapping[str, Mapping[str, frozenset[str]]]:
@@ -370,7 +683,7 @@ class _Subscription:
     names: set[str] = field(default_factory=set)
     sent: dict[str, str] = field(default_factory=dict)  # name -> version the client holds
     nonces: set[str] = field(default_factory=set)  # sent, not yet ACKed/NACKed
-    diffed_version: int | None = None  # the Resources version `sent` was last compared with
+    diffed_generation: int | None = None  # the Resources generation `sent` was last compared with
 
 
 _CHANGED = object()
@@ -451,7 +764,10 @@ class _Stream:
             for name in list(sub.sent):
                 if name not in sub.names:
                     sub.sent.pop(name)
-        await self._push(type_url, sub, force=first, absent=absent, full=True)
+        # A plain ACK/NACK changes no subscription: only what changed since this stream's last
+        # diff can need sending (usually nothing), so it does not diff every resource again.
+        resubscribed = first or bool(req.resource_names_subscribe or req.resource_names_unsubscribe)
+        await self._push(type_url, sub, force=first, absent=absent, full=resubscribed)
 
     async def on_change(self) -> None:
         for type_url, sub in self._subs.items():
@@ -471,13 +787,10 @@ class _Stream:
         wanted: Mapping[str, Entry] = (
             current if sub.wildcard else {n: current[n] for n in sub.names if n in current}
         )
-        changed = resources.changed
-        if not full and changed is not None and resources.parent_version == sub.diffed_version:
-            # Only what changed since the state this stream last caught up with.
-            candidates: Iterable[str] = changed[type_url]
-        else:
-            candidates = set(wanted) | set(sub.sent)
-        sub.diffed_version = resources.version
+        # Only what changed since the state this stream last caught up with, when known.
+        changed = None if full else self._cache.changed_since(resources, type_url, sub.diffed_generation)
+        candidates: Iterable[str] = changed if changed is not None else set(wanted) | set(sub.sent)
+        sub.diffed_generation = resources.generation
         upserts: list[str] = []
         removed_set = set(absent)
         for name in candidates:

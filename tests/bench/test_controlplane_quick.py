@@ -39,3 +39,22 @@ def test_controlplane_benchmark_quick(tmp_path: Path) -> None:
     assert figures["changes_ok"] == figures["changes"] > 0
     assert not figures["ca_errors"] and figures["ca_requests"] > 0  # ca_errors lists the failures
     assert figures["client_workloads"] > 0 and figures["client_services"] > 0
+    # Churn: every kind of change reached every simulated node stream (the phase waits for all
+    # of them, so getting figures means each change arrived), with bytes counted for it.
+    assert "change | store write" in proc.stdout
+    assert figures["churn_clients"] > 0 and figures["churn_sync_bytes_per_client"] > 0
+    kinds = figures["churn"]
+    assert set(kinds) == {
+        "pod_added",
+        "pod_removed",
+        "pod_relabelled",
+        "policy_edited",
+        "policy_retargeted",
+        "service_edited",
+    }
+    for kind, k in kinds.items():
+        assert k["changes"] > 0 and k["p99_s"] > 0, kind
+        assert k["bytes_per_client"] > 0 and k["resources_per_client"] >= 1, kind
+    # What is pushed is what changed: no stream got more resources than the change altered.
+    for change in figures["churn_changes"]:
+        assert change["resources_per_client"] == change["markers"], change
