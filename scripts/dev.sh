@@ -3,6 +3,7 @@
 #   bash scripts/dev.sh demo [args]   install what is missing, then run the local mesh demo
 #   bash scripts/dev.sh test [args]   install what is missing, then lint, type-check and test
 #   bash scripts/dev.sh bench [args]  install what is missing, then run the data-path benchmark
+#   bash scripts/dev.sh bench-all [args]  the same, then every benchmark (benchmarks/run_all.py)
 # Every step is idempotent: a second run installs nothing that is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -79,6 +80,9 @@ case "$cmd" in
     bench)
         ensure_apt; ensure_venv
         exec "$VENV/bin/python" benchmarks/datapath.py "$@" ;;
+    bench-all)
+        ensure_apt; ensure_venv
+        exec "$VENV/bin/python" benchmarks/run_all.py "$@" ;;
     *)
-        echo "usage: bash scripts/dev.sh demo|test|bench [args]" >&2; exit 2 ;;
+        echo "usage: bash scripts/dev.sh demo|test|bench|bench-all [args]" >&2; exit 2 ;;
 esac
