@@ -48,8 +48,22 @@ def _readonly(d: dict[str, _T]) -> Mapping[str, _T]:
     return MappingProxyType(d)
 
 
-# Above one touched workload in this many, a full rebuild is cheaper than updating in place.
+# Above one touched object in this many of its kind, a full rebuild is cheaper than an update.
 _INCREMENTAL_FRACTION = 4
+
+
+def _few_touched(
+    before: Mapping[str, object] | None, touched: Mapping[Kind, frozenset[str]] | None, kind: Kind
+) -> frozenset[str] | None:
+    """The keys of ``kind`` a write touched, if there are few enough to update the previous
+    snapshot's indexes for them; None when they must be rebuilt."""
+    if before is None or touched is None:
+        return None
+    keys = touched.get(kind)
+    if keys is None or len(keys) * _INCREMENTAL_FRACTION > len(before):
+        return None
+    return keys
+
 
 _EMPTY_WORKLOAD_INDEXES = WorkloadIndexes.build({})
 _EMPTY_SERVICE_INDEXES = ServiceIndexes.build({})
@@ -83,8 +97,8 @@ class Snapshot:
         """Build a snapshot; ``_previous``/``_changed`` let the store reuse unchanged indexes.
 
         ``_touched`` (keys upserted or removed, per kind, relative to ``_previous``; given by
-        :meth:`Store.apply`) lets a small workload change update the workload and endpoint
-        indexes in place of rebuilding them over every pod and service.
+        the store's writes) lets a small workload or service change update the indexes in place
+        of rebuilding them over every pod and service.
         """
         by_kind = dict.fromkeys(Kind, _EMPTY)
         for kind, objs in (objects or {}).items():
@@ -94,39 +108,45 @@ class Snapshot:
         workloads = cast(Mapping[str, Workload], by_kind[Kind.WORKLOAD])
         services = cast(Mapping[str, Service], by_kind[Kind.SERVICE])
         prev = _previous
-        touched_workloads = _touched.get(Kind.WORKLOAD) if _touched is not None else None
-        incremental = (
-            prev is not None
-            and touched_workloads is not None
-            and Kind.SERVICE not in _changed
-            and len(touched_workloads) * _INCREMENTAL_FRACTION <= len(prev.workloads)
-        )
-        if prev is not None and Kind.WORKLOAD not in _changed:
+        workloads_changed = Kind.WORKLOAD in _changed
+        services_changed = Kind.SERVICE in _changed
+        # Per kind: the keys to update the previous indexes for (None: rebuild them in full).
+        touched_workloads = _few_touched(prev.workloads if prev else None, _touched, Kind.WORKLOAD)
+        touched_services = _few_touched(prev.services if prev else None, _touched, Kind.SERVICE)
+        if prev is not None and not workloads_changed:
             self._workload_idx = prev._workload_idx
-        elif incremental and prev is not None and touched_workloads is not None:
-            self._workload_idx = (
-                prev._workload_idx.updated(prev.workloads, workloads, touched_workloads)
-                if workloads
-                else _EMPTY_WORKLOAD_INDEXES
-            )
+        elif prev is not None and touched_workloads is not None and workloads:
+            self._workload_idx = prev._workload_idx.updated(prev.workloads, workloads, touched_workloads)
         else:
             self._workload_idx = WorkloadIndexes.build(workloads) if workloads else _EMPTY_WORKLOAD_INDEXES
-        if prev is not None and Kind.SERVICE not in _changed:
+        if prev is not None and not services_changed:
             self._service_idx = prev._service_idx
+        elif prev is not None and touched_services is not None and services:
+            self._service_idx = prev._service_idx.updated(prev.services, services, touched_services)
         else:
             self._service_idx = ServiceIndexes.build(services) if services else _EMPTY_SERVICE_INDEXES
-        if prev is not None and not {Kind.WORKLOAD, Kind.SERVICE} & _changed:
+        if prev is not None and not (workloads_changed or services_changed):
             self._endpoint_idx = prev._endpoint_idx
-        elif incremental and prev is not None and touched_workloads is not None and services and workloads:
-            self._endpoint_idx = prev._endpoint_idx.workloads_updated(
-                prev.workloads, workloads, touched_workloads
-            )
+        elif not (services and workloads):
+            self._endpoint_idx = _EMPTY_ENDPOINT_INDEXES
+        elif (
+            prev is not None
+            and prev.services  # else the previous index is the shared empty one, not prev's
+            and prev.workloads
+            and (touched_workloads is not None or not workloads_changed)
+            and (touched_services is not None or not services_changed)
+        ):
+            # Pods first, against the old services; then the changed services against the new pods.
+            endpoint_idx = prev._endpoint_idx
+            if workloads_changed and touched_workloads is not None:
+                endpoint_idx = endpoint_idx.workloads_updated(prev.workloads, workloads, touched_workloads)
+            if services_changed and touched_services is not None:
+                endpoint_idx = endpoint_idx.services_updated(
+                    prev.services, services, touched_services, workloads
+                )
+            self._endpoint_idx = endpoint_idx
         else:
-            self._endpoint_idx = (
-                EndpointIndexes.build(services, workloads)
-                if services and workloads
-                else _EMPTY_ENDPOINT_INDEXES
-            )
+            self._endpoint_idx = EndpointIndexes.build(services, workloads)
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{k.value}={len(v)}" for k, v in self._objects.items() if v)

@@ -4,8 +4,8 @@ Sources (the local YAML file, the Kubernetes API) write; the CA, discovery serve
 and ztunnel read. Readers take a :class:`Snapshot` and may keep it as long as they like: it
 never changes, so a decision made on it is made on one consistent state, without locks.
 Each effective change makes a new snapshot (copy-on-write per kind, indexes rebuilt only for
-the kinds that changed, or updated in place for a small workload change) and a :class:`Delta`
-for subscribers, numbered by a version that only grows. Applying something already in force
+the kinds that changed, or updated in place for a change to few workloads and services) and
+a :class:`Delta` for subscribers, numbered by a version that only grows. Applying something already in force
 changes nothing and notifies nobody, which makes sources idempotent for free.
 """
 
@@ -124,17 +124,29 @@ class Store:
             bucket[obj.key] = obj
         with self._write():
             current = self._snapshot
+            changed: dict[Kind, dict[str, MeshObject]] = {}
             upserted: dict[Kind, frozenset[str]] = {}
             removed: dict[Kind, frozenset[str]] = {}
             for kind in Kind:
                 old, want = current.objects(kind), new[kind]
                 ups = frozenset(k for k, v in want.items() if old.get(k) != v)
                 gone = frozenset(k for k in old if k not in want)
+                if not ups and not gone:
+                    continue
+                # The previous snapshot's objects where they are equal, as ``apply`` keeps them:
+                # then its indexes can be updated for the few keys a resync usually changes.
+                d = mutable_copy(old)
+                for k in gone:
+                    del d[k]
+                for k, v in want.items():
+                    if k in ups:
+                        d[k] = v
+                changed[kind] = d
                 if ups:
                     upserted[kind] = ups
                 if gone:
                     removed[kind] = gone
-            return self._commit({k: new[k] for k in set(upserted) | set(removed)}, upserted, removed)
+            return self._commit(changed, upserted, removed)
 
     def upsert(self, *objects: MeshObject) -> Delta | None:
         return self.apply(upserts=objects)
@@ -180,7 +192,7 @@ class Store:
                     upserted[kind] = k_ups
                 if k_dels:
                     removed[kind] = k_dels
-            return self._commit(changed, upserted, removed, incremental=True)
+            return self._commit(changed, upserted, removed)
 
     def _write(self) -> _WriteGuard:
         return _WriteGuard(self)
@@ -190,22 +202,16 @@ class Store:
         changed: Mapping[Kind, dict[str, MeshObject]],
         upserted: dict[Kind, frozenset[str]],
         removed: dict[Kind, frozenset[str]],
-        *,
-        incremental: bool = False,
     ) -> Delta | None:
-        """Called with the lock held. ``incremental``: the objects not among ``upserted`` and
-        ``removed`` are the previous snapshot's own, so its indexes can be updated in place."""
+        """Called with the lock held. The objects not among ``upserted`` and ``removed`` must
+        be the previous snapshot's own, so that its indexes can be updated in place."""
         if not changed:
             return None
         previous = self._snapshot
         objects = {k: previous.objects(k) for k in Kind}
         for kind, d in changed.items():
             objects[kind] = MappingProxyType(d)  # a read-only view: Snapshot takes it as is, no copy
-        touched = (
-            {k: upserted.get(k, _NO_KEYS) | removed.get(k, _NO_KEYS) for k in changed}
-            if incremental
-            else None
-        )
+        touched = {k: upserted.get(k, _NO_KEYS) | removed.get(k, _NO_KEYS) for k in changed}
         snapshot = Snapshot(
             previous.version + 1, objects, _previous=previous, _changed=frozenset(changed), _touched=touched
         )

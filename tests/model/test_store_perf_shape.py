@@ -1,20 +1,25 @@
 """The store's incremental indexes give exactly the answers of a full rebuild.
 
-``Store.apply`` updates the workload and endpoint indexes in place for small workload changes
-(benchmarks/controlplane.py, docs/benchmarks-controlplane.md). These tests drive random
-sequences of upserts and deletes through the store and compare every index, and every lookup,
-with indexes built from scratch over the same objects. No timings here.
+``Store.apply`` and ``Store.replace_all`` update the workload, service and endpoint indexes in
+place for changes to few workloads and services (benchmarks/controlplane.py,
+docs/benchmarks-controlplane.md). These tests drive random sequences of upserts and deletes
+through the store and compare every index, and every lookup, with indexes built from scratch
+over the same objects, and the endpoints with ``Service.selects`` over every pod. No timings here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import mesh.model.indexes as indexes_module
+import mesh.model.snapshot as snapshot_module
 from mesh.model import Kind, MeshObject, Node, Service, ServicePort, Snapshot, Store, Workload
 from mesh.model.indexes import EndpointIndexes, ServiceIndexes, WorkloadIndexes
 
@@ -83,11 +88,15 @@ def assert_same_as_full_build(snap: Snapshot) -> None:
     got_w, got_e = snap._workload_idx, snap._endpoint_idx
     for field in ("by_ip", "by_name", "by_node", "accounts", "ip_claims", "name_claims"):
         assert _plain(getattr(got_w, field)) == _plain(getattr(w_full, field)), field
-    for field in ("by_address", "by_vip", "by_hostname"):
+    for field in ("by_address", "by_vip", "by_hostname", "hostname_claims"):
         assert _plain(getattr(snap._service_idx, field)) == _plain(getattr(s_full, field)), field
     if snap.services and snap.workloads:  # otherwise the shared empty indexes are used
-        for field in ("endpoints", "services_of", "selecting"):
+        for field in ("endpoints", "services_of", "selecting", "labelled"):
             assert _plain(getattr(got_e, field)) == _plain(getattr(e_full, field)), field
+    # The build itself selects through its label index: check it against the definition.
+    by_uid = [snap.workloads[u] for u in sorted(snap.workloads)]
+    for key, s in snap.services.items():
+        assert snap.endpoints(key) == tuple(w for w in by_uid if s.selects(w)), key
     # And through the public lookups, including which of several claimants wins.
     for ip in IPS:
         assert snap.workload_by_ip(ip) == w_full.by_ip.get(ip)
@@ -164,10 +173,11 @@ def test_a_one_pod_write_does_not_rebuild_the_indexes(monkeypatch: pytest.Monkey
     assert snap.services_for_workload("uid-100") == (snap.services["a/x"],)
 
 
-def test_large_batches_and_service_changes_still_rebuild_in_full() -> None:
-    # The incremental path is for small workload changes; everything else rebuilds and must
-    # of course agree as well.
+def test_large_batches_still_rebuild_in_full() -> None:
+    # The incremental path is for small changes; a batch touching more than a quarter of a
+    # kind rebuilds, and must of course agree as well.
     store = _store()
+    store.upsert(*(Service(namespace="a", name=f"s{i}", selector={"app": "x"}) for i in range(10)))
     calls: list[str] = []
     real = EndpointIndexes.build.__func__  # type: ignore[attr-defined]
 
@@ -179,9 +189,46 @@ def test_large_batches_and_service_changes_still_rebuild_in_full() -> None:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(EndpointIndexes, "build", classmethod(counting))
         store.upsert(*(_pod(i, app="z") for i in range(20)))  # half of the pods
+        store.upsert(*(Service(namespace="a", name=f"t{i}", selector={"app": "y"}) for i in range(4)))
         store.upsert(Service(namespace="a", name="z", vips=("10.96.0.3",), selector={"app": "y"}))
-    assert calls == ["build", "build"]
+    assert calls == ["build", "build"]  # not for one service among 13
     assert_same_as_full_build(store.snapshot())
+
+
+def test_a_service_write_does_not_rebuild_the_indexes(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = _store()
+    store.upsert(*(Service(namespace="a", name=f"s{i}", vips=(f"10.96.1.{i}",)) for i in range(12)))
+    before = store.snapshot()
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("full rebuild on a small service write")
+
+    for cls in (WorkloadIndexes, ServiceIndexes, EndpointIndexes):
+        monkeypatch.setattr(cls, "build", refuse)
+    x = before.services["a/x"]
+    store.upsert(dataclasses.replace(x, ports=(ServicePort(port=81, target_port=81),)))
+    store.upsert(Service(namespace="a", name="y", vips=("10.96.0.9",), selector={"app": "x"}))  # retarget
+    store.delete(Kind.SERVICE, "a/s0")
+    # A pod and a service in one batch; and a resync (replace_all) changing one service.
+    store.apply(upserts=[_pod(100, app="y"), Service(namespace="a", name="s1", selector={"app": "y"})])
+    pre = store.snapshot()
+    # Equal copies, as a resync reads them anew from its source.
+    objects = [dataclasses.replace(o) for kind in Kind for o in pre.objects(kind).values() if o.key != "a/s2"]
+    store.replace_all([*objects, Service(namespace="a", name="t9", vips=("10.96.0.1",))])
+    monkeypatch.undo()
+    snap = store.snapshot()
+    assert_same_as_full_build(snap)
+    assert [w.uid for w in snap.endpoints("a/y")] == [w.uid for w in before.endpoints("a/x")]
+    assert [w.uid for w in snap.endpoints("a/s1")] == [*(w.uid for w in before.endpoints("a/y")), "uid-100"]
+    assert snap.services_for_workload("uid-100") == (snap.services["a/s1"],)
+    assert snap.service_by_address("10.96.0.1", 81) == snap.services["a/x"]
+    assert snap.service_by_address("10.96.0.9", 80) is None  # no ports
+    assert snap.services_by_vip("10.96.0.1") == (snap.services["a/t9"], snap.services["a/x"])
+    assert snap.service_by_hostname("s2.a.svc.cluster.local") is None
+    # Unchanged objects of a resync stay the previous snapshot's own instances.
+    assert all(w is pre.workloads[u] for u, w in snap.workloads.items())
+    assert snap.services["a/s3"] is pre.services["a/s3"]
+    assert snap._workload_idx is pre._workload_idx
 
 
 # Pods only, on top of a fixed set of services: every small step takes the incremental path.
@@ -208,3 +255,61 @@ def test_random_pod_writes_keep_indexes_equal_to_a_full_build(
         upserted = {o.key for o in upserts}
         store.apply(upserts=upserts, deletes=[(Kind.WORKLOAD, u) for u in deleted_uids if u not in upserted])
         assert_same_as_full_build(store.snapshot())
+
+
+# Everything incremental: services collide on VIPs, addresses and hostnames ("s0.a" in "b"
+# and "s0" in "a.b" are both s0.a.b.svc.cluster.local), selectors of one or two labels.
+SERVICE_NAMESPACES = [*NAMESPACES, "a.b"]
+SERVICE_NAMES = [*SERVICES[:3], "s0.a"]
+SERVICE_KEYS = [f"{ns}/{n}" for ns in SERVICE_NAMESPACES for n in SERVICE_NAMES]
+any_services = st.builds(
+    Service,
+    namespace=st.sampled_from(SERVICE_NAMESPACES),
+    name=st.sampled_from(SERVICE_NAMES),
+    vips=st.lists(st.sampled_from(["10.96.0.1", "10.96.0.2", "10.96.0.3"]), max_size=2).map(tuple),
+    ports=st.lists(st.sampled_from([80, 443, 8080]).map(lambda p: ServicePort(p, p)), max_size=2).map(tuple),
+    selector=st.sampled_from([*SELECTORS, {"app": "y", "tier": "1"}]),
+    cluster_domain=st.sampled_from(["cluster.local", "cluster.local", "example.org"]),
+)
+mixed_steps = st.tuples(
+    st.lists(st.one_of(workloads, any_services), max_size=4).map(_unique),
+    st.lists(st.sampled_from(UIDS), max_size=2),
+    st.lists(st.sampled_from(SERVICE_KEYS), max_size=2),
+    st.booleans(),  # as a replace_all (a resync) instead of an apply
+)
+
+
+@settings(max_examples=300)
+@given(
+    initial=st.lists(st.one_of(workloads, any_services), max_size=20).map(_unique),
+    ops=st.lists(mixed_steps, max_size=25),
+    max_splices=st.sampled_from([0, 1, 16]),
+)
+def test_random_writes_updated_in_place_equal_a_full_build(
+    initial: list[MeshObject],
+    ops: list[tuple[list[MeshObject], list[str], list[str], bool]],
+    max_splices: int,
+) -> None:
+    """With no size threshold every write that can be incremental is: pods and services
+    together, deletes, resyncs, from empty and back to empty; a label's uids are spliced or
+    re-sorted."""
+    with (
+        mock.patch.object(snapshot_module, "_INCREMENTAL_FRACTION", 0),
+        mock.patch.object(indexes_module, "_MAX_SPLICES", max_splices),
+    ):
+        store = Store()
+        store.replace_all(initial)
+        assert_same_as_full_build(store.snapshot())
+        for upserts, deleted_uids, deleted_services, resync in ops:
+            upserted = {(o.KIND, o.key) for o in upserts}
+            deletes = {(Kind.WORKLOAD, u) for u in deleted_uids}
+            deletes |= {(Kind.SERVICE, k) for k in deleted_services}
+            deletes -= upserted
+            if resync:
+                snap = store.snapshot()
+                current = {(kind, key): o for kind in Kind for key, o in snap.objects(kind).items()}
+                current.update({(o.KIND, o.key): o for o in upserts})
+                store.replace_all(o for k, o in current.items() if k not in deletes)
+            else:
+                store.apply(upserts=upserts, deletes=sorted(deletes))
+            assert_same_as_full_build(store.snapshot())
