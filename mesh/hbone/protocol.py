@@ -17,6 +17,7 @@ CONNECT stream behave like a TCP connection:
 
 from __future__ import annotations
 
+import collections
 import functools
 import ipaddress
 import re
@@ -29,6 +30,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.stream
 import hpack
 from hyperframe.exceptions import HyperframeError
 
@@ -184,6 +186,32 @@ class _PlainEncoder(hpack.Encoder):
         return super().encode(headers, huffman=False)
 
 
+# How many reset streams each connection remembers (h2 keeps 2**16 closed streams of any kind).
+RESET_STREAMS_KEPT = 1024
+_RESET = frozenset({h2.stream.StreamClosedBy.SEND_RST_STREAM, h2.stream.StreamClosedBy.RECV_RST_STREAM})
+
+
+class _ResetStreams(collections.OrderedDict[int, Any]):
+    """What h2 remembers of the streams it has forgotten: only the last resets, not every stream.
+
+    h2 records how each closed stream ended, 2**16 of them per connection: ~115 bytes a stream,
+    so a pooled connection that carries a new CONNECT stream per proxied TCP connection grew by
+    that much per connection for its first 65,536 streams (≈ 7.5 MiB each; issue 24). The record
+    changes what h2 does with a late frame (HEADERS, PUSH_PROMISE) for a forgotten stream only
+    when the stream was reset: then it is a stream error (RST_STREAM, the connection lives on);
+    after a clean end, or with no record, it is a connection error either way (STREAM_CLOSED or
+    PROTOCOL_ERROR in the GOAWAY). So resets are kept, the last ``RESET_STREAMS_KEPT`` of them —
+    a response still in flight to a stream we cancelled meets its record unless that many
+    streams were reset on the connection meanwhile — and clean ends are not kept at all.
+    """
+
+    def __setitem__(self, stream_id: int, closed_by: Any) -> None:
+        if closed_by in _RESET:
+            super().__setitem__(stream_id, closed_by)
+            if len(self) > RESET_STREAMS_KEPT:
+                self.popitem(last=False)
+
+
 class HboneConnection:
     """One HTTP/2 connection carrying HBONE CONNECT streams; see the module docstring.
 
@@ -209,6 +237,9 @@ class HboneConnection:
         )
         self._h2 = h2.connection.H2Connection(config)
         self._h2.encoder = _PlainEncoder()
+        # h2 4.x's record of closed streams (see _ResetStreams); should a later h2 keep it under
+        # another name, tests/hbone/test_stream_memory.py sees the memory grow again.
+        self._h2._closed_streams = _ResetStreams()
         self._fast = fast
         self._streams: dict[int, _StreamState] = {}
         self._events: list[Event] = []
