@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mesh.log import configure  # noqa: E402
-from tests.netns.mesh import Mesh  # noqa: E402
+from tests.netns.mesh import Mesh, echo_keeping_nothing  # noqa: E402
 from tests.netns.topology import Pod, Topology  # noqa: E402
 
 PORT = 7007
@@ -64,21 +64,6 @@ def h2_closed_streams(m: Mesh) -> tuple[int, int]:
                 conns += 1
                 records += len(proto.conn._h2._closed_streams)
     return conns, records
-
-
-async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """The app: echoes until the client half-closes, and keeps nothing per connection (the
-    mesh's ``EchoServer`` records every peer: its growth would be counted with ztunnel's)."""
-    try:
-        while chunk := await reader.read(65536):
-            writer.write(chunk)
-            await writer.drain()
-        writer.write_eof()
-        await writer.drain()
-    except OSError:
-        pass
-    finally:
-        writer.close()
 
 
 async def drive(m: Mesh, cli: Pod, servers: list[Pod], count: int, concurrency: int) -> int:
@@ -128,7 +113,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await m.start()
             for srv in servers:
                 sock = await m.factory(srv).tcp_listener("0.0.0.0", PORT)
-                apps.append(await asyncio.start_server(echo, sock=sock))
+                apps.append(await asyncio.start_server(echo_keeping_nothing, sock=sock))
             await m.converged()
             t0 = time.monotonic()
             failed = await drive(m, cli, servers, args.warmup, args.concurrency)

@@ -103,6 +103,22 @@ class Node:
         return json.loads(body)  # type: ignore[no-any-return]
 
 
+async def echo_keeping_nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An app for ``asyncio.start_server``: echoes until the client half-closes and records
+    nothing per connection (:class:`EchoServer` records every peer, which memory measurements
+    would count with ztunnel's)."""
+    try:
+        while chunk := await reader.read(65536):
+            writer.write(chunk)
+            await writer.drain()
+        writer.write_eof()
+        await writer.drain()
+    except OSError:
+        pass
+    finally:
+        writer.close()
+
+
 @dataclass
 class EchoServer:
     """Answers ``peer=<client ip>\\n`` then echoes everything; remembers the peers it saw."""

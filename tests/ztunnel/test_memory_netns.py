@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import pytest_asyncio
 
-from tests.netns.mesh import Mesh
+from tests.netns.mesh import Mesh, echo_keeping_nothing
 from tests.netns.topology import Pod, Topology
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
@@ -52,20 +52,6 @@ def topo() -> Iterator[tuple[Topology, Pods]]:
         assert not errors, errors
 
 
-async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """The app: echoes until the client half-closes; keeps nothing (unlike the mesh's EchoServer)."""
-    try:
-        while chunk := await reader.read(65536):
-            writer.write(chunk)
-            await writer.drain()
-        writer.write_eof()
-        await writer.drain()
-    except OSError:
-        pass
-    finally:
-        writer.close()
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def mesh(topo: tuple[Topology, Pods]) -> AsyncIterator[tuple[Mesh, Pods]]:
     t, pods = topo
@@ -75,7 +61,7 @@ async def mesh(topo: tuple[Topology, Pods]) -> AsyncIterator[tuple[Mesh, Pods]]:
         await m.start()
         for srv in pods.servers:
             sock = await m.factory(srv).tcp_listener("0.0.0.0", PORT)
-            servers.append(await asyncio.start_server(_echo, sock=sock))
+            servers.append(await asyncio.start_server(echo_keeping_nothing, sock=sock))
         await m.converged()
         yield m, pods
     finally:
