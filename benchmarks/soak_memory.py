@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from mesh.log import configure  # noqa: E402
 from tests.netns.mesh import Mesh, echo_keeping_nothing  # noqa: E402
-from tests.netns.topology import Pod, Topology  # noqa: E402
+from tests.netns.topology import Topology  # noqa: E402
 
 PORT = 7007
 
@@ -64,28 +64,6 @@ def h2_closed_streams(m: Mesh) -> tuple[int, int]:
                 conns += 1
                 records += len(proto.conn._h2._closed_streams)
     return conns, records
-
-
-async def drive(m: Mesh, cli: Pod, servers: list[Pod], count: int, concurrency: int) -> int:
-    """``count`` new connections from ``cli``, alternating between ``servers``; returns failures."""
-    failed = 0
-    todo = iter(range(count))
-
-    async def worker() -> None:
-        nonlocal failed
-        for i in todo:
-            srv = servers[i % len(servers)]
-            try:
-                got = await m.exchange(cli, srv.ip, PORT, b"ping\n", timeout=15.0)
-                if not got.endswith(b"ping\n"):
-                    failed += 1
-            except (OSError, TimeoutError):
-                failed += 1
-
-    async with asyncio.TaskGroup() as tg:
-        for _ in range(concurrency):
-            tg.create_task(worker())
-    return failed
 
 
 def top(diff: list[tracemalloc.StatisticDiff], n: int) -> list[dict[str, Any]]:
@@ -116,7 +94,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 apps.append(await asyncio.start_server(echo_keeping_nothing, sock=sock))
             await m.converged()
             t0 = time.monotonic()
-            failed = await drive(m, cli, servers, args.warmup, args.concurrency)
+            failed = await m.exchange_many(cli, servers, PORT, args.warmup, concurrency=args.concurrency)
             gc.collect()
             tracemalloc.start(args.frames)
             first = tracemalloc.take_snapshot()
@@ -132,7 +110,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             done = 0
             last: list[tracemalloc.StatisticDiff] = []
             for _ in range(4):
-                failed += await drive(m, cli, servers, step, args.concurrency)
+                failed += await m.exchange_many(cli, servers, PORT, step, concurrency=args.concurrency)
                 done += step
                 gc.collect()
                 snap = tracemalloc.take_snapshot()

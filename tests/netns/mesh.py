@@ -282,6 +282,38 @@ class Mesh:
             except OSError:
                 pass
 
+    async def exchange_many(
+        self,
+        pod: Pod,
+        servers: list[Pod],
+        port: int,
+        count: int,
+        *,
+        concurrency: int = 8,
+        payload: bytes = b"ping\n",
+        timeout: float = 30.0,
+    ) -> int:
+        """``count`` new connections from ``pod`` (``concurrency`` at a time), each an
+        :meth:`exchange` with the next of ``servers`` in turn (echo apps); how many failed or
+        did not get ``payload`` back whole."""
+        failed = 0
+        todo = iter(range(count))
+
+        async def worker() -> None:
+            nonlocal failed
+            for i in todo:
+                srv = servers[i % len(servers)]
+                try:
+                    got = await self.exchange(pod, srv.ip, port, payload, timeout=timeout)
+                except (OSError, TimeoutError):
+                    got = b""
+                failed += got != payload
+
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(concurrency):
+                tg.create_task(worker())
+        return failed
+
     async def start_waypoint(self, pod: Pod, gateway: str) -> Waypoint:
         """Run the waypoint of Gateway ``shop/<gateway>`` "in" ``pod`` (its data-path sockets in the
         pod's netns), fed by discovery like any waypoint and holding only its own certificate."""

@@ -20,7 +20,7 @@ import pytest
 import pytest_asyncio
 
 from tests.netns.mesh import Mesh, echo_keeping_nothing
-from tests.netns.topology import Pod, Topology
+from tests.netns.topology import Topology
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -70,27 +70,6 @@ async def mesh(topo: tuple[Topology, Pods]) -> AsyncIterator[tuple[Mesh, Pods]]:
         await m.aclose()
 
 
-async def _connections(m: Mesh, cli: Pod, servers: list[Pod], count: int, concurrency: int = 8) -> int:
-    """``count`` new connections from ``cli``, alternating between ``servers``; returns how many failed."""
-    failed = 0
-    todo = iter(range(count))
-
-    async def worker() -> None:
-        nonlocal failed
-        for i in todo:
-            srv = servers[i % len(servers)]
-            try:
-                got = await m.exchange(cli, srv.ip, PORT, b"ping\n", timeout=30.0)
-            except (OSError, TimeoutError):
-                got = b""
-            failed += got != b"ping\n"
-
-    async with asyncio.TaskGroup() as tg:
-        for _ in range(concurrency):
-            tg.create_task(worker())
-    return failed
-
-
 def _held(snapshot: tracemalloc.Snapshot) -> tracemalloc.Snapshot:
     """What ztunnel (and the libraries under it) allocated: not this test's own code."""
     return snapshot.filter_traces(
@@ -112,11 +91,11 @@ async def test_ztunnel_memory_does_not_grow_with_connections(mesh: tuple[Mesh, P
     # (caches, the last reset streams) counts as freed as well as allocated.
     tracemalloc.start(1)
     try:
-        assert await _connections(m, pods.cli, pods.servers, WARMUP) == 0
+        assert await m.exchange_many(pods.cli, pods.servers, PORT, WARMUP) == 0
         await _all_closed(m, WARMUP)
         gc.collect()
         before = _held(tracemalloc.take_snapshot())
-        assert await _connections(m, pods.cli, pods.servers, BATCH) == 0
+        assert await m.exchange_many(pods.cli, pods.servers, PORT, BATCH) == 0
         await _all_closed(m, WARMUP + BATCH)
         gc.collect()
         after = _held(tracemalloc.take_snapshot())
