@@ -548,8 +548,10 @@ def selector_policy(
 
 
 def lower_policies(snapshot: Snapshot) -> LoweredPolicies:
-    """Lower every AuthorizationPolicy and PeerAuthentication of ``snapshot`` (the discovery
-    server and ``ambientctl policy check`` both use this, so they cannot disagree)."""
+    """Lower every AuthorizationPolicy and PeerAuthentication of ``snapshot`` (``ambientctl
+    policy check``). The discovery server keeps the same results per policy, to update them one
+    at a time, from the same pieces (:func:`lower_authorization_policy`, :func:`selector_policy`,
+    :class:`PeerAuthenticationIndex`), so the two cannot disagree."""
     authorizations: list[Authorization] = []
     selector_policies: list[SelectorPolicy] = []
     warnings: dict[str, tuple[str, ...]] = {}

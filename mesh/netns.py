@@ -189,12 +189,12 @@ class NetnsSocketFactory:
         if ready:
             return ready.pop()
         batch = await self._run(lambda: _make_batch(self._batch, family, mark, transparent))
-        sock, rest = batch[0], batch[1:]
-        kept = self._spare.setdefault(key, [])
         if self._closed:  # closed while the batch was being made
             for made in batch:
                 made.close()
             raise OSError("socket factory is closed")
+        sock, rest = batch[0], batch[1:]
+        kept = self._spare.setdefault(key, [])
         room = max(0, self._batch - 1 - len(kept))  # two batches made at once: keep one's worth
         kept.extend(rest[:room])
         for extra in rest[room:]:

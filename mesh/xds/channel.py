@@ -141,7 +141,7 @@ def make_channel(
 
 
 def describe(error: BaseException) -> str:
-    """Why a connect failed, in a few words (for logs and CaError)."""
+    """Why a connection failed, in a few words (for logs and CaError)."""
     if isinstance(error, TimeoutError):
         return f"no answer within {CONNECT_TIMEOUT:g} s"
     if isinstance(error, ssl.SSLCertVerificationError):
@@ -161,7 +161,7 @@ async def connect_once(channel: Channel) -> None:
 
 async def connect(channel: Channel, log: structlog.typing.FilteringBoundLogger) -> None:
     """Connect, trying at most every :data:`RECONNECT_INTERVAL` until it succeeds (or the task is
-    cancelled); says once, after :data:`QUIET_CONNECT`, that it is waiting and why."""
+    cancelled); after :data:`QUIET_CONNECT`, says that it is waiting and why, once per reason."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     said = ""

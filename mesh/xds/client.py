@@ -26,7 +26,7 @@ from grpclib.const import Cardinality
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from mesh.proto import core_pb2, discovery_pb2, status_pb2
-from mesh.xds.channel import ChannelFactory, connect, make_channel
+from mesh.xds.channel import ChannelFactory, connect, describe, make_channel
 from mesh.xds.convert import (
     ADDRESS_TYPE_URL,
     AUTHORIZATION_TYPE_URL,
@@ -180,7 +180,7 @@ class XdsClient:
                 except GRPCError as e:
                     self._log.warning("xds stream failed", code=e.status.name, details=e.message)
                 except (StreamTerminatedError, OSError) as e:
-                    self._log.warning("xds stream failed", code="UNAVAILABLE", details=str(e) or type(e).__name__)
+                    self._log.warning("xds stream failed", code="UNAVAILABLE", details=describe(e))
                 except Exception:
                     self._log.exception("xds session failed")
                 finally:
