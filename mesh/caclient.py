@@ -29,7 +29,7 @@ from mesh.pki import (
     make_csr,
 )
 from mesh.proto import ca_pb2
-from mesh.xds.channel import ControlPlaneChannel, connect_once, describe, make_channel
+from mesh.xds.channel import ControlPlaneChannel, call_in_own_task, connect_once, describe, make_channel
 
 
 class CaError(Exception):
@@ -123,7 +123,7 @@ class GrpcCaClient:
         except (OSError, TimeoutError) as e:
             raise CaError(f"CA at {self.address} unreachable for {identity}: UNAVAILABLE: {describe(e)}") from None
         try:
-            response = await self._create_certificate(channel, request, token)
+            response = await call_in_own_task(self._create_certificate(channel, request, token))
         except GRPCError as e:
             name = e.status.name
             raise CaError(

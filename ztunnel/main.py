@@ -58,6 +58,7 @@ async def run(cfg: Config, roots: bytes, token_file: str) -> int:
         runtime.write_ready_file(cfg.ready_file, "started")
         return await serve_until_stopped(zt, stop)
     finally:
+        xds.stop()
         xds_task.cancel()
         await asyncio.wait({xds_task})
 

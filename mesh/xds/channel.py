@@ -14,6 +14,14 @@ refused at once on a local control plane), so a control plane that listens again
 within a second. Each connect attempt is given :data:`CONNECT_TIMEOUT` (a remote control plane
 may take a while to answer a SYN). See ../shared/design/PROTOCOLS.md.
 
+Cancelling a call. grpclib wakes a call whose stream or connection failed by cancelling the
+task waiting on it and raising the failure in place of the ``CancelledError``
+(``grpclib.utils.Wrapper``). A real cancel landing in the same pass of the loop (the control
+plane and ztunnel told to stop together: the connection drops as ztunnel cancels its calls) is
+then lost inside that error, and a retry loop catching it runs on: ztunnel once kept
+reconnecting after "ztunnel stopped" until it was killed. :func:`call_in_own_task` and
+:func:`cancelled_since` keep such a cancel.
+
 Addresses are gRPC targets as users write them: ``host:port``, ``[v6]:port``, ``dns:///host:port``
 or ``unix:/path`` (``unix:///path``).
 """
@@ -23,9 +31,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import TypeVar, cast
 
 import structlog
 from grpclib.client import Channel, Handler
@@ -36,6 +44,43 @@ RECONNECT_INTERVAL = 1.0  # seconds between connect attempts while the control p
 CONNECT_TIMEOUT = 10.0  # seconds one attempt (TCP and TLS) may take
 CLOSE_TIMEOUT = 1.0  # seconds an aborted connection may take to report its end
 QUIET_CONNECT = 2.0  # seconds of failed attempts before "waiting for the control plane" is logged
+
+_T = TypeVar("_T")
+
+
+def cancels_requested() -> int:
+    """How many cancels of the current task are pending (``Task.cancelling``); 0 outside a task."""
+    task = asyncio.current_task()
+    return task.cancelling() if task is not None else 0
+
+
+def cancelled_since(before: int) -> bool:
+    """Whether the current task was asked to stop since :func:`cancels_requested` gave ``before``.
+
+    Only sound where grpclib cannot have cancelled this task itself: around a call made in
+    another task (the discovery session, :func:`call_in_own_task`).
+    """
+    return cancels_requested() > before
+
+
+async def call_in_own_task(call: Awaitable[_T]) -> _T:
+    """Await a grpclib call in a task of its own, so that a cancel of the caller is never lost.
+
+    grpclib's own cancels (see the module docstring) reach the inner task only; a cancel of the
+    caller reaches both and is counted on the caller. If the caller was cancelled meanwhile,
+    ``CancelledError`` is raised, whatever the call ended with.
+    """
+    before = cancels_requested()
+    inner = asyncio.ensure_future(call)
+    try:
+        result = await inner
+    except Exception:
+        if cancelled_since(before):
+            raise asyncio.CancelledError from None
+        raise
+    if cancelled_since(before):
+        raise asyncio.CancelledError
+    return result
 
 
 class _Protocol(H2Protocol):

@@ -26,7 +26,14 @@ from grpclib.const import Cardinality
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from mesh.proto import core_pb2, discovery_pb2, status_pb2
-from mesh.xds.channel import ChannelFactory, connect, describe, make_channel
+from mesh.xds.channel import (
+    ChannelFactory,
+    cancelled_since,
+    cancels_requested,
+    connect,
+    describe,
+    make_channel,
+)
 from mesh.xds.convert import (
     ADDRESS_TYPE_URL,
     AUTHORIZATION_TYPE_URL,
@@ -165,6 +172,7 @@ class XdsClient:
 
     async def run(self) -> None:
         attempt = 0
+        cancels = cancels_requested()
         try:
             while not self._stopping.is_set():
                 self._progress = False
@@ -173,8 +181,7 @@ class XdsClient:
                     await self._session_task
                     self._log.warning("xds stream ended by the server")
                 except asyncio.CancelledError:
-                    current = asyncio.current_task()
-                    if current is not None and current.cancelling():
+                    if cancelled_since(cancels):
                         raise
                     break  # stop() cancelled the session
                 except GRPCError as e:
@@ -185,6 +192,10 @@ class XdsClient:
                     self._log.exception("xds session failed")
                 finally:
                     self.connected = False
+                if cancelled_since(cancels):
+                    # run() was cancelled while the session failed: grpclib's error took the
+                    # place of the CancelledError (mesh/xds/channel.py says how).
+                    raise asyncio.CancelledError
                 if self._progress:
                     attempt = 0
                 delay = self._backoff.delay(attempt)

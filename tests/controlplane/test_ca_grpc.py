@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import ipaddress
 from collections.abc import AsyncIterator
@@ -14,6 +15,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf import struct_pb2
+from grpclib.exceptions import StreamTerminatedError
+from grpclib.utils import Wrapper
 from structlog.testing import capture_logs
 
 from controlplane.auth import LocalTokenAuthenticator
@@ -273,6 +276,36 @@ async def test_unreachable_ca_is_retryable(env: Env, tmp_path: Path) -> None:
         assert e.value.retryable
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize("cancel_first", [True, False])
+async def test_a_fetch_cancelled_as_its_connection_fails_is_cancelled_not_retried(
+    env: Env, monkeypatch: pytest.MonkeyPatch, cancel_first: bool
+) -> None:
+    # grpclib wakes a call on a dead connection by cancelling its task and raising
+    # StreamTerminatedError instead (grpclib.utils.Wrapper). A ztunnel stopping as its CA went
+    # away once got CaError here, so its certificate manager slept and retried instead of ending.
+    client = env.client("node-a")
+    wrapper = Wrapper()
+    waiting = asyncio.Event()
+
+    async def blocked(*_: object) -> None:
+        with wrapper:
+            waiting.set()
+            await asyncio.Event().wait()
+
+    monkeypatch.setattr(client, "_create_certificate", blocked)
+    fetch = asyncio.create_task(client.fetch_certificate(WEB))
+    await asyncio.wait_for(waiting.wait(), 30)
+    failed = StreamTerminatedError("Protocol error")
+    if cancel_first:
+        fetch.cancel()
+        wrapper.cancel(failed)
+    else:
+        wrapper.cancel(failed)
+        fetch.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await fetch
 
 
 async def test_extra_servicers_and_port_in_use(store: Store, tmp_path: Path) -> None:
