@@ -112,7 +112,13 @@ def netns_names() -> list[str]:
     return [line.split(" ", 1)[0] for line in p.stdout.splitlines() if line.strip()]
 
 
-def teardown(st: RunState, grace: float = 5.0) -> list[str]:
+# What a process is given between SIGTERM and SIGKILL. The control plane alone may take 5 s
+# (controlplane.server.DEFAULT_GRACE: calls still open, say from a ztunnel that is stuck, get
+# that long to end), so this is more; a ztunnel drains in 1 s here (--drain-seconds).
+STOP_GRACE = 10.0
+
+
+def teardown(st: RunState, grace: float = STOP_GRACE) -> list[str]:
     """Stop our processes (SIGTERM, then SIGKILL after ``grace``), delete our netns, the run dir.
 
     Returns the problems met; it never stops half way.
@@ -132,7 +138,7 @@ def teardown(st: RunState, grace: float = 5.0) -> list[str]:
         if _ours(r):
             _signal(r.pid, signal.SIGKILL)
             _reap(r.pid, 1.0)
-            errors.append(f"{r.name} (pid {r.pid}) did not stop on SIGTERM; killed")
+            errors.append(f"{r.name} (pid {r.pid}) did not stop on SIGTERM within {grace:g} s; killed")
     existing = set(netns_names())
     names = list(dict.fromkeys([*reversed(st.netns), *(n for n in existing if n.startswith(st.prefix))]))
     for ns in names:
