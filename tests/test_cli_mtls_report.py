@@ -267,8 +267,7 @@ needs_root = pytest.mark.skipif(
 def topo() -> Iterator[Any]:
     from tests.netns.topology import Topology
 
-    t = Topology()
-    try:
+    with Topology() as t:
         n1, n2 = t.add_node(), t.add_node()
         t.connect_nodes()
         pods = {
@@ -278,9 +277,6 @@ def topo() -> Iterator[Any]:
             "api": t.add_pod(n2, "api", "shop", "api", {"app": "api"}),
         }
         yield t, pods
-    finally:
-        errors = t.destroy()
-        assert not errors, errors
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

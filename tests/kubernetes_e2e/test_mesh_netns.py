@@ -332,12 +332,8 @@ def free_ports(count: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def topo() -> Iterator[Topology]:
-    t = Topology()
-    try:
+    with Topology() as t:
         yield t
-    finally:
-        errors = t.destroy()
-        assert not errors, errors
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

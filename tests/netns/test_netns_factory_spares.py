@@ -22,8 +22,7 @@ SPARE = 4
 
 @pytest.fixture
 def factory() -> Iterator[NetnsSocketFactory]:
-    t = Topology(prefix=f"zs{os.getpid()}")
-    try:
+    with Topology(prefix=f"zs{os.getpid()}") as t:
         n = t.add_node()  # 10.0.1.1 exists inside the netns only
         fd = os.open(f"/var/run/netns/{t.node_ns(n)}", os.O_RDONLY)
         f = NetnsSocketFactory(fd, "spares", spare=SPARE)
@@ -32,8 +31,6 @@ def factory() -> Iterator[NetnsSocketFactory]:
             yield f
         finally:
             f.close()
-    finally:
-        assert not t.destroy()
 
 
 def count_trips(f: NetnsSocketFactory, monkeypatch: pytest.MonkeyPatch) -> list[int]:

@@ -208,6 +208,12 @@ class Topology:
     def __enter__(self) -> Topology:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        with contextlib.suppress(Exception):
-            self.destroy()
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        """Destroy; what could not be deleted fails the test (or is noted on its error)."""
+        errors = self.destroy()
+        if not errors:
+            return
+        if exc is not None:
+            exc.add_note(f"and the topology was not fully destroyed: {errors}")
+            return
+        raise HarnessError(f"the topology was not fully destroyed: {errors}")

@@ -202,12 +202,8 @@ class Env:
 
 @pytest.fixture(scope="module")
 def topo() -> Iterator[tuple[Topology, Pods]]:
-    t = Topology()
-    try:
+    with Topology() as t:
         yield t, Pods(t)
-    finally:
-        errors = t.destroy()
-        assert not errors, errors
 
 
 @contextlib.asynccontextmanager

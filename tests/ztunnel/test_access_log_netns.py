@@ -22,12 +22,9 @@ pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 @pytest.fixture
 def topo() -> Iterator[Topology]:
-    t = Topology(prefix=f"za{os.getpid()}")
-    try:
+    with Topology(prefix=f"za{os.getpid()}") as t:
         t.add_node()
         yield t
-    finally:
-        assert not t.destroy()
 
 
 def lines(logs: list[dict[str, Any]], event: str, src_port: int) -> list[dict[str, Any]]:

@@ -44,12 +44,8 @@ class Pods:
 
 @pytest.fixture(scope="module")
 def topo() -> Iterator[tuple[Topology, Pods]]:
-    t = Topology()
-    try:
+    with Topology() as t:
         yield t, Pods(t)
-    finally:
-        errors = t.destroy()
-        assert not errors, errors
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

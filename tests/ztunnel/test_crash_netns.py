@@ -29,12 +29,9 @@ BIG = 8 * 1024 * 1024  # more than the kernel's buffers hold: a RST at close wou
 
 @pytest.fixture
 def topo() -> Iterator[Topology]:
-    t = Topology(prefix=f"zk{os.getpid()}")
-    try:
+    with Topology(prefix=f"zk{os.getpid()}") as t:
         t.add_node()
         yield t
-    finally:
-        assert not t.destroy()
 
 
 @dataclass

@@ -21,12 +21,9 @@ pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 @pytest.fixture
 def topo() -> Iterator[Topology]:
-    t = Topology(prefix=f"zd{os.getpid()}")
-    try:
+    with Topology(prefix=f"zd{os.getpid()}") as t:
         t.add_node()
         yield t
-    finally:
-        assert not t.destroy()
 
 
 async def test_sigterm_drains_open_connections(topo: Topology) -> None:

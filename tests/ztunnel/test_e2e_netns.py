@@ -62,13 +62,9 @@ class Pods:
 
 @pytest.fixture(scope="module")
 def topo() -> Iterator[tuple[Topology, Pods]]:
-    t = Topology()
-    try:
+    with Topology() as t:
         pods = Pods(t)
         yield t, pods
-    finally:
-        errors = t.destroy()
-        assert not errors, errors
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

@@ -17,12 +17,9 @@ pytestmark = pytest.mark.netns
 
 @pytest.fixture
 def netns() -> Iterator[str]:
-    t = Topology(prefix=f"zf{os.getpid()}")
-    try:
+    with Topology(prefix=f"zf{os.getpid()}") as t:
         n = t.add_node()  # br0 has 10.0.1.1 inside the netns only
         yield t.node_ns(n)
-    finally:
-        assert not t.destroy()
 
 
 async def test_sockets_live_in_the_target_netns(netns: str) -> None:
