@@ -95,6 +95,15 @@ class _Protocol(H2Protocol):
         self.transport = transport
         super().connection_made(transport)
 
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # On GOAWAY (a server stopping) or a protocol error grpclib closes the transport, which
+        # starts a TLS shutdown waiting for the server's close_notify. grpcio never sends it, so
+        # the connection would stay open, and a stopping control plane waits its whole grace
+        # period for it (5 s with no call in flight). Nothing more is to be sent or read: abort.
+        if self.transport is not None and self.transport.is_closing():
+            cast(asyncio.Transport, self.transport).abort()
+
     def connection_lost(self, exc: BaseException | None) -> None:
         try:
             super().connection_lost(exc)

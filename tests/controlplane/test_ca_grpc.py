@@ -278,6 +278,20 @@ async def test_unreachable_ca_is_retryable(env: Env, tmp_path: Path) -> None:
         await client.close()
 
 
+async def test_an_idle_ca_channel_lets_a_stopping_server_go(env: Env) -> None:
+    # ztunnel keeps its CA channel between fetches. On the server's GOAWAY grpclib starts a TLS
+    # shutdown that waits for a close_notify grpcio never sends: the connection stayed, and the
+    # control plane waited its whole grace period (5 s in production) on every stop.
+    client = env.client("node-a")
+    await client.fetch_certificate(WEB)
+    async with asyncio.timeout(20):
+        await env.server.stop(60)
+    # The next call dials again (and finds nobody listening): the channel is not stuck.
+    with pytest.raises(CaError, match="UNAVAILABLE") as e:
+        await client.fetch_certificate(WEB)
+    assert e.value.retryable
+
+
 @pytest.mark.parametrize("cancel_first", [True, False])
 async def test_a_fetch_cancelled_as_its_connection_fails_is_cancelled_not_retried(
     env: Env, monkeypatch: pytest.MonkeyPatch, cancel_first: bool
