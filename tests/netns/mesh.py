@@ -103,12 +103,19 @@ class Node:
         return json.loads(body)  # type: ignore[no-any-return]
 
 
-async def echo_keeping_nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """An app for ``asyncio.start_server``: echoes until the client half-closes and records
-    nothing per connection (:class:`EchoServer` records every peer, which memory measurements
-    would count with ztunnel's)."""
+async def echo_keeping_nothing(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    counted: Callable[[int], None] | None = None,
+) -> None:
+    """An app for ``asyncio.start_server``: echoes until the client half-closes, then closes;
+    a connection error ends it quietly. It records nothing per connection (:class:`EchoServer`
+    records every peer, which memory measurements would count with ztunnel's); ``counted`` is
+    told the size of each chunk as it arrives."""
     try:
         while chunk := await reader.read(65536):
+            if counted is not None:
+                counted(len(chunk))
             writer.write(chunk)
             await writer.drain()
         writer.write_eof()
@@ -130,22 +137,15 @@ class EchoServer:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")[0]
         self.peers.append(peer)
+        writer.write(f"peer={peer}\n".encode())
+        await echo_keeping_nothing(reader, writer, self._count)
         try:
-            writer.write(f"peer={peer}\n".encode())
-            while chunk := await reader.read(65536):
-                self.received += len(chunk)
-                writer.write(chunk)
-                await writer.drain()
-            writer.write_eof()
-            await writer.drain()
+            await writer.wait_closed()
         except OSError:
             pass
-        finally:
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except OSError:
-                pass
+
+    def _count(self, n: int) -> None:
+        self.received += n
 
 
 class Mesh:
